@@ -1,0 +1,19 @@
+"""Shared pytest setup: tiers are unit (no process group), distributed (gloo, several processes) and gpu."""
+
+import os
+
+import pytest
+import torch
+
+# Tests are tiny; one intra-op thread per process keeps multi-process tests from oversubscribing 2 cores.
+torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
