@@ -1,0 +1,67 @@
+"""Run metrics: `metrics.jsonl` (one JSON object per logged step or evaluation) and TensorBoard.
+
+`metrics.jsonl` is the machine-readable record that scripts compare runs by. Each line has a `kind` ("train" or
+"eval"), the `step`, and flat numeric fields; nested mappings (per-task BLEU) are kept as mappings in the JSON line and
+flattened to `a/b` tags for TensorBoard. Only the logging rank (rank 0) writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+
+def _flatten(prefix: str, value: Any, out: dict[str, float]) -> None:
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            _flatten(f"{prefix}/{k}" if prefix else str(k), v, out)
+    elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        out[prefix] = float(value)
+
+
+class MetricsWriter:
+    """Appends records to `run_dir/metrics.jsonl` and mirrors scalars to TensorBoard (`run_dir/tensorboard`)."""
+
+    def __init__(self, run_dir: str | os.PathLike, *, enabled: bool = True, tensorboard: bool = True):
+        self.enabled = enabled
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self._file = None
+        self._tb = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a", encoding="utf-8")
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+
+    def write(self, kind: str, step: int, **fields: Any) -> None:
+        if not self.enabled:
+            return
+        record = {"kind": kind, "step": step, **fields}
+        self._file.write(json.dumps(record, sort_keys=False) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            scalars: dict[str, float] = {}
+            _flatten(kind, fields, scalars)
+            for tag, value in scalars.items():
+                self._tb.add_scalar(tag, value, step)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def read_metrics(run_dir: str | os.PathLike, kind: Optional[str] = None) -> list[dict]:
+    """All records of `metrics.jsonl` (optionally of one kind), in order."""
+    path = Path(run_dir) / "metrics.jsonl"
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [r for r in records if kind is None or r["kind"] == kind]
