@@ -4,6 +4,9 @@
 the user's CUDA build on GPU machines). See README.md.
 """
 
+import os
+import sys
+
 from setuptools import find_packages, setup
 
 INSTALL_REQUIRES = [
@@ -27,6 +30,48 @@ EXTRAS_REQUIRE = {
     "gpu": ["transformer-engine[pytorch]"],
 }
 
+
+def permute_extension_kwargs() -> dict:
+    """Token-permutation kernels (megatron_taskmoe/ops/csrc), built against the torch in the environment.
+
+    The CPU kernels are always built; the CUDA kernels too when that torch has CUDA and nvcc is found
+    (TASKMOE_BUILD_CUDA=0 skips them). TASKMOE_BUILD_EXT=0 skips the extension: the ops then fall back to pure
+    torch, with one log line.
+    """
+    if os.environ.get("TASKMOE_BUILD_EXT", "1") == "0":
+        return {}
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:
+        print("setup.py: torch is not importable; building without the permutation extension", file=sys.stderr)
+        return {}
+    csrc = os.path.join("megatron_taskmoe", "ops", "csrc")
+    name = "megatron_taskmoe.ops._permute_ext"
+    sources = [os.path.join(csrc, "permute_cpu.cpp")]
+    # at::parallel_for is an inline `#pragma omp parallel` under torch's OpenMP backend: without -fopenmp it runs
+    # serially. The runtime is torch's own libgomp.so.1 (same soname, loaded once).
+    cxx_flags = ["-O3", "-fopenmp"]
+    nvcc = os.path.join(cpp_extension.CUDA_HOME or "", "bin", "nvcc")
+    with_cuda = (
+        torch.version.cuda is not None
+        and cpp_extension.CUDA_HOME is not None
+        and os.path.exists(nvcc)
+        and os.environ.get("TASKMOE_BUILD_CUDA", "1") != "0"
+    )
+    if with_cuda:
+        sources += [os.path.join(csrc, "permute_cuda.cpp"), os.path.join(csrc, "permute_cuda_kernels.cu")]
+        ext = cpp_extension.CUDAExtension(
+            name, sources, extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]},
+            extra_link_args=["-fopenmp"],
+        )
+    else:
+        ext = cpp_extension.CppExtension(
+            name, sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"]
+        )
+    return {"ext_modules": [ext], "cmdclass": {"build_ext": cpp_extension.BuildExtension}}
+
+
 setup(
     name="megatron-taskmoe",
     version="0.1.0",
@@ -35,4 +80,5 @@ setup(
     packages=find_packages(include=["megatron_taskmoe", "megatron_taskmoe.*"]),
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
+    **permute_extension_kwargs(),
 )

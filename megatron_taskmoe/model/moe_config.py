@@ -155,7 +155,8 @@ class MoEConfig:
     num_experts: int = 8
     # 1 (Switch) or 2 (GShard, the paper's setting: top-2 of the softmax, renormalized over the two).
     topk: int = 2
-    # Top-2 weights renormalized to sum to 1 (GShard); False keeps the raw softmax probabilities.
+    # Top-2 weights renormalized to sum to 1 (GShard); False keeps the raw softmax probabilities. Top-1 always
+    # uses the raw probability (Switch): a renormalized top-1 weight is constant 1 and the gate gets no gradient.
     renormalize_topk: bool = True
     capacity_factor: float | None = None
     drop_policy: Literal["probs", "position"] = "probs"
@@ -261,7 +262,7 @@ class MoEConfig:
             moe_router_topk=self.topk,
             # GShard renormalized top-k == megatron's default (top-k on logits, softmax over the k selected);
             # pre-softmax (softmax over all experts, then top-k) keeps raw probabilities.
-            moe_router_pre_softmax=not self.renormalize_topk,
+            moe_router_pre_softmax=self.topk == 1 or not self.renormalize_topk,
             moe_router_score_function="softmax",
             moe_router_load_balancing_type="aux_loss" if self.aux_loss_coeff > 0 else "none",
             moe_aux_loss_coeff=self.aux_loss_coeff,

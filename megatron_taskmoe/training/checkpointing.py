@@ -189,10 +189,10 @@ class CheckpointManager:
             if final.exists():  # re-saving the same step (e.g. SIGTERM right after a periodic save)
                 shutil.rmtree(final)
             partial.mkdir(parents=True)
-            (partial / "rank_state").mkdir()
         _barrier()
-        save_fn(partial)
+        save_fn(partial)  # into an empty directory: megatron warns about "overwriting" otherwise
         if rank_state is not None:
+            (partial / "rank_state").mkdir(exist_ok=True)
             torch.save(rank_state, partial / "rank_state" / f"rank_{_rank():05d}.pt")
         _barrier()
         if _rank() == 0:

@@ -1,0 +1,138 @@
+"""The joint sentencepiece tokenizer: fixed special ids and one `<2xx>` tag per language.
+
+Fixed ids (the whole project relies on them): pad=0, unk=1, bos=2, eos=3. Every language code `xx` of the corpus is a
+user-defined symbol `<2xx>`, prepended to the source to tell the model which language to produce.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import sentencepiece as spm
+
+from megatron_taskmoe.data.bitext import DataError
+
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+
+
+def lang_tag(lang: str) -> str:
+    return f"<2{lang}>"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def temperature_probabilities(sizes, temperature: float) -> np.ndarray:
+    """p_i proportional to n_i^(1/T): T=1 proportional to size, large T close to uniform."""
+    sizes_N = np.asarray(sizes, dtype=np.float64)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if sizes_N.ndim != 1 or len(sizes_N) == 0 or np.any(sizes_N < 0) or sizes_N.sum() <= 0:
+        raise ValueError(f"sizes must be non-negative with a positive sum, got {sizes}")
+    # log-space keeps huge sizes with T close to 0 finite
+    logits_N = np.where(sizes_N > 0, np.log(np.maximum(sizes_N, 1e-300)) / temperature, -np.inf)
+    weights_N = np.exp(logits_N - logits_N.max())
+    return weights_N / weights_N.sum()
+
+
+class Tokenizer:
+    """sentencepiece with the project's special ids checked at load time."""
+
+    def __init__(self, model_path: str | Path):
+        self.path = Path(model_path)
+        if not self.path.is_file():
+            raise DataError(f"{self.path}: tokenizer model not found")
+        self.sp = spm.SentencePieceProcessor()
+        try:
+            self.sp.Load(str(self.path))
+        except (OSError, RuntimeError) as e:
+            raise DataError(f"{self.path}: not a sentencepiece model ({e})") from None
+        got = (self.sp.pad_id(), self.sp.unk_id(), self.sp.bos_id(), self.sp.eos_id())
+        if got != (PAD_ID, UNK_ID, BOS_ID, EOS_ID):
+            raise DataError(f"{self.path}: special ids (pad, unk, bos, eos) are {got}, expected (0, 1, 2, 3); "
+                            "train it with tools/train_tokenizer.py")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    def lang_tag_id(self, lang: str) -> int:
+        tag = lang_tag(lang)
+        piece_id = self.sp.piece_to_id(tag)
+        if piece_id == UNK_ID or self.sp.id_to_piece(piece_id) != tag:
+            raise DataError(f"{self.path}: tokenizer has no language tag {tag} (retrain it with this language)")
+        return piece_id
+
+    def check_languages(self, languages) -> dict[str, int]:
+        missing = []
+        for lang in languages:
+            try:
+                self.lang_tag_id(lang)
+            except DataError:
+                missing.append(lang_tag(lang))
+        if missing:
+            raise DataError(f"{self.path}: tokenizer lacks the language tag(s) {' '.join(missing)} needed by the "
+                            "data (retrain it with tools/train_tokenizer.py over all languages)")
+        return {lang: self.lang_tag_id(lang) for lang in languages}
+
+    def encode(self, sentences: list[str], num_threads: int = 1) -> list[list[int]]:
+        return self.sp.encode(sentences, out_type=int, num_threads=num_threads)
+
+    def decode(self, ids) -> str:
+        return self.sp.decode([int(i) for i in ids])
+
+    def sha256(self) -> str:
+        return file_sha256(self.path)
+
+
+def sample_corpus(sentences_by_lang: dict[str, list[str]], total: int, temperature: float,
+                  seed: int) -> dict[str, list[str]]:
+    """Draw `total` training sentences over languages with p_L ~ n_L^(1/T), so that small languages get pieces.
+
+    A language asked for more sentences than it has repeats whole passes over them (in a seeded order) before the
+    remainder, so that every sentence is seen before any is seen twice.
+    """
+    langs = sorted(sentences_by_lang)
+    sizes = [len(sentences_by_lang[lang]) for lang in langs]
+    probs = temperature_probabilities(sizes, temperature)
+    quotas = np.floor(probs * total).astype(np.int64)
+    quotas[np.argsort(-probs, kind="stable")[: total - int(quotas.sum())]] += 1  # largest remainders first
+    rng = np.random.default_rng(seed)
+    out = {}
+    for lang, n, quota in zip(langs, sizes, quotas):
+        if n == 0:
+            out[lang] = []
+            continue
+        order = np.concatenate([rng.permutation(n) for _ in range(-(-int(quota) // n))])[:quota]
+        sents = sentences_by_lang[lang]
+        out[lang] = [sents[i] for i in order]
+    return out
+
+
+def train_sentencepiece(*, corpus_file: Path, model_prefix: Path, vocab_size: int, model_type: str,
+                        languages, character_coverage: float, seed: int, num_threads: int) -> None:
+    """Train with the project's fixed special ids and `<2xx>` tags; deterministic for a given corpus and seed."""
+    spm.set_random_generator_seed(seed)
+    spm.SentencePieceTrainer.train(
+        input=str(corpus_file),
+        model_prefix=str(model_prefix),
+        vocab_size=vocab_size,
+        model_type=model_type,
+        character_coverage=character_coverage,
+        pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+        pad_piece="<pad>", unk_piece="<unk>", bos_piece="<s>", eos_piece="</s>",
+        user_defined_symbols=[lang_tag(lang) for lang in sorted(languages)],
+        input_sentence_size=0,  # we sampled already; sentencepiece's own sampling would undo the temperature
+        shuffle_input_sentence=False,
+        num_threads=num_threads,
+        max_sentence_length=8192,
+        hard_vocab_limit=False,  # a tiny corpus gets a smaller vocabulary instead of an error
+        minloglevel=2,
+    )

@@ -1,0 +1,257 @@
+"""Configuration of the encoder-decoder model and its parallel layout, and the one conversion to megatron-core.
+
+`ModelConfig` holds sizes, regularization, numerics and (optionally) the MoE part (`moe_config.MoEConfig`, which
+also says which FFNs of each side are MoE). `ParallelConfig` holds the tensor/pipeline/expert sizes.
+`ParallelConfig.validate(model, world_size)` checks every divisibility megatron would otherwise trip over later
+with a less clear message, and `to_transformer_config(model, parallel)` is the single place that maps our fields
+onto megatron's `TransformerConfig`.
+
+Legend: D model dim, F FFN dim, V vocabulary, E experts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+
+from megatron_taskmoe.model.moe_config import MoEConfig
+
+ACTIVATIONS = ("relu", "gelu", "swiglu")
+NORMALIZATIONS = ("LayerNorm", "RMSNorm")
+DTYPES = ("fp32", "bf16", "fp16")
+
+
+def _positive(owner: str, name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{owner}.{name}={value!r} must be a positive integer")
+
+
+def _probability(owner: str, name: str, value) -> None:
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{owner}.{name}={value!r} must be in [0, 1)")
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """The encoder-decoder Transformer (pre-norm, shared source/target/output embeddings)."""
+
+    vocab_size: int
+    """Real vocabulary size (the sentencepiece model's); the embedding is padded to `padded_vocab_size`."""
+    vocab_pad_multiple: int = 128
+    """The embedding/output rows are padded to a multiple of this (and of the tensor-parallel size)."""
+    hidden_size: int = 512
+    ffn_hidden_size: int = 2048
+    num_attention_heads: int = 8
+    encoder_layers: int = 6
+    decoder_layers: int = 6
+    max_source_positions: int = 256
+    """Learned positions are shared by both sides: the table has max(source, target) rows."""
+    max_target_positions: int = 256
+    dropout: float = 0.1
+    """Residual and embedding dropout (megatron's hidden_dropout)."""
+    attention_dropout: float = 0.1
+    activation: Literal["relu", "gelu", "swiglu"] = "relu"
+    normalization: Literal["LayerNorm", "RMSNorm"] = "LayerNorm"
+    layernorm_epsilon: float = 1e-5
+    bias: bool = False
+    """Biases in attention/FFN linears. megatron-core 0.16.1's MoE experts cannot take biases (an in-place add on
+    a view in `MLP.forward` fails under autograd), so this must stay False when there are MoE layers."""
+    init_std: float = 0.02
+    label_smoothing: float = 0.1
+    pad_id: int = 0
+    params_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    moe: Optional[MoEConfig] = None
+    """None: a dense model. Otherwise the MoE layers, their routing per side and the task adapters."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        owner = "ModelConfig"
+        for name in ("vocab_size", "vocab_pad_multiple", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                     "max_source_positions", "max_target_positions"):
+            _positive(owner, name, getattr(self, name))
+        for name in ("encoder_layers", "decoder_layers"):
+            _positive(owner, name, getattr(self, name))
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"ModelConfig.hidden_size={self.hidden_size} is not divisible by "
+                f"num_attention_heads={self.num_attention_heads}"
+            )
+        _probability(owner, "dropout", self.dropout)
+        _probability(owner, "attention_dropout", self.attention_dropout)
+        _probability(owner, "label_smoothing", self.label_smoothing)
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"ModelConfig.activation={self.activation!r} is not one of {ACTIVATIONS}")
+        if self.normalization not in NORMALIZATIONS:
+            raise ValueError(f"ModelConfig.normalization={self.normalization!r} is not one of {NORMALIZATIONS}")
+        if self.params_dtype not in DTYPES:
+            raise ValueError(f"ModelConfig.params_dtype={self.params_dtype!r} is not one of {DTYPES}")
+        if not 0 <= self.pad_id < self.vocab_size:
+            raise ValueError(f"ModelConfig.pad_id={self.pad_id} is outside the vocabulary of {self.vocab_size}")
+        if self.moe is not None:
+            if not isinstance(self.moe, MoEConfig):
+                raise ValueError(f"ModelConfig.moe must be a MoEConfig or None, got {type(self.moe).__name__}")
+            self.moe.validate()
+            if self.bias and self.num_moe_layers() > 0:
+                raise ValueError(
+                    "ModelConfig.bias=True with MoE layers: megatron-core 0.16.1's experts do not support biases"
+                )
+
+    # ---- derived sizes -------------------------------------------------------------------------------------
+    def padded_vocab_size(self, tensor_parallel: int = 1) -> int:
+        """Embedding rows: vocab_size rounded up to a multiple of lcm(vocab_pad_multiple, tensor_parallel)."""
+        multiple = math.lcm(self.vocab_pad_multiple, tensor_parallel)
+        return -(-self.vocab_size // multiple) * multiple
+
+    @property
+    def max_positions(self) -> int:
+        return max(self.max_source_positions, self.max_target_positions)
+
+    @property
+    def num_layers(self) -> int:
+        """All layers, encoder then decoder (megatron numbers them 1..num_layers in that order)."""
+        return self.encoder_layers + self.decoder_layers
+
+    def moe_pattern(self, side: str) -> list[int]:
+        """One entry per layer of `side` ("encoder"/"decoder"): 1 where the FFN is an MoE layer."""
+        if side not in ("encoder", "decoder"):
+            raise ValueError(f"side={side!r} must be 'encoder' or 'decoder'")
+        num = self.encoder_layers if side == "encoder" else self.decoder_layers
+        if self.moe is None:
+            return [0] * num
+        return self.moe.side(side).moe_layer_pattern(num)
+
+    def num_moe_layers(self) -> int:
+        return sum(self.moe_pattern("encoder")) + sum(self.moe_pattern("decoder"))
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.params_dtype]
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    """How the model is split over processes; data parallelism takes what is left of the world size."""
+
+    tensor: int = 1
+    pipeline: int = 1
+    expert: int = 1
+    expert_tensor: Optional[int] = None
+    """Tensor parallelism inside experts; None means megatron's default (same as `tensor`)."""
+    sequence_parallel: Optional[bool] = None
+    """None: on when tensor > 1 (megatron requires it for MoE with tensor parallelism)."""
+    encoder_pipeline_stages: Optional[int] = None
+    """With pipeline > 1: how many leading stages hold the encoder (the rest hold the decoder)."""
+
+    def __post_init__(self) -> None:
+        for name in ("tensor", "pipeline", "expert"):
+            _positive("ParallelConfig", name, getattr(self, name))
+        if self.expert_tensor is not None:
+            _positive("ParallelConfig", "expert_tensor", self.expert_tensor)
+
+    @property
+    def use_sequence_parallel(self) -> bool:
+        return self.tensor > 1 if self.sequence_parallel is None else self.sequence_parallel
+
+    def data(self, world_size: int) -> int:
+        return world_size // (self.tensor * self.pipeline)
+
+    def validate(self, model: ModelConfig, world_size: Optional[int] = None) -> None:
+        """Every divisibility the layout needs, with the option names in the message."""
+        tp, pp, ep = self.tensor, self.pipeline, self.expert
+        if model.num_attention_heads % tp:
+            raise ValueError(
+                f"ModelConfig.num_attention_heads={model.num_attention_heads} is not divisible by "
+                f"ParallelConfig.tensor={tp}"
+            )
+        if model.ffn_hidden_size % tp:
+            raise ValueError(
+                f"ModelConfig.ffn_hidden_size={model.ffn_hidden_size} is not divisible by ParallelConfig.tensor={tp}"
+            )
+        if self.sequence_parallel is False and tp > 1 and model.num_moe_layers() > 0:
+            raise ValueError("ParallelConfig.sequence_parallel=False with tensor > 1 and MoE layers: megatron "
+                             "requires sequence parallelism for MoE with tensor parallelism")
+        if self.use_sequence_parallel and tp == 1:
+            raise ValueError("ParallelConfig.sequence_parallel=True needs ParallelConfig.tensor > 1")
+        if model.moe is not None and model.num_moe_layers() > 0 and model.moe.num_experts % ep:
+            raise ValueError(
+                f"MoEConfig.num_experts={model.moe.num_experts} is not divisible by ParallelConfig.expert={ep}"
+            )
+        if ep > 1 and model.num_moe_layers() == 0:
+            raise ValueError(f"ParallelConfig.expert={ep} > 1 but the model has no MoE layers")
+        if pp > 1:
+            if self.encoder_pipeline_stages is None or not 1 <= self.encoder_pipeline_stages < pp:
+                raise ValueError(
+                    f"ParallelConfig.pipeline={pp}: encoder_pipeline_stages must be in [1, {pp - 1}], "
+                    f"got {self.encoder_pipeline_stages}"
+                )
+            enc, dec = self.encoder_pipeline_stages, pp - self.encoder_pipeline_stages
+            if model.encoder_layers % enc or model.decoder_layers % dec:
+                raise ValueError(
+                    f"ModelConfig.encoder_layers={model.encoder_layers} / decoder_layers={model.decoder_layers} "
+                    f"are not divisible by their pipeline stages {enc} / {dec} (ParallelConfig.pipeline={pp}, "
+                    f"encoder_pipeline_stages={enc})"
+                )
+        elif self.encoder_pipeline_stages not in (None, 0):
+            raise ValueError("ParallelConfig.encoder_pipeline_stages is only meaningful with pipeline > 1")
+        if world_size is not None:
+            from megatron_taskmoe.platform import ParallelSizes
+
+            ParallelSizes(tensor=tp, pipeline=pp, expert=ep, expert_tensor=self.expert_tensor).validate(world_size)
+
+
+_ACTIVATION_FUNCS = {"relu": F.relu, "gelu": F.gelu, "swiglu": F.silu}
+
+
+def to_transformer_config(model: ModelConfig, parallel: Optional[ParallelConfig] = None, **overrides):
+    """The megatron-core `TransformerConfig` for `model` laid out as `parallel` (the only conversion).
+
+    CPU-safe settings are always used (CPU initialization, no fused kernels): megatron's fusions need CUDA or
+    Apex/TE, and CPU initialization builds the full weight on every rank before slicing it, so every layout starts
+    from the same numbers for the same seed. `overrides` go to `TransformerConfig` last (for experiments)."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    parallel = parallel or ParallelConfig()
+    parallel.validate(model)
+    dtype = model.torch_dtype
+    kwargs = dict(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        ffn_hidden_size=model.ffn_hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        hidden_dropout=model.dropout,
+        attention_dropout=model.attention_dropout,
+        activation_func=_ACTIVATION_FUNCS[model.activation],
+        gated_linear_unit=model.activation == "swiglu",
+        normalization=model.normalization,
+        layernorm_epsilon=model.layernorm_epsilon,
+        add_bias_linear=model.bias,
+        add_qkv_bias=model.bias,
+        init_method_std=model.init_std,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        tensor_model_parallel_size=parallel.tensor,
+        pipeline_model_parallel_size=parallel.pipeline,
+        expert_model_parallel_size=parallel.expert,
+        expert_tensor_parallel_size=parallel.expert_tensor,
+        sequence_parallel=parallel.use_sequence_parallel,
+        use_cpu_initialization=True,
+        gradient_accumulation_fusion=False,
+        bias_dropout_fusion=False,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+        cross_entropy_loss_fusion=False,
+        variable_seq_lengths=parallel.pipeline > 1,
+    )
+    if model.moe is not None and model.num_moe_layers() > 0:
+        kwargs.update(model.moe.megatron_kwargs())
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)

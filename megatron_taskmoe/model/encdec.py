@@ -1,0 +1,386 @@
+"""The encoder-decoder Transformer for multitask translation, from megatron-core parts.
+
+One `LanguageModelEmbedding` (vocab-parallel word embeddings + learned positions) serves source and target, and
+its weight is the output projection (a column-parallel linear without its own weight). Encoder and decoder are
+megatron `TransformerBlock`s built from our specs (`specs.py`: pre-norm layers, SDPA attention, dense or MoE FFN
+per layer). The loss is megatron's `vocab_parallel_cross_entropy` plus a tensor-parallel-correct label-smoothing term
+(`vocab_parallel_label_smoothed_ce`), per target token.
+
+Task routing and adapters read per-sequence ids from the model's `TaskContext`; `forward` makes the batch's ids
+current for exactly the duration of its blocks. MoE auxiliary losses are megatron's mechanism: routers attach them
+to the activations with `MoEAuxLossAutoScaler`, so `loss.backward()` includes them, and megatron's aux-loss tracker
+logs them per layer (encoder layers are numbered 1..Le, decoder layers Le+1..Le+Ld).
+
+Pipeline stages (designed for, built by the pipeline helpers): as megatron's T5Model a stage holds the encoder
+and/or the decoder (`add_encoder`/`add_decoder`), or a slice of their layers (`encoder_layers`/`decoder_layers`);
+`pre_process` means it embeds tokens, `post_process` that it computes logits/loss. Each block takes its input
+from the embedding if it holds its side's first layer, else from `set_input_tensor`; it applies its final norm
+if it holds its side's last layer. With pipelining a decoder stage receives [decoder hidden, encoder output].
+
+Sequence parallelism: activations between layers are [S/TP, B, D]; sequence lengths are padded here to a
+multiple of TP (extra positions are padding and dropped from the outputs).
+
+Legend: B batch, S source length, T target length, D model dim, V vocabulary (Vp padded, V/TP per rank),
+N hypotheses in incremental decoding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
+from megatron.core.models.common.language_module.language_module import LanguageModule
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.transformer_block import TransformerBlock
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_taskmoe import platform
+from megatron_taskmoe.model.config import ModelConfig, ParallelConfig, to_transformer_config
+from megatron_taskmoe.model.specs import block_spec
+from megatron_taskmoe.model.task_context import TaskContext
+
+
+@dataclass
+class EncoderState:
+    """What decoding needs from the encoder, per source sentence (batch index b)."""
+
+    output_SBD: torch.Tensor  # [S(/TP), B, D]: this rank's sequence shard under sequence parallelism
+    src_padding_mask_BS: torch.Tensor  # [B, S], True at padding (S padded to a multiple of TP)
+    task_ids_B: Optional[torch.Tensor]
+    src_lang_ids_B: Optional[torch.Tensor]
+    tgt_lang_ids_B: Optional[torch.Tensor]
+
+
+def _pad_to_multiple(tokens_BX: torch.Tensor, mask_BX: torch.Tensor, multiple: int, pad_id: int):
+    """Right-pad tokens (with pad) and mask (with True) so the length is a multiple of `multiple`."""
+    extra = (-tokens_BX.shape[1]) % multiple
+    if extra == 0:
+        return tokens_BX, mask_BX
+    return F.pad(tokens_BX, (0, extra), value=pad_id), F.pad(mask_BX, (0, extra), value=True)
+
+
+def vocab_parallel_label_smoothed_ce(
+    logits_TBV: torch.Tensor, target_TB: torch.Tensor, label_smoothing: float, tp_group
+) -> torch.Tensor:
+    """Label-smoothed cross-entropy [T, B] over vocab-parallel logits [T, B, V/TP] (fairseq's and megatron's
+    convention: eps' = eps * V / (V - 1) of the mass spread uniformly over the other tokens).
+
+    megatron-core 0.16.1's `vocab_parallel_cross_entropy(label_smoothing=...)` averages the log-probabilities over
+    the local vocabulary shard only, so its smoothed loss differs between tensor-parallel ranks. Here the
+    unsmoothed loss is megatron's and the smoothing term uses tensor-parallel-reduced sums:
+    loss = nll + eps' * (logit[target] - mean(logits)).
+    Without smoothing `logits_TBV` is modified in place (megatron's kernel)."""
+    if label_smoothing == 0.0:
+        return tensor_parallel.vocab_parallel_cross_entropy(logits_TBV, target_TB)
+    tp_size, tp_rank = tp_group.size(), tp_group.rank()
+    local_vocab = logits_TBV.shape[-1]
+    vocab = local_vocab * tp_size
+    start = tp_rank * local_vocab
+    in_shard_TB = (target_TB >= start) & (target_TB < start + local_vocab)
+    local_index_TB = (target_TB - start).clamp(0, local_vocab - 1)
+    target_logit_TB = logits_TBV.gather(-1, local_index_TB.unsqueeze(-1)).squeeze(-1) * in_shard_TB
+    mean_logit_TB = logits_TBV.sum(dim=-1)
+    if tp_size > 1:
+        target_logit_TB = tensor_parallel.reduce_from_tensor_model_parallel_region(target_logit_TB, tp_group)
+        mean_logit_TB = tensor_parallel.reduce_from_tensor_model_parallel_region(mean_logit_TB, tp_group)
+    mean_logit_TB = mean_logit_TB / vocab
+    # megatron's kernel works in place on its input, which the gather above saved for backward.
+    nll_TB = tensor_parallel.vocab_parallel_cross_entropy(logits_TBV.clone(), target_TB)
+    eps = label_smoothing * vocab / (vocab - 1)
+    return nll_TB + eps * (target_logit_TB - mean_logit_TB)
+
+
+def _gather_index(x: Optional[torch.Tensor], index_N: torch.Tensor, dim: int = 0) -> Optional[torch.Tensor]:
+    return None if x is None else x.index_select(dim, index_N)
+
+
+class EncoderDecoderModel(LanguageModule):
+    """Encoder-decoder Transformer; forward(batch tensors) -> per-token loss [B, T] or logits [B, T, V]."""
+
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        parallel_config: Optional[ParallelConfig] = None,
+        *,
+        pg_collection: Optional[ProcessGroupCollection] = None,
+        transformer_config: Optional[TransformerConfig] = None,
+        pre_process: bool = True,
+        post_process: bool = True,
+        add_encoder: bool = True,
+        add_decoder: bool = True,
+        encoder_layers: Optional[Sequence[int]] = None,
+        decoder_layers: Optional[Sequence[int]] = None,
+    ) -> None:
+        platform.apply()
+        parallel_config = parallel_config or ParallelConfig()
+        config = transformer_config or to_transformer_config(model_config, parallel_config)
+        if pg_collection is None:
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups()
+        super().__init__(config=config, pg_collection=pg_collection)
+        if not (add_encoder or add_decoder):
+            raise ValueError("EncoderDecoderModel: a stage must hold the encoder, the decoder or both")
+        self.model_config = model_config
+        self.parallel_config = parallel_config
+        self.pre_process, self.post_process = pre_process, post_process
+        self.add_encoder, self.add_decoder = add_encoder, add_decoder
+        self.share_embeddings_and_output_weights = True
+        self.tp_size = pg_collection.tp.size()
+        self.vocab_size = model_config.vocab_size
+        self.padded_vocab_size = model_config.padded_vocab_size(self.tp_size)
+        self.task_context = TaskContext()
+        self.encoder_hidden_state: Optional[torch.Tensor] = None  # set by set_input_tensor on decoder stages
+
+        if pre_process:
+            self.embedding = LanguageModelEmbedding(
+                config=config,
+                vocab_size=self.padded_vocab_size,
+                max_sequence_length=model_config.max_positions,
+                position_embedding_type="learned_absolute",
+                tp_group=self.tp_group,
+            )
+        self.encoder = self._build_block("encoder", add_encoder, encoder_layers) if add_encoder else None
+        self.decoder = self._build_block("decoder", add_decoder, decoder_layers) if add_decoder else None
+        if post_process:
+            self.output_layer = tensor_parallel.ColumnParallelLinear(
+                config.hidden_size,
+                self.padded_vocab_size,
+                config=config,
+                init_method=config.init_method,
+                bias=False,
+                skip_bias_add=False,
+                gather_output=False,
+                skip_weight_param_allocation=pre_process,
+                tp_group=self.tp_group,
+            )
+        if pre_process or post_process:
+            self.setup_embeddings_and_output_layer()
+
+    # ---------------------------------------------------------------------------------------------- building
+    def _build_block(self, side: str, add: bool, layers: Optional[Sequence[int]]) -> TransformerBlock:
+        cfg = self.model_config
+        total = cfg.encoder_layers if side == "encoder" else cfg.decoder_layers
+        layers = list(range(total)) if layers is None else list(layers)
+        if not layers or layers != list(range(layers[0], layers[0] + len(layers))):
+            raise ValueError(f"EncoderDecoderModel: {side}_layers must be a non-empty contiguous range, got {layers}")
+        block = TransformerBlock(
+            config=self.config,
+            spec=block_spec(cfg, side, self.task_context, layers),
+            pre_process=layers[0] == 0,
+            post_process=layers[-1] == total - 1,
+            pg_collection=self.pg_collection,
+        )
+        # Global 1-based layer numbers, encoder first: megatron keys its aux-loss tracker by them.
+        first = layers[0] + 1 + (cfg.encoder_layers if side == "decoder" else 0)
+        for k, layer in enumerate(block.layers):
+            layer.layer_number = first + k
+            if hasattr(layer.mlp, "set_layer_number"):
+                layer.mlp.set_layer_number(first + k)
+        return block
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
+        """megatron's sharded state dict with the blocks' local keys put back in module order.
+
+        Our layers carry global numbers (encoder first, see `_build_block`), which megatron's TransformerBlock
+        uses for both the checkpoint key (what we want: stable across pipeline layouts) and the local dict key
+        (which must index `block.layers`, so that `load_state_dict` finds the module). Only dict keys change."""
+        sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        for side in ("encoder", "decoder"):
+            head = f"{prefix}{side}.layers."
+            indices = sorted({int(k[len(head):].split(".", 1)[0]) for k in sd if k.startswith(head)})
+            local = {idx: pos for pos, idx in enumerate(indices)}
+            if all(idx == pos for idx, pos in local.items()):
+                continue
+            renamed = {}
+            for key, value in sd.items():
+                if key.startswith(head):
+                    idx, rest = key[len(head):].split(".", 1)
+                    key = f"{head}{local[int(idx)]}.{rest}"
+                renamed[key] = value
+            sd = renamed
+        return sd
+
+    def set_input_tensor(self, input_tensor) -> None:
+        """Pipeline input: [encoder hidden] on encoder stages, [decoder hidden, encoder output] on decoder ones."""
+        if not isinstance(input_tensor, list):
+            input_tensor = [input_tensor]
+        if self.add_encoder:
+            if len(input_tensor) != 1:
+                raise ValueError("set_input_tensor: an encoder stage takes exactly one input tensor")
+            self.encoder.set_input_tensor(input_tensor[0])
+        elif len(input_tensor) == 2:
+            self.decoder.set_input_tensor(input_tensor[0])
+            self.encoder_hidden_state = input_tensor[1]
+        elif len(input_tensor) == 1:
+            # First decoder stage: the decoder embeds its own input; the encoder output arrives.
+            self.decoder.set_input_tensor(None)
+            self.encoder_hidden_state = input_tensor[0]
+        else:
+            raise ValueError("set_input_tensor: a decoder stage takes [encoder output] or [decoder hidden, encoder]")
+
+    # ---------------------------------------------------------------------------------------------- pieces
+    def _pad_for_sp(self, tokens_BX: torch.Tensor, mask_BX: torch.Tensor):
+        if self.config.sequence_parallel and self.tp_size > 1:
+            return _pad_to_multiple(tokens_BX, mask_BX, self.tp_size, self.model_config.pad_id)
+        return tokens_BX, mask_BX
+
+    def _embed(self, tokens_BX: torch.Tensor) -> torch.Tensor:
+        length = tokens_BX.shape[1]
+        if length > self.model_config.max_positions:
+            raise ValueError(
+                f"EncoderDecoderModel: sequence of {length} tokens exceeds the {self.model_config.max_positions} "
+                "learned positions (ModelConfig.max_source_positions / max_target_positions)"
+            )
+        positions_BX = torch.arange(length, device=tokens_BX.device).unsqueeze(0).expand_as(tokens_BX)
+        return self.embedding(input_ids=tokens_BX, position_ids=positions_BX)
+
+    def _sp_mask(self, mask_BX: torch.Tensor) -> torch.Tensor:
+        """This rank's slice [B, X/TP] of a padding mask under sequence parallelism (the MoE layers' view)."""
+        if not (self.config.sequence_parallel and self.tp_size > 1):
+            return mask_BX
+        local = mask_BX.shape[1] // self.tp_size
+        rank = self.tp_group.rank()
+        return mask_BX[:, rank * local : (rank + 1) * local]
+
+    def _run_encoder(self, src_tokens_BS: torch.Tensor, src_padding_mask_BS: torch.Tensor) -> torch.Tensor:
+        hidden_SBD = self._embed(src_tokens_BS) if (self.pre_process and self.encoder.pre_process) else None
+        return self.encoder(
+            hidden_states=hidden_SBD,
+            attention_mask=src_padding_mask_BS[:, None, None, :],
+            padding_mask=self._sp_mask(src_padding_mask_BS),
+        )
+
+    def _run_decoder(
+        self,
+        tgt_input_BT: torch.Tensor,
+        tgt_padding_mask_BT: torch.Tensor,
+        encoder_SBD: torch.Tensor,
+        src_padding_mask_BS: torch.Tensor,
+    ) -> torch.Tensor:
+        hidden_TBD = self._embed(tgt_input_BT) if (self.pre_process and self.decoder.pre_process) else None
+        return self.decoder(
+            hidden_states=hidden_TBD,
+            attention_mask=tgt_padding_mask_BT[:, None, None, :],
+            context=encoder_SBD,
+            context_mask=src_padding_mask_BS[:, None, None, :],
+            padding_mask=self._sp_mask(tgt_padding_mask_BT),
+        )
+
+    def _logits(self, hidden_TBD: torch.Tensor) -> torch.Tensor:
+        """Vocab-parallel logits [T, B, Vp/TP] (the input is all-gathered over the sequence under SP)."""
+        weight = self.shared_embedding_or_output_weight()
+        logits_TBV, _ = self.output_layer(hidden_TBD, weight=weight)
+        return logits_TBV
+
+    def _full_logits(self, hidden_TBD: torch.Tensor) -> torch.Tensor:
+        """Logits over the real vocabulary [B, T, V], gathered over tensor-parallel ranks."""
+        logits_TBV = self._logits(hidden_TBD)
+        if self.tp_size > 1:
+            logits_TBV = tensor_parallel.gather_from_tensor_model_parallel_region(logits_TBV, self.tp_group)
+        return logits_TBV[..., : self.vocab_size].transpose(0, 1).contiguous()
+
+    # ---------------------------------------------------------------------------------------------- forward
+    def forward(
+        self,
+        src_tokens: torch.Tensor,
+        src_padding_mask: torch.Tensor,
+        tgt_input: torch.Tensor,
+        tgt_padding_mask: torch.Tensor,
+        labels: Optional[torch.Tensor] = None,
+        task_ids: Optional[torch.Tensor] = None,
+        src_lang_ids: Optional[torch.Tensor] = None,
+        tgt_lang_ids: Optional[torch.Tensor] = None,
+        loss_mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Per-token loss [B, T] (label-smoothed cross-entropy, 0 at padding) when `labels` are given, else
+        logits [B, T, V]. On a pipeline stage without `post_process` it returns the stage's hidden states.
+
+        `loss_mask` is accepted so a batch dict can be splatted in; the loss is already zero where
+        `tgt_padding_mask` is True, and the trainer applies `loss_mask` when reducing."""
+        del loss_mask
+        length_T = tgt_input.shape[1]
+        src_tokens, src_padding_mask = self._pad_for_sp(src_tokens, src_padding_mask.bool())
+        tgt_padded, tgt_mask = self._pad_for_sp(tgt_input, tgt_padding_mask.bool())
+        with self.task_context.micro_batch(
+            task_ids_B=task_ids,
+            tgt_lang_ids_B=tgt_lang_ids,
+            src_lang_ids_B=src_lang_ids,
+            src_padding_mask_BS=src_padding_mask,
+            tgt_padding_mask_BT=tgt_mask,
+        ):
+            encoder_SBD = None
+            if self.add_encoder:
+                encoder_SBD = self._run_encoder(src_tokens, src_padding_mask)
+                if not self.add_decoder:
+                    return encoder_SBD
+            else:
+                encoder_SBD = self.encoder_hidden_state
+            hidden_TBD = self._run_decoder(tgt_padded, tgt_mask, encoder_SBD, src_padding_mask)
+        if not self.post_process:
+            return hidden_TBD
+        if labels is None:
+            return self._full_logits(hidden_TBD)[:, :length_T]
+        labels_BT = labels
+        if tgt_padded.shape[1] != length_T:
+            labels_BT = F.pad(labels, (0, tgt_padded.shape[1] - length_T), value=self.model_config.pad_id)
+        logits_TBV = self._logits(hidden_TBD).float()
+        loss_TB = vocab_parallel_label_smoothed_ce(
+            logits_TBV, labels_BT.transpose(0, 1).contiguous(), self.model_config.label_smoothing, self.tp_group
+        )
+        loss_BT = loss_TB.transpose(0, 1).masked_fill(tgt_mask, 0.0)
+        return loss_BT[:, :length_T].contiguous()
+
+    # ---------------------------------------------------------------------------------------------- decoding
+    @torch.no_grad()
+    def encode(
+        self,
+        src_tokens: torch.Tensor,
+        src_padding_mask: torch.Tensor,
+        task_ids: Optional[torch.Tensor] = None,
+        src_lang_ids: Optional[torch.Tensor] = None,
+        tgt_lang_ids: Optional[torch.Tensor] = None,
+    ) -> EncoderState:
+        """Run the encoder once for incremental decoding (no pipelining: the whole model on this stage)."""
+        self._require_whole_model("encode")
+        src_tokens, src_padding_mask = self._pad_for_sp(src_tokens, src_padding_mask.bool())
+        with self.task_context.micro_batch(
+            task_ids_B=task_ids, tgt_lang_ids_B=tgt_lang_ids, src_lang_ids_B=src_lang_ids,
+            src_padding_mask_BS=src_padding_mask,
+        ):
+            output_SBD = self._run_encoder(src_tokens, src_padding_mask)
+        return EncoderState(output_SBD, src_padding_mask, task_ids, src_lang_ids, tgt_lang_ids)
+
+    @torch.no_grad()
+    def decode_step(self, state: EncoderState, prefix_NT: torch.Tensor, src_index_N: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities [N, V] of the next token after each prefix (bos first), hypothesis n decoding
+        source sentence `src_index_N[n]` of `state`. Re-runs the decoder on the whole prefix (no KV cache):
+        exact, and causal attention makes the last position independent of how the prefix was padded."""
+        self._require_whole_model("decode_step")
+        length = prefix_NT.shape[1]
+        mask_NT = torch.zeros_like(prefix_NT, dtype=torch.bool)
+        prefix_NT, mask_NT = self._pad_for_sp(prefix_NT, mask_NT)
+        src_mask_NS = state.src_padding_mask_BS.index_select(0, src_index_N)
+        encoder_SND = state.output_SBD.index_select(1, src_index_N)
+        with self.task_context.micro_batch(
+            task_ids_B=_gather_index(state.task_ids_B, src_index_N),
+            tgt_lang_ids_B=_gather_index(state.tgt_lang_ids_B, src_index_N),
+            src_lang_ids_B=_gather_index(state.src_lang_ids_B, src_index_N),
+            src_padding_mask_BS=src_mask_NS,
+            tgt_padding_mask_BT=mask_NT,
+        ):
+            hidden_TND = self._run_decoder(prefix_NT, mask_NT, encoder_SND, src_mask_NS)
+        logits_NTV = self._full_logits(hidden_TND)
+        return torch.log_softmax(logits_NTV[:, length - 1].float(), dim=-1)
+
+    def step_fn(self, state: EncoderState):
+        """`generation.beam_search`'s step function over this model and an encoded batch."""
+        return lambda prefix_NT, src_index_N: self.decode_step(state, prefix_NT, src_index_N)
+
+    def _require_whole_model(self, what: str) -> None:
+        if not (self.pre_process and self.post_process and self.add_encoder and self.add_decoder):
+            raise RuntimeError(f"EncoderDecoderModel.{what}: needs the whole model on this stage (no pipelining)")
+        if not (self.encoder.pre_process and self.encoder.post_process and self.decoder.post_process):
+            raise RuntimeError(f"EncoderDecoderModel.{what}: needs every layer on this stage (no pipelining)")

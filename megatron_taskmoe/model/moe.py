@@ -1,0 +1,178 @@
+"""The MoE MLP spec of a transformer layer, and the routing statistics the trainer reads.
+
+`get_moe_mlp_spec(moe_config, side, task_context)` returns the `ModuleSpec` for a layer's `mlp` slot:
+megatron-core's `MoELayer` with our `TaskTopKRouter` (through `MoESubmodules(router=...)`) and megatron's
+`SequentialMLP` local experts (plain column/row-parallel linears, which run on CPU and shard over expert-tensor
+parallelism). With task adapters configured it is `TaskMoEMLP`, a `MoELayer` subclass that applies the adapters
+(`adapters.py`) to the MoE output, so `TransformerLayer` still sees an MoE layer (`is_moe_layer`) with the same
+call signature `(hidden_states, padding_mask=None) -> (out, bias)`.
+
+Routing statistics: `set_routing_stats(model, True)` makes every router count, per task, the real tokens
+assigned to each expert (after capacity dropping), and every dynamic/static adapter block the tokens sent to each
+adapter; `routing_stats(model)` returns them keyed by module name, `reset_routing_stats(model)` zeroes them.
+Counts are this rank's: sum them over the tensor-parallel (sequence-parallel shards) and data-parallel ranks with
+`all_reduce_routing_stats`.
+
+Legend: G tasks, E experts, A adapters.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.mlp import MLPSubmodules
+from megatron.core.transformer.moe.experts import SequentialMLP
+from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from megatron_taskmoe.model.adapters import TaskAdapters
+from megatron_taskmoe.model.moe_config import MoEConfig
+from megatron_taskmoe.model.router import TaskTopKRouter
+from megatron_taskmoe.model.task_context import TaskContext
+
+DispatcherBuilder = Callable[..., object]
+
+
+class TaskMoEMLP(MoELayer):
+    """megatron's MoELayer, then the task adapters on its output (Pham et al.: adapters on top of the MoE layer).
+
+    `token_dispatcher_builder(num_local_experts, local_expert_indices, config=..., pg_collection=...)` optionally
+    replaces megatron's dispatcher (the `ops/` dispatchers)."""
+
+    def __init__(
+        self,
+        config,
+        submodules: MoESubmodules,
+        layer_number: int | None = None,
+        pg_collection=None,
+        *,
+        moe_config: MoEConfig,
+        side: str,
+        task_context: TaskContext | None,
+        token_dispatcher_builder: DispatcherBuilder | None = None,
+    ) -> None:
+        super().__init__(config=config, submodules=submodules, layer_number=layer_number, pg_collection=pg_collection)
+        if token_dispatcher_builder is not None:
+            self.token_dispatcher = token_dispatcher_builder(
+                self.num_local_experts,
+                self.local_expert_indices,
+                config=self.config,
+                pg_collection=pg_collection if pg_collection is not None else self._pg_collection_fallback(),
+            )
+        self.adapters = None
+        if moe_config.adapters.enabled:
+            shared = None
+            if moe_config.adapters.mode == "shared_dynamic":
+                router = self.router
+                shared = router.task_table  # bound method: the router keeps ownership of the table
+            self.adapters = TaskAdapters(
+                config, moe_config=moe_config, side=side, task_context=task_context, shared_task_table=shared
+            )
+
+    @staticmethod
+    def _pg_collection_fallback():
+        from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+
+        return get_default_pg_collection()
+
+    def forward(self, hidden_states: torch.Tensor, intermediate_tensors=None, padding_mask=None):
+        if intermediate_tensors is not None:
+            raise ValueError("TaskMoEMLP: partial (CUDA-graph) execution of the MoE layer is not supported")
+        output, bias = super().forward(hidden_states, padding_mask=padding_mask)
+        if self.adapters is not None:
+            local_len, batch = output.shape[:2]
+            mask = None if padding_mask is None else padding_mask.transpose(0, 1)
+            mask_LB = self.router._local_padding_mask(mask, local_len, batch)
+            output = self.adapters(output, mask_LB)
+        return output, bias
+
+
+def get_moe_mlp_spec(
+    moe_config: MoEConfig,
+    side: str,
+    task_context: TaskContext | None,
+    *,
+    token_dispatcher_builder: DispatcherBuilder | None = None,
+) -> ModuleSpec:
+    """The complete spec for an MoE layer's `mlp` slot on `side` ("encoder" or "decoder").
+
+    Plain megatron `MoELayer` when no adapters and no custom dispatcher are configured (so `TransformerLayer` hands
+    it its `pg_collection`); `TaskMoEMLP` otherwise (it falls back to megatron's default process groups, i.e. the
+    ones `initialize_model_parallel` set up)."""
+    routing = moe_config.side(side)
+    if routing.layer_freq == 0:
+        raise ValueError(f"get_moe_mlp_spec: MoEConfig.{side}.layer_freq=0 means the {side} has no MoE layers")
+    if (routing.uses_task_ids or moe_config.adapters.enabled) and task_context is None:
+        raise ValueError(f"get_moe_mlp_spec: {side} routing {routing.mode!r} / adapters need the model's TaskContext")
+    router = functools.partial(TaskTopKRouter, moe_config=moe_config, side=side, task_context=task_context)
+    experts = ModuleSpec(
+        module=SequentialMLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
+    )
+    submodules = MoESubmodules(experts=experts, router=router)
+    if not moe_config.adapters.enabled and token_dispatcher_builder is None:
+        return ModuleSpec(module=MoELayer, submodules=submodules, metainfo={"fuse_pre_mlp_layernorm": False})
+    return ModuleSpec(
+        module=TaskMoEMLP,
+        submodules=submodules,
+        params=dict(
+            moe_config=moe_config,
+            side=side,
+            task_context=task_context,
+            token_dispatcher_builder=token_dispatcher_builder,
+        ),
+        metainfo={"fuse_pre_mlp_layernorm": False},
+    )
+
+
+# ------------------------------------------------------------------------------------------ statistics
+
+
+def _stat_modules(model: torch.nn.Module):
+    for name, module in model.named_modules():
+        if isinstance(module, (TaskTopKRouter, TaskAdapters)):
+            yield name, module
+
+
+def set_routing_stats(model: torch.nn.Module, enabled: bool = True) -> None:
+    """Turn statistics collection on/off for every router and adapter block of `model` (zeroed when enabled, so
+    every rank holds tensors of the same shapes for `all_reduce_routing_stats`)."""
+    for _, module in _stat_modules(model):
+        module.collect_stats = enabled
+        if enabled:
+            device = next(module.parameters()).device
+            module.init_stats(device)
+
+
+def reset_routing_stats(model: torch.nn.Module) -> None:
+    for _, module in _stat_modules(model):
+        if module.collect_stats:
+            module.init_stats(next(module.parameters()).device)
+        else:
+            module.reset_stats()
+
+
+def routing_stats(model: torch.nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+    """{module name: {...}}: routers give "expert_assignments" [G, E] (real tokens of task g kept by expert e,
+    counting every one of a token's top-k) and "tokens" [G]; adapter blocks give "adapter_assignments" [G, A] and
+    "tokens" [G]. Only modules that collected something are listed."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for name, module in _stat_modules(model):
+        if isinstance(module, TaskTopKRouter) and module.stats_assignments_GE is not None:
+            out[name] = {"expert_assignments": module.stats_assignments_GE, "tokens": module.stats_tokens_G}
+        elif isinstance(module, TaskAdapters) and module.stats_assignments_GA is not None:
+            out[name] = {"adapter_assignments": module.stats_assignments_GA, "tokens": module.stats_tokens_G}
+    return out
+
+
+def all_reduce_routing_stats(stats: dict[str, dict[str, torch.Tensor]], group=None) -> dict:
+    """Sum every statistic over `group` in place (iteration order is sorted, so it matches on every rank)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return stats
+    for name in sorted(stats):
+        for key in sorted(stats[name]):
+            dist.all_reduce(stats[name][key], group=group)
+    return stats

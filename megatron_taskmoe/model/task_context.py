@@ -1,0 +1,169 @@
+"""The explicit path of per-sequence task ids to routers and adapters.
+
+megatron-core calls a router with `(hidden_states, padding_mask)` only, and an MLP with `(hidden_states,
+padding_mask)`. Task routing and task adapters also need each token's task, so the model owns one `TaskContext`,
+gives it to every router/adapter at build time (through `ModuleSpec(params=...)`), and sets the ids of the current
+micro-batch around its forward:
+
+    with model.task_context.micro_batch(task_ids_B=batch["task_ids"], tgt_lang_ids_B=batch["tgt_lang_ids"],
+                                        src_padding_mask_BS=batch["src_padding_mask"],
+                                        tgt_padding_mask_BT=batch["tgt_padding_mask"]):
+        output = model(...)
+
+The ids are cleared when the block exits, also on error, so a later micro-batch can never see stale ids: a router
+that runs outside a micro-batch raises instead of guessing. Under pipelining each stage's forward step sets the
+context for the micro-batch it runs; the backward pass needs no ids (they live in the autograd graph).
+
+Megatron flattens [S, B, D] into tokens s-major (t = s*B + b), and under sequence parallelism a router sees
+[S/TP, B, D]; ids are per sequence, so `token_ids` expands them to however many local tokens there are. Activation
+recomputation of MoE layers would re-run routers during backward, outside the micro-batch: it is refused loudly.
+
+Legend: B batch, S source length, T target length (or tokens when flattened), L local sequence length.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+ID_SOURCES = ("task", "target_language", "source_language")
+SIDES = ("encoder", "decoder")
+
+
+@dataclass(kw_only=True)
+class _MicroBatchIds:
+    task_ids_B: torch.Tensor | None
+    tgt_lang_ids_B: torch.Tensor | None
+    src_lang_ids_B: torch.Tensor | None
+    src_padding_mask_BS: torch.Tensor | None
+    tgt_padding_mask_BT: torch.Tensor | None
+
+
+def _check_ids(name: str, ids, batch_size: int | None) -> torch.Tensor | None:
+    if ids is None:
+        return None
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 1 or ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"TaskContext.micro_batch: {name} must be a 1-D integer tensor [B], got {ids!r:.80}")
+    if batch_size is not None and ids.shape[0] != batch_size:
+        raise ValueError(f"TaskContext.micro_batch: {name} has {ids.shape[0]} entries, the batch has {batch_size}")
+    return ids.long()
+
+
+def _check_mask(name: str, mask, batch_size: int | None) -> torch.Tensor | None:
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        raise ValueError(f"TaskContext.micro_batch: {name} must be a 2-D bool tensor [B, len], True at padding")
+    if batch_size is not None and mask.shape[0] != batch_size:
+        raise ValueError(f"TaskContext.micro_batch: {name} has {mask.shape[0]} rows, the batch has {batch_size}")
+    return mask.bool()
+
+
+class TaskContext:
+    """Per-micro-batch sequence ids, read by routers and adapters; one object per model (per pipeline stage)."""
+
+    def __init__(self) -> None:
+        self._ids: _MicroBatchIds | None = None
+
+    @property
+    def active(self) -> bool:
+        return self._ids is not None
+
+    @contextlib.contextmanager
+    def micro_batch(
+        self,
+        *,
+        task_ids_B: torch.Tensor | None = None,
+        tgt_lang_ids_B: torch.Tensor | None = None,
+        src_lang_ids_B: torch.Tensor | None = None,
+        src_padding_mask_BS: torch.Tensor | None = None,
+        tgt_padding_mask_BT: torch.Tensor | None = None,
+    ):
+        """Make these ids the current micro-batch's for the duration of the block (not re-entrant)."""
+        if self._ids is not None:
+            raise RuntimeError(
+                "TaskContext.micro_batch: a micro-batch is already active (nested micro_batch blocks would mix ids)"
+            )
+        batch_size = None
+        for tensor in (task_ids_B, tgt_lang_ids_B, src_lang_ids_B, src_padding_mask_BS, tgt_padding_mask_BT):
+            if isinstance(tensor, torch.Tensor) and tensor.dim() >= 1:
+                batch_size = tensor.shape[0]
+                break
+        self._ids = _MicroBatchIds(
+            task_ids_B=_check_ids("task_ids_B", task_ids_B, batch_size),
+            tgt_lang_ids_B=_check_ids("tgt_lang_ids_B", tgt_lang_ids_B, batch_size),
+            src_lang_ids_B=_check_ids("src_lang_ids_B", src_lang_ids_B, batch_size),
+            src_padding_mask_BS=_check_mask("src_padding_mask_BS", src_padding_mask_BS, batch_size),
+            tgt_padding_mask_BT=_check_mask("tgt_padding_mask_BT", tgt_padding_mask_BT, batch_size),
+        )
+        try:
+            yield self
+        finally:
+            self._ids = None
+
+    def _require(self, what: str) -> _MicroBatchIds:
+        if self._ids is None:
+            raise RuntimeError(
+                f"TaskContext: {what} requested outside a micro-batch. The model must run its blocks inside "
+                "`with task_context.micro_batch(...)` (activation recomputation of MoE layers is not supported "
+                "with task routing/adapters, since it re-runs routers after the block has exited)."
+            )
+        return self._ids
+
+    def has_ids(self, source: str) -> bool:
+        return self._ids is not None and self._raw_ids(self._ids, source) is not None
+
+    @staticmethod
+    def _raw_ids(ids: _MicroBatchIds, source: str) -> torch.Tensor | None:
+        if source == "task":
+            return ids.task_ids_B
+        if source == "target_language":
+            return ids.tgt_lang_ids_B
+        if source == "source_language":
+            return ids.src_lang_ids_B
+        raise ValueError(f"TaskContext: id source {source!r} is not one of {list(ID_SOURCES)}")
+
+    def ids(self, source: str) -> torch.Tensor:
+        """Per-sequence ids [B] of `source` ("task", "target_language" or "source_language")."""
+        ids_B = self._raw_ids(self._require(f"{source} ids"), source)
+        if ids_B is None:
+            raise RuntimeError(f"TaskContext: the current micro-batch was set without {source} ids")
+        return ids_B
+
+    def token_ids(self, source: str, num_tokens: int, device: torch.device | None = None) -> torch.Tensor:
+        """Ids of `num_tokens` local tokens in megatron's s-major order (t = s*B + b): [num_tokens]."""
+        ids_B = self.ids(source)
+        batch = ids_B.shape[0]
+        if batch == 0 or num_tokens % batch != 0:
+            raise ValueError(
+                f"TaskContext: {num_tokens} local tokens are not a whole number of positions of the batch of {batch} "
+                "sequences (is the context set for this micro-batch?)"
+            )
+        ids_B = ids_B if device is None else ids_B.to(device, non_blocking=True)
+        return ids_B.repeat(num_tokens // batch)
+
+    def padding_mask(
+        self, side: str, local_len: int, tp_rank: int = 0, tp_size: int = 1, sequence_parallel: bool = False
+    ) -> torch.Tensor | None:
+        """This rank's padding mask [L, B] (True at padding) for `side`, or None when the model gave none.
+
+        Under sequence parallelism megatron gives tensor-parallel rank r the contiguous positions
+        [r*L, (r+1)*L) of every sequence, so the full [B, len] mask is sliced the same way.
+        """
+        if side not in SIDES:
+            raise ValueError(f"TaskContext: side={side!r} must be one of {list(SIDES)}")
+        ids = self._require(f"{side} padding mask")
+        mask_BX = ids.src_padding_mask_BS if side == "encoder" else ids.tgt_padding_mask_BT
+        if mask_BX is None:
+            return None
+        full_len = mask_BX.shape[1]
+        start = tp_rank * local_len if sequence_parallel else 0
+        expected = local_len * (tp_size if sequence_parallel else 1)
+        if full_len != expected:
+            raise ValueError(
+                f"TaskContext: the {side} padding mask covers {full_len} positions but the layer sees {local_len} "
+                f"local positions (sequence_parallel={sequence_parallel}, tp_size={tp_size})"
+            )
+        return mask_BX[:, start : start + local_len].transpose(0, 1)

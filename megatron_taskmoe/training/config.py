@@ -1,0 +1,187 @@
+"""The run configuration of `pretrain_mt.py`: one YAML file (examples/configs/) plus `--set key=value` overrides.
+
+Sections, each a small dataclass validated on construction:
+
+    model       a named preset (system x size, model/presets.py) plus field overrides
+    parallel    tensor / pipeline / expert sizes (data parallel takes the rest of the world)
+    data        the preprocessed directory, temperature, token budget per micro-batch
+    optim       AdamW, learning-rate schedule, clipping
+    train       steps, micro-batches per step, seed, logging, NaN policy, run directory
+    checkpoint  interval, retention, where to resume from
+    eval        validation interval, decoding, early stopping
+
+`RunConfig.validate_against(world_size, manifest)` checks what needs the launch and the data (parallel sizes, task
+counts), before any model is built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+from megatron_taskmoe.config_io import ConfigError, from_dict, to_dict
+from megatron_taskmoe.model import presets
+from megatron_taskmoe.model.config import ModelConfig, ParallelConfig
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+@dataclass(kw_only=True)
+class ModelSection:
+    """A preset (`system` at `size`) with `overrides` of `ModelConfig` fields (nested for `moe`)."""
+
+    system: str = "moe_task_shared_dynamic"
+    size: str = "tiny"
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.system not in presets.PRESETS:
+            raise ValueError(f"model.system={self.system!r} is not one of {list(presets.PRESETS)}")
+        if self.size not in presets.SIZES:
+            raise ValueError(f"model.size={self.size!r} is not one of {list(presets.SIZES)}")
+
+    def build(self, *, vocab_size: int, num_tasks: int, num_languages: int) -> ModelConfig:
+        """The model for a corpus: the tokenizer's vocabulary and the manifest's task/language counts."""
+        base = presets.get(self.system, self.size, num_tasks=num_tasks, num_languages=num_languages,
+                           vocab_size=vocab_size)
+        merged = _deep_merge(to_dict(base), self.overrides)
+        if "vocab_size" in self.overrides and self.overrides["vocab_size"] != vocab_size:
+            raise ConfigError(f"model.overrides.vocab_size={self.overrides['vocab_size']} disagrees with the "
+                              f"tokenizer's {vocab_size} pieces")
+        return from_dict(ModelConfig, merged, prefix="model.overrides.")
+
+
+@dataclass(kw_only=True)
+class DataSection:
+    data_dir: str = ""
+    """A directory written by tools/preprocess_data.py (has manifest.json)."""
+    directions: Optional[list[str]] = None
+    """Directions to train on (e.g. ["de-en", "en-de"]); None means all in the manifest."""
+    temperature: float = 5.0
+    """Sampling probability of a direction is proportional to n**(1/temperature)."""
+    max_tokens: int = 2048
+    """Token budget of one micro-batch (padded source + target tokens)."""
+    max_sentences: int = 128
+    """Cap on sentences per micro-batch."""
+    task_homogeneous: bool = False
+    """Every micro-batch from one task (task-level routing then needs no permutation)."""
+    valid_split: str = "valid"
+    test_split: str = "test"
+
+    def __post_init__(self):
+        if self.temperature <= 0:
+            raise ValueError(f"data.temperature must be > 0, got {self.temperature}")
+        if self.max_tokens < 8 or self.max_sentences < 1:
+            raise ValueError("data.max_tokens must be >= 8 and data.max_sentences >= 1")
+
+
+@dataclass(kw_only=True)
+class OptimSection:
+    lr: float = 5e-4
+    min_lr: float = 0.0
+    warmup_steps: int = 100
+    decay_style: Literal["inverse-square-root", "cosine", "linear", "constant"] = "inverse-square-root"
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.98
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    distributed_optimizer: bool = True
+    """megatron-core's distributed optimizer: optimizer state sharded over data-parallel ranks."""
+
+    def __post_init__(self):
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ValueError(f"optim.lr must be > 0 and 0 <= optim.min_lr <= lr (lr={self.lr}, min_lr={self.min_lr})")
+        if self.warmup_steps < 0 or self.clip_grad < 0:
+            raise ValueError("optim.warmup_steps and optim.clip_grad must be >= 0")
+
+
+@dataclass(kw_only=True)
+class TrainSection:
+    steps: int = 1000
+    micro_batches: int = 1
+    """Micro-batches per step on each data-parallel rank (gradient accumulation; the 1F1B depth with pipelining)."""
+    seed: int = 1234
+    log_interval: int = 10
+    nan_policy: Literal["stop", "skip"] = "stop"
+    """On a NaN/inf loss: stop with a message naming the step, or skip that step's update."""
+    run_dir: str = "runs/default"
+    bf16: Optional[bool] = None
+    """None: bf16 on GPU, fp32 on CPU."""
+    progress_bar: bool = True
+
+    def __post_init__(self):
+        if self.steps < 1 or self.micro_batches < 1 or self.log_interval < 1:
+            raise ValueError("train.steps, train.micro_batches and train.log_interval must be >= 1")
+
+
+@dataclass(kw_only=True)
+class CheckpointSection:
+    interval: int = 500
+    keep_last: int = 2
+    keep_best: int = 1
+    load: Optional[str] = "auto"
+    """"auto": resume from run_dir/checkpoints if there is one; a path: start from that checkpoint; None: fresh."""
+    save: bool = True
+
+    def __post_init__(self):
+        if self.interval < 1 or self.keep_last < 1 or self.keep_best < 0:
+            raise ValueError("checkpoint.interval and keep_last must be >= 1, keep_best >= 0")
+
+
+@dataclass(kw_only=True)
+class EvalSection:
+    interval: int = 500
+    """Validate every N steps (and at the end); 0 disables on-the-fly validation."""
+    beam_size: int = 1
+    length_penalty: float = 1.0
+    max_sentences: int = 200
+    """Validation sentences per direction for BLEU (all for the loss is not needed: the same subset is used)."""
+    max_len_a: float = 1.2
+    max_len_b: int = 10
+    early_stopping_patience: int = 0
+    """Stop after this many evaluations without a better average BLEU (the paper: 2); 0 disables."""
+
+    def __post_init__(self):
+        if self.interval < 0 or self.beam_size < 1 or self.max_sentences < 1 or self.early_stopping_patience < 0:
+            raise ValueError("eval.interval >= 0, eval.beam_size >= 1, eval.max_sentences >= 1, "
+                             "eval.early_stopping_patience >= 0")
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+
+    def validate_against(self, world_size: int, model: ModelConfig) -> None:
+        """Checks that need the launch (world size) and the built model config; raises ConfigError."""
+        p = self.parallel
+        model_parallel = p.tensor * p.pipeline
+        if world_size % model_parallel:
+            raise ConfigError(
+                f"world size {world_size} is not divisible by parallel.tensor x parallel.pipeline = {model_parallel}"
+            )
+        dp = world_size // model_parallel
+        if (dp * p.tensor) % p.expert:
+            raise ConfigError(
+                f"parallel.expert={p.expert} must divide data-parallel x tensor-parallel = {dp * p.tensor} "
+                f"(world size {world_size}, tensor {p.tensor}, pipeline {p.pipeline})"
+            )
+        try:
+            p.validate(model, world_size)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+        if p.pipeline > 1 and self.train.micro_batches < p.pipeline:
+            raise ConfigError(f"train.micro_batches={self.train.micro_batches} should be >= parallel.pipeline="
+                              f"{p.pipeline} to fill the pipeline")
+

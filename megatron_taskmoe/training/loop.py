@@ -1,0 +1,350 @@
+"""The training loop of `pretrain_mt.py`: megatron-core schedules, logging, validation, checkpoints, resume.
+
+Loss normalisation is megatron-core's default (`calculate_per_token_loss=False`): each micro-batch contributes its
+mean token loss, averaged over the step's micro-batches and data-parallel ranks, and the MoE auxiliary losses are
+scaled the same way by megatron's schedule.
+
+Exact resume: a checkpoint holds the model, the optimizer, the scheduler, the step, the data stream position
+(`consumed_samples`, the global counter of data/batching.py) and every RNG state; a resumed run therefore sees
+the same batches, dropout masks and learning rates as the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_taskmoe import platform
+from megatron_taskmoe.config_io import ConfigError, dump_yaml, to_dict
+from megatron_taskmoe.data.batching import BatchingConfig, BatchIterator
+from megatron_taskmoe.data.dataset import MultilingualDataset
+from megatron_taskmoe.model.config import ModelConfig
+from megatron_taskmoe.training import checkpointing as ckpt
+from megatron_taskmoe.training.config import RunConfig
+from megatron_taskmoe.training.metrics import MetricsWriter
+from megatron_taskmoe.training.setup import Built, Corpus, build, check_task_map
+
+log = logging.getLogger(__name__)
+
+BATCH_KEYS = ("src_tokens", "src_padding_mask", "tgt_input", "tgt_padding_mask", "labels", "task_ids",
+              "src_lang_ids", "tgt_lang_ids")
+
+
+MODEL_CKPT_METADATA = {"non_homogeneous_layers": True}
+OPTIMIZER_CKPT_METADATA = {
+    "distrib_optim_sharding_type": "fully_reshardable",
+    "distrib_optim_fully_reshardable_mem_efficient": True,
+}
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or inf and the config says to stop."""
+
+
+@dataclass(kw_only=True)
+class TrainState:
+    """Counters saved in every checkpoint."""
+
+    step: int = 0
+    consumed_samples: int = 0
+    best_bleu: Optional[float] = None
+    evals_without_improvement: int = 0
+    skipped_steps: int = 0
+    history: list = field(default_factory=list)
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _to_device(batch: dict) -> dict:
+    dev = platform.device()
+    return {k: batch[k].to(dev, non_blocking=True) for k in BATCH_KEYS}
+
+
+def batching_config(cfg: RunConfig, model_cfg: ModelConfig, tensor_parallel: int) -> BatchingConfig:
+    """Token-budget batching; lengths padded to the TP size so sequence parallelism can split them."""
+    return BatchingConfig(max_tokens=cfg.data.max_tokens, task_homogeneous=cfg.data.task_homogeneous,
+                          pad_to_multiple=max(1, tensor_parallel), seed=cfg.train.seed)
+
+
+def make_forward_step(model_cfg: ModelConfig):
+    """megatron-core's forward_step_func: runs the model on the next micro-batch and returns its loss function."""
+
+    def forward_step(data_iterator: Iterator[dict], model):
+        batch = next(data_iterator)
+        loss_mask_BT = batch["loss_mask"]
+        loss_BT = model(**{k: batch[k] for k in BATCH_KEYS})
+
+        def loss_func(output_BT: torch.Tensor):
+            loss_sum = (output_BT.float() * loss_mask_BT).sum()
+            num_tokens = loss_mask_BT.sum().to(torch.int)
+            return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach(), num_tokens.float()])}
+
+        return loss_BT, loss_func
+
+    return forward_step
+
+
+class _DeviceBatches:
+    """Wraps the rank's batch iterator: moves each batch to the device and records the consumed-samples counter."""
+
+    def __init__(self, batches: BatchIterator):
+        self.batches = batches
+        self.tokens = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        batch = next(self.batches)
+        self.tokens += int(batch["loss_mask"].sum()) + int((~batch["src_padding_mask"]).sum())
+        out = _to_device(batch)
+        out["loss_mask"] = batch["loss_mask"].to(platform.device())
+        return out
+
+
+class Trainer:
+    """One run: `Trainer(cfg, corpus, model_cfg).train()`; every rank constructs and runs it."""
+
+    def __init__(self, cfg: RunConfig, corpus: Corpus, model_cfg: ModelConfig):
+        self.cfg, self.corpus, self.model_cfg = cfg, corpus, model_cfg
+        self.run_dir = Path(cfg.train.run_dir)
+        self.rank = _rank()
+        self.built: Built = build(cfg, model_cfg)
+        pg = self.built.pg_collection
+        self.dp_rank, self.dp_size = pg.dp.rank(), pg.dp.size()
+        self.ckpt = ckpt.CheckpointManager(self.run_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last,
+                                           keep_best=cfg.checkpoint.keep_best)
+        self.state = TrainState()
+        self.metrics = MetricsWriter(self.run_dir, enabled=self.rank == 0)
+        self._stop_signal: Optional[int] = None
+        self.train_data = MultilingualDataset(corpus.data_dir, "train", corpus.directions,
+                                              max_src_len=model_cfg.max_source_positions - 2,
+                                              max_tgt_len=model_cfg.max_target_positions - 1)
+        self._maybe_resume()
+        self.batches = _DeviceBatches(BatchIterator(
+            self.train_data, temperature=cfg.data.temperature,
+            batching=batching_config(cfg, model_cfg, cfg.parallel.tensor), dp_rank=self.dp_rank,
+            dp_size=self.dp_size, consumed_samples=self.state.consumed_samples))
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            dump_yaml(cfg, self.run_dir / "config.yaml")
+            dump_yaml(model_cfg, self.run_dir / "model.yaml")
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def _sharded_state_dict(self, is_loading: bool = False) -> dict:
+        # Keys of the bare model (no DDP/Float16 prefixes), one entry per layer by its global number.
+        model_sd = self.built.module.sharded_state_dict(metadata=MODEL_CKPT_METADATA)
+        return {
+            "model": model_sd,
+            # "fully_reshardable": optimizer state in model space, so a resume may change TP/PP/EP/DP sizes;
+            # the memory-efficient variant gathers it over gloo on the CPU (on GPUs too).
+            "optimizer": self.built.optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
+                                                                 metadata=OPTIMIZER_CKPT_METADATA),
+        }
+
+    def save_checkpoint(self, metric: Optional[float] = None) -> Path:
+        from megatron.core import dist_checkpointing
+
+        sharded = self._sharded_state_dict()
+        sharded["scheduler"] = self.built.scheduler.state_dict()
+        sharded["train_state"] = to_dict(self.state)
+        meta = {
+            "task_map": self.corpus.manifest["task_map"],
+            "languages": self.corpus.manifest["languages"],
+            "tokenizer_sha256": self.corpus.tokenizer_sha256,
+            "model_config": to_dict(self.model_cfg),
+            "parallel": to_dict(self.cfg.parallel),
+            "consumed_samples": self.state.consumed_samples,
+        }
+        path = self.ckpt.save(self.state.step, lambda d: dist_checkpointing.save(sharded, str(d)),
+                              rank_state={"rng": ckpt.capture_rng_state()}, meta=meta, metric=metric)
+        if self.rank == 0:  # the tokenizer travels with the checkpoint, so translate.py needs nothing else
+            shutil.copyfile(self.corpus.tokenizer_path, path / "tokenizer.model")
+        return path
+
+    def _maybe_resume(self) -> None:
+        load = self.cfg.checkpoint.load
+        if load is None:
+            return
+        if load == "auto":
+            info = ckpt.latest_checkpoint(self.run_dir / "checkpoints")
+            if info is None:
+                return
+        else:
+            try:
+                info = ckpt.resolve_checkpoint(load)
+            except FileNotFoundError as e:
+                raise ConfigError(f"checkpoint.load: {e}") from e
+        check_task_map(info.meta.get("task_map"), self.corpus)
+        if info.meta.get("tokenizer_sha256") not in (None, self.corpus.tokenizer_sha256):
+            raise ConfigError(f"{info.path}: trained with another tokenizer (sha256 differs from "
+                              f"{self.corpus.tokenizer_path})")
+        from megatron.core import dist_checkpointing
+
+        # The loading template needs optimizer states to exist: materialise them (overwritten by the load).
+        for opt in getattr(self.built.optimizer, "chained_optimizers", [self.built.optimizer]):
+            if not opt.optimizer.state:
+                opt._init_optimizer_states_with_dummy_values()
+        sharded = self._sharded_state_dict(is_loading=True)
+        sharded["scheduler"] = None
+        sharded["train_state"] = None
+        loaded = dist_checkpointing.load(sharded, str(info.path))
+        self.built.module.load_state_dict(loaded["model"], strict=True)
+        self.built.optimizer.load_state_dict(loaded["optimizer"])
+        self.built.scheduler.load_state_dict(loaded["scheduler"])
+        self.state = TrainState(**loaded["train_state"])
+        rank_state = ckpt.load_rank_state(info.path)
+        same_layout = info.meta.get("parallel") == to_dict(self.cfg.parallel)
+        if rank_state is not None and same_layout:
+            ckpt.restore_rng_state(rank_state["rng"])
+        else:
+            log.warning("resuming %s under another parallel layout: RNG streams restart from the seed", info.path)
+            platform.model_parallel_manual_seed(self.cfg.train.seed + self.state.step)
+        if self.rank == 0:
+            log.info("resumed from %s at step %d (consumed samples %d)", info.path, self.state.step,
+                     self.state.consumed_samples)
+
+    # ------------------------------------------------------------------------------------------ training
+    def _install_signal_handler(self) -> None:
+        def handler(signum, frame):
+            self._stop_signal = signum
+
+        signal.signal(signal.SIGTERM, handler)
+
+    def _stop_requested(self) -> bool:
+        flag = torch.tensor([1 if self._stop_signal is not None else 0], dtype=torch.int32)
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def train_step(self) -> dict[str, Any]:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        b = self.built
+        b.model.zero_grad_buffer()
+        b.optimizer.zero_grad()
+        forward_backward = get_forward_backward_func()
+        losses = forward_backward(
+            forward_step_func=make_forward_step(self.model_cfg), data_iterator=self.batches, model=[b.model],
+            num_microbatches=self.cfg.train.micro_batches, seq_length=1, micro_batch_size=1,
+            forward_only=False,
+        )
+        # Mean token loss of the step (sum over micro-batches and data-parallel ranks).
+        totals = torch.zeros(2)
+        for item in losses:
+            totals += item["lm loss"].detach().float().cpu()
+        if dist.is_initialized():
+            dist.all_reduce(totals, group=b.pg_collection.dp)
+        loss = (totals[0] / totals[1].clamp(min=1)).item()
+        finite = torch.tensor([1.0 if math.isfinite(loss) else 0.0])
+        if not math.isfinite(loss):
+            if self.cfg.train.nan_policy == "stop":
+                raise NonFiniteLossError(
+                    f"loss is {loss} at step {self.state.step + 1}; stopping (set train.nan_policy=skip to "
+                    "skip such steps instead)")
+            self.state.skipped_steps += 1
+            update_ok, grad_norm = False, float("nan")
+        else:
+            update_ok, grad_norm, _ = b.optimizer.step()
+            grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        del finite
+        if update_ok:
+            b.scheduler.step(increment=1)
+        self.state.step += 1
+        self.state.consumed_samples = self.batches.batches.consumed_samples
+        return {"loss": loss, "grad_norm": grad_norm, "update": bool(update_ok), "tokens": int(totals[1])}
+
+    def _aux_losses(self) -> dict[str, float]:
+        from megatron.core.transformer.moe import moe_utils
+
+        tracker = moe_utils.get_moe_layer_wise_logging_tracker()
+        if not tracker:
+            return {}
+        moe_utils.reduce_aux_losses_tracker_across_ranks(pg_collection=self.built.pg_collection)
+        out = {name: float(entry["values"].sum()) / self.cfg.train.micro_batches for name, entry in tracker.items()}
+        moe_utils.clear_aux_losses_tracker()
+        return out
+
+    def train(self) -> TrainState:
+        from tqdm import tqdm
+
+        from megatron_taskmoe.training.validation import Validator
+
+        cfg = self.cfg
+        self._install_signal_handler()
+        validator = Validator(self) if cfg.eval.interval > 0 else None
+        bar = tqdm(total=cfg.train.steps, initial=self.state.step, disable=self.rank != 0 or not cfg.train.progress_bar,
+                   unit="step", dynamic_ncols=True)
+        window_start, window_tokens = time.perf_counter(), 0
+        self.batches.tokens = 0
+        while self.state.step < cfg.train.steps:
+            out = self.train_step()
+            aux = self._aux_losses()
+            bar.update(1)
+            step = self.state.step
+            if step % cfg.train.log_interval == 0 or step == cfg.train.steps:
+                elapsed = time.perf_counter() - window_start
+                tokens = torch.tensor([self.batches.tokens], dtype=torch.float64)
+                if dist.is_initialized():
+                    dist.all_reduce(tokens, group=self.built.pg_collection.dp)
+                tps = float(tokens) / max(elapsed, 1e-9)
+                lr = self.built.optimizer.param_groups[0]["lr"]
+                record = {"loss": out["loss"], "lr": lr, "grad_norm": out["grad_norm"], "tokens_per_s": tps,
+                          "consumed_samples": self.state.consumed_samples, **{f"aux/{k}": v for k, v in aux.items()}}
+                self.metrics.write("train", step, **record)
+                bar.set_postfix(loss=f"{out['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:.0f}")
+                window_start, self.batches.tokens = time.perf_counter(), 0
+            stop_early = False
+            if validator is not None and (step % cfg.eval.interval == 0 or step == cfg.train.steps):
+                stop_early = self._evaluate(validator, step)
+            elif cfg.checkpoint.save and step % cfg.checkpoint.interval == 0:
+                self.save_checkpoint()
+            if stop_early:
+                break
+            if self._stop_requested():
+                if self.rank == 0:
+                    log.warning("SIGTERM received: saving a checkpoint at step %d and stopping", step)
+                if cfg.checkpoint.save:
+                    self.save_checkpoint()
+                break
+        else:
+            if cfg.checkpoint.save and validator is None and self.state.step % cfg.checkpoint.interval:
+                self.save_checkpoint()
+        bar.close()
+        self.metrics.close()
+        return self.state
+
+    def _evaluate(self, validator, step: int) -> bool:
+        """Validate, checkpoint (with BLEU as the metric), and decide on early stopping."""
+        results = validator.run()
+        bleu = results["bleu_avg"]
+        self.metrics.write("eval", step, **results)
+        if self.rank == 0:
+            log.info("step %d validation: loss %.4f, BLEU %.2f (%s)", step, results["loss_avg"], bleu,
+                     json.dumps({k: round(v, 2) for k, v in results["bleu"].items()}))
+        improved = self.state.best_bleu is None or bleu > self.state.best_bleu
+        if improved:
+            self.state.best_bleu, self.state.evals_without_improvement = bleu, 0
+        else:
+            self.state.evals_without_improvement += 1
+        self.state.history.append({"step": step, "bleu_avg": bleu})
+        if self.cfg.checkpoint.save:
+            self.save_checkpoint(metric=bleu)
+        patience = self.cfg.eval.early_stopping_patience
+        if patience and self.state.evals_without_improvement >= patience:
+            if self.rank == 0:
+                log.info("early stopping at step %d: no BLEU improvement in %d evaluations", step, patience)
+            return True
+        return False

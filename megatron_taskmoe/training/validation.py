@@ -1,0 +1,109 @@
+"""On-the-fly validation per task: loss, and sacrebleu BLEU/chrF of greedy or beam-search translations.
+
+Every rank evaluates the same sentences in lockstep. That is what expert and tensor parallelism need (each forward is
+collective over the experts' and tensors' groups) and it makes the result identical on all ranks, so any rank can
+decide on early stopping. Validation sets are small (`eval.max_sentences` per direction), so the duplicated work
+across data-parallel ranks is cheap.
+
+References are the validation targets decoded from their sentence pieces, so they match the raw text up to
+sentencepiece's normalisation; `tools/evaluate.py` scores against raw test text.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import sentencepiece as spm
+import torch
+
+from megatron_taskmoe import platform
+from megatron_taskmoe.data.batching import collate, BatchingConfig
+from megatron_taskmoe.data.dataset import MultilingualDataset
+from megatron_taskmoe.data.tokenizer import BOS_ID, EOS_ID
+from megatron_taskmoe.evaluation import mean, score_corpus
+from megatron_taskmoe.generation import SearchConfig, beam_search
+
+if TYPE_CHECKING:
+    from megatron_taskmoe.training.loop import Trainer
+
+_MODEL_KEYS = ("src_tokens", "src_padding_mask", "tgt_input", "tgt_padding_mask", "labels", "task_ids",
+               "src_lang_ids", "tgt_lang_ids")
+
+
+def translate_batch(model, batch: dict, search: SearchConfig) -> list[list[int]]:
+    """Token ids of the best translation of each source sentence in `batch` (no bos/eos)."""
+    dev = platform.device()
+    src_lengths = (~batch["src_padding_mask"]).sum(dim=1).tolist()
+    state = model.encode(batch["src_tokens"].to(dev), batch["src_padding_mask"].to(dev),
+                         task_ids=batch["task_ids"].to(dev), src_lang_ids=batch["src_lang_ids"].to(dev),
+                         tgt_lang_ids=batch["tgt_lang_ids"].to(dev))
+    return beam_search(model.step_fn(state), batch_size=len(src_lengths), bos=BOS_ID, eos=EOS_ID,
+                       max_lengths=search.max_lengths(src_lengths), beam_size=search.beam_size,
+                       length_penalty=search.length_penalty, device=dev)
+
+
+class Validator:
+    """Validation of a Trainer's model on the first `eval.max_sentences` sentences of each direction."""
+
+    def __init__(self, trainer: "Trainer"):
+        cfg = trainer.cfg
+        self.trainer = trainer
+        corpus = trainer.corpus
+        directions = [d for d in corpus.directions
+                      if cfg.data.valid_split in corpus.manifest["directions"][d]["splits"]]
+        if not directions:
+            raise ValueError(f"{corpus.data_dir}: no direction has a {cfg.data.valid_split!r} split to validate on")
+        self.data = MultilingualDataset(corpus.data_dir, cfg.data.valid_split, directions,
+                                        max_src_len=trainer.model_cfg.max_source_positions - 2,
+                                        max_tgt_len=trainer.model_cfg.max_target_positions - 1)
+        self.sp = spm.SentencePieceProcessor(model_file=str(corpus.tokenizer_path))
+        self.search = SearchConfig(beam_size=cfg.eval.beam_size, length_penalty=cfg.eval.length_penalty,
+                                   max_len_a=cfg.eval.max_len_a, max_len_b=cfg.eval.max_len_b)
+        self.batching = BatchingConfig(max_tokens=cfg.data.max_tokens, pad_to_multiple=max(1, cfg.parallel.tensor))
+        self.max_sentences = cfg.eval.max_sentences
+
+    def _batches(self, direction: str):
+        """Length-sorted batches of the direction's first max_sentences sentences (deterministic)."""
+        d = self.data.directions.index(direction)
+        lo = int(self.data.offsets_D[d])
+        n = min(int(self.data.sizes_D[d]), self.max_sentences)
+        order = np.argsort(self.data.src_lengths_N[lo:lo + n], kind="stable")
+        budget = self.batching.max_tokens
+        start = 0
+        while start < n:
+            end = start + 1
+            while end < n:
+                longest = max(self.data.src_lengths_N[lo + order[end]], self.data.tgt_lengths_N[lo + order[end]])
+                if longest * (end - start + 1) > budget:
+                    break
+                end += 1
+            yield collate([self.data[lo + int(i)] for i in order[start:end]], self.batching)
+            start = end
+
+    @torch.no_grad()
+    def run(self) -> dict:
+        model = self.trainer.built.module
+        was_training = model.training
+        model.eval()
+        try:
+            loss, bleu, chrf = {}, {}, {}
+            for direction in self.data.directions:
+                loss_sum, tokens, hyps, refs = 0.0, 0.0, [], []
+                for batch in self._batches(direction):
+                    dev_batch = {k: batch[k].to(platform.device()) for k in _MODEL_KEYS}
+                    loss_BT = model(**dev_batch)
+                    mask = batch["loss_mask"].to(loss_BT.device)
+                    loss_sum += float((loss_BT.float() * mask).sum())
+                    tokens += float(mask.sum())
+                    hyps.extend(self.sp.decode(ids) for ids in translate_batch(model, batch, self.search))
+                    for labels, m in zip(batch["labels"], batch["loss_mask"]):
+                        ids = [t for t in labels[m.bool()].tolist() if t not in (EOS_ID, BOS_ID)]
+                        refs.append(self.sp.decode(ids))
+                score = score_corpus(hyps, refs)
+                loss[direction] = loss_sum / max(tokens, 1.0)
+                bleu[direction], chrf[direction] = score.bleu, score.chrf
+            return {"loss": loss, "bleu": bleu, "chrf": chrf, "loss_avg": mean(loss.values()),
+                    "bleu_avg": mean(bleu.values()), "chrf_avg": mean(chrf.values())}
+        finally:
+            model.train(was_training)

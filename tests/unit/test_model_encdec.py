@@ -1,0 +1,162 @@
+"""The encoder-decoder model on one process: shapes, masks, causality, loss/logits agreement, incremental
+decoding, every preset forward and backward, and megatron's aux-loss bookkeeping per layer."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megatron_taskmoe import platform
+from megatron_taskmoe.model import presets
+from megatron_taskmoe.model.encdec import EncoderDecoderModel
+
+V = 256
+
+
+@pytest.fixture(scope="module")
+def megatron_world1():
+    platform.init_distributed(rank=0, world_size=1)
+    platform.initialize_model_parallel()
+    yield
+    platform.destroy()
+
+
+def build(cfg, seed=0):
+    platform.model_parallel_manual_seed(seed)
+    return EncoderDecoderModel(cfg)
+
+
+def batch(B=3, S=7, T=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    src = torch.randint(4, V, (B, S), generator=g)
+    tgt = torch.randint(4, V, (B, T), generator=g)
+    labels = torch.randint(4, V, (B, T), generator=g)
+    src_mask = torch.zeros(B, S, dtype=torch.bool)
+    src_mask[1, 5:] = True
+    tgt_mask = torch.zeros(B, T, dtype=torch.bool)
+    tgt_mask[2, 3:] = True
+    src[src_mask], tgt[tgt_mask], labels[tgt_mask] = 0, 0, 0
+    return dict(src_tokens=src, src_padding_mask=src_mask, tgt_input=tgt, tgt_padding_mask=tgt_mask, labels=labels,
+                loss_mask=(~tgt_mask).float(), task_ids=torch.tensor([0, 1, 2][:B] * (B // 3 + 1))[:B],
+                src_lang_ids=torch.arange(B) % 4, tgt_lang_ids=(torch.arange(B) + 1) % 4)
+
+
+def tiny_moe():
+    cfg = presets.get("moe_token", "tiny", num_tasks=3, num_languages=4)
+    return replace(cfg, moe=replace(cfg.moe, encoder=replace(cfg.moe.encoder, layer_freq=1),
+                                    decoder=replace(cfg.moe.decoder, layer_freq=1)))
+
+
+def test_loss_shape_padding_and_agreement_with_logits(megatron_world1):
+    cfg = presets.tiny()
+    model = build(cfg).eval()
+    b = batch()
+    loss = model(**b)
+    assert loss.shape == (3, 5)
+    assert torch.all(loss[b["tgt_padding_mask"]] == 0) and torch.all(loss[~b["tgt_padding_mask"]] > 0)
+    logits = model(**{k: v for k, v in b.items() if k != "labels"})
+    assert logits.shape == (3, 5, V)
+    eps = cfg.label_smoothing
+    padded_v = cfg.padded_vocab_size()
+    expected = F.cross_entropy(logits.reshape(-1, V), b["labels"].reshape(-1), reduction="none",
+                               label_smoothing=eps * padded_v / (padded_v - 1)).view(3, 5)
+    torch.testing.assert_close(loss[~b["tgt_padding_mask"]], expected[~b["tgt_padding_mask"]], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("system", ["dense", "moe_token"])
+def test_extra_padding_and_future_tokens_do_not_change_the_loss(megatron_world1, system):
+    cfg = tiny_moe() if system == "moe_token" else presets.tiny()
+    model = build(cfg).eval()
+    b = batch()
+    loss = model(**b)
+    # Two more padding columns on the source and the target change nothing for real positions.
+    padded = dict(b)
+    padded["src_tokens"] = F.pad(b["src_tokens"], (0, 2), value=0)
+    padded["src_padding_mask"] = F.pad(b["src_padding_mask"], (0, 2), value=True)
+    for key, value in (("tgt_input", 0), ("labels", 0), ("tgt_padding_mask", True)):
+        padded[key] = F.pad(b[key], (0, 2), value=value)
+    padded["loss_mask"] = F.pad(b["loss_mask"], (0, 2), value=0.0)
+    torch.testing.assert_close(model(**padded)[:, :5], loss, atol=1e-5, rtol=1e-5)
+    # Changing a source padding token's id is invisible; changing the last target input only affects position 4.
+    changed = dict(b, src_tokens=b["src_tokens"].clone(), tgt_input=b["tgt_input"].clone())
+    changed["src_tokens"][1, 6] = 17
+    changed["tgt_input"][:, 4] = 11
+    out = model(**changed)
+    torch.testing.assert_close(out[:, :4], loss[:, :4], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(out[0, 4], loss[0, 4])
+
+
+def test_incremental_decoding_matches_the_full_forward(megatron_world1):
+    from megatron_taskmoe.generation import beam_search
+
+    model = build(tiny_moe()).eval()
+    b = batch()
+    keys = ("task_ids", "src_lang_ids", "tgt_lang_ids")
+    state = model.encode(b["src_tokens"], b["src_padding_mask"], **{k: b[k] for k in keys})
+    prefix = b["tgt_input"][:, :4]
+    no_pad = torch.zeros_like(prefix, dtype=torch.bool)
+    with torch.no_grad():
+        logits = model(b["src_tokens"], b["src_padding_mask"], prefix, no_pad, **{k: b[k] for k in keys})
+    # hypotheses in another order than the sources: the state is gathered by source index
+    order = torch.tensor([2, 0, 1])
+    step = model.decode_step(state, prefix[order], order)
+    torch.testing.assert_close(step, torch.log_softmax(logits[order, 3], dim=-1), atol=1e-5, rtol=1e-5)
+    hyps = beam_search(model.step_fn(state), batch_size=3, bos=2, eos=3, max_lengths=[4, 4, 4], beam_size=2)
+    assert len(hyps) == 3 and all(len(h) <= 4 and all(0 <= t < V for t in h) for h in hyps)
+
+
+@pytest.mark.parametrize("system", list(presets.SYSTEMS))
+def test_every_system_runs_forward_and_backward(megatron_world1, system):
+    cfg = presets.get(system, "tiny", num_tasks=3, num_languages=4)
+    model = build(cfg).train()
+    b = batch()
+    loss = model(**b)
+    ((loss * b["loss_mask"]).sum() / b["loss_mask"].sum()).backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert model.shared_embedding_or_output_weight().grad.abs().sum() > 0
+    if cfg.moe is not None:
+        routers = [m for n, m in model.named_modules() if n.endswith("mlp.router")]
+        assert len(routers) == cfg.num_moe_layers()
+        assert all(r.weight.grad.abs().sum() > 0 for r in routers)
+
+
+def test_aux_losses_are_tracked_per_global_layer_number(megatron_world1):
+    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker
+
+    cfg = tiny_moe()
+    model = build(cfg).train()
+    clear_aux_losses_tracker()
+    b = batch()
+    model(**b).sum().backward()
+    tracker = get_moe_layer_wise_logging_tracker()
+    enc = tracker["encoder_load_balancing_loss"]["values"]
+    dec = tracker["decoder_load_balancing_loss"]["values"]
+    assert enc.shape == (4,) and dec.shape == (4,)
+    assert torch.all(enc[:2] > 0) and torch.all(enc[2:] == 0), "encoder layers are 1..2"
+    assert torch.all(dec[2:] > 0) and torch.all(dec[:2] == 0), "decoder layers are 3..4"
+    numbers = [layer.layer_number for layer in list(model.encoder.layers) + list(model.decoder.layers)]
+    assert numbers == [1, 2, 3, 4]
+    clear_aux_losses_tracker()
+
+
+def test_stage_flags_build_partial_models(megatron_world1):
+    cfg = presets.tiny()
+    platform.model_parallel_manual_seed(0)
+    encoder_stage = EncoderDecoderModel(cfg, post_process=False, add_decoder=False)
+    assert encoder_stage.decoder is None and not hasattr(encoder_stage, "output_layer")
+    b = batch()
+    hidden = encoder_stage(**b)
+    assert hidden.shape == (7, 3, cfg.hidden_size)
+    decoder_stage = EncoderDecoderModel(cfg, add_encoder=False, decoder_layers=[1], pre_process=False)
+    assert decoder_stage.encoder is None and len(decoder_stage.decoder.layers) == 1
+    assert decoder_stage.decoder.layers[0].layer_number == cfg.encoder_layers + 2
+    decoder_stage.set_input_tensor([torch.randn(5, 3, cfg.hidden_size), hidden.detach()])
+    assert decoder_stage(**b).shape == (3, 5)
+    with pytest.raises(ValueError, match="contiguous range"):
+        EncoderDecoderModel(cfg, decoder_layers=[0, 2])
+    with pytest.raises(RuntimeError, match="needs the whole model"):
+        encoder_stage.encode(b["src_tokens"], b["src_padding_mask"])
+    with pytest.raises(ValueError, match="exceeds the 64 learned positions"):
+        build(cfg)(**batch(S=70))
