@@ -12,7 +12,7 @@ DEMO_DIR ?= demo_output
 
 .PHONY: install test test-unit test-distributed test-gpu demo bench clean
 
-$(VENV)/.installed: setup.py
+$(VENV)/.installed: setup.py $(wildcard megatron_taskmoe/ops/csrc/*)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"

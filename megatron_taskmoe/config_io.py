@@ -117,7 +117,8 @@ def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
         raise
     except (TypeError, ValueError) as e:
         where = prefix.rstrip(".") or cls.__name__
-        raise ConfigError(f"{where}: {e}") from e
+        message = str(e)
+        raise ConfigError(message if message.startswith(where) else f"{where}: {message}") from e
 
 
 def to_dict(obj: Any) -> Any:

@@ -17,3 +17,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def bible_data(tmp_path_factory):
+    """Real data (Bible en<->de, en<->fr) preprocessed for trainer tests; see tests/helpers/corpus.py."""
+    from tests.helpers.corpus import build_bible_data
+
+    return build_bible_data(tmp_path_factory.mktemp("bible"))

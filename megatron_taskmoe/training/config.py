@@ -66,8 +66,9 @@ class DataSection:
     """Sampling probability of a direction is proportional to n**(1/temperature)."""
     max_tokens: int = 2048
     """Token budget of one micro-batch (padded source + target tokens)."""
-    max_sentences: int = 128
-    """Cap on sentences per micro-batch."""
+    pad_to_multiple: int = 8
+    """Batch lengths are padded to a multiple of this (independent of the parallel layout, so resuming under
+    other sizes sees the same batches)."""
     task_homogeneous: bool = False
     """Every micro-batch from one task (task-level routing then needs no permutation)."""
     valid_split: str = "valid"
@@ -76,8 +77,8 @@ class DataSection:
     def __post_init__(self):
         if self.temperature <= 0:
             raise ValueError(f"data.temperature must be > 0, got {self.temperature}")
-        if self.max_tokens < 8 or self.max_sentences < 1:
-            raise ValueError("data.max_tokens must be >= 8 and data.max_sentences >= 1")
+        if self.max_tokens < 8 or self.pad_to_multiple < 1:
+            raise ValueError("data.max_tokens must be >= 8 and data.pad_to_multiple >= 1")
 
 
 @dataclass(kw_only=True)

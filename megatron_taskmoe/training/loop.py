@@ -73,9 +73,10 @@ def _to_device(batch: dict) -> dict:
 
 
 def batching_config(cfg: RunConfig, model_cfg: ModelConfig, tensor_parallel: int) -> BatchingConfig:
-    """Token-budget batching; lengths padded to the TP size so sequence parallelism can split them."""
+    """Token-budget batching. Padding does not depend on the parallel layout (the model pads for sequence
+    parallelism itself), so a run resumed under other TP/PP/EP sizes sees the same batches."""
     return BatchingConfig(max_tokens=cfg.data.max_tokens, task_homogeneous=cfg.data.task_homogeneous,
-                          pad_to_multiple=max(1, tensor_parallel), seed=cfg.train.seed)
+                          pad_to_multiple=cfg.data.pad_to_multiple, seed=cfg.train.seed)
 
 
 def make_forward_step(model_cfg: ModelConfig):
@@ -143,16 +144,20 @@ class Trainer:
             dump_yaml(model_cfg, self.run_dir / "model.yaml")
 
     # ------------------------------------------------------------------------------------------ checkpoints
-    def _sharded_state_dict(self, is_loading: bool = False) -> dict:
+    def _optimizers(self) -> list:
+        """megatron-core chains a second optimizer for expert parameters when expert parallelism is on."""
+        return list(getattr(self.built.optimizer, "chained_optimizers", [self.built.optimizer]))
+
+    def _sharded_state_dict(self, is_loading: bool = False, with_optimizer: bool = True) -> dict:
         # Keys of the bare model (no DDP/Float16 prefixes), one entry per layer by its global number.
         model_sd = self.built.module.sharded_state_dict(metadata=MODEL_CKPT_METADATA)
-        return {
-            "model": model_sd,
-            # "fully_reshardable": optimizer state in model space, so a resume may change TP/PP/EP/DP sizes;
+        sharded = {"model": model_sd}
+        if with_optimizer:
+            # "fully_reshardable": optimizer state in model space, so a resume may change TP/PP/DP sizes;
             # the memory-efficient variant gathers it over gloo on the CPU (on GPUs too).
-            "optimizer": self.built.optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
-                                                                 metadata=OPTIMIZER_CKPT_METADATA),
-        }
+            sharded["optimizer"] = self.built.optimizer.sharded_state_dict(
+                model_sd, is_loading=is_loading, metadata=OPTIMIZER_CKPT_METADATA)
+        return sharded
 
     def save_checkpoint(self, metric: Optional[float] = None) -> Path:
         from megatron.core import dist_checkpointing
@@ -167,6 +172,7 @@ class Trainer:
             "model_config": to_dict(self.model_cfg),
             "parallel": to_dict(self.cfg.parallel),
             "consumed_samples": self.state.consumed_samples,
+            "optimizer_chains": len(self._optimizers()),
         }
         path = self.ckpt.save(self.state.step, lambda d: dist_checkpointing.save(sharded, str(d)),
                               rank_state={"rng": ckpt.capture_rng_state()}, meta=meta, metric=metric)
@@ -193,16 +199,25 @@ class Trainer:
                               f"{self.corpus.tokenizer_path})")
         from megatron.core import dist_checkpointing
 
-        # The loading template needs optimizer states to exist: materialise them (overwritten by the load).
-        for opt in getattr(self.built.optimizer, "chained_optimizers", [self.built.optimizer]):
-            if not opt.optimizer.state:
-                opt._init_optimizer_states_with_dummy_values()
-        sharded = self._sharded_state_dict(is_loading=True)
+        # Expert parameters get their own optimizer only under expert parallelism, so a resume across EP=1 and
+        # EP>1 changes the optimizer's structure: then the weights, schedule and data position are restored and the
+        # Adam moments start afresh (said in the log). Every other layout change reshards the optimizer too.
+        with_optimizer = info.meta.get("optimizer_chains", len(self._optimizers())) == len(self._optimizers())
+        if with_optimizer:
+            # The loading template needs optimizer states to exist: materialise them (overwritten by the load).
+            for opt in self._optimizers():
+                if not opt.optimizer.state:
+                    opt._init_optimizer_states_with_dummy_values()
+        elif self.rank == 0:
+            log.warning("%s was saved with expert parallelism %s, this run uses %s: optimizer moments restart",
+                        info.path, info.meta.get("parallel", {}).get("expert"), self.cfg.parallel.expert)
+        sharded = self._sharded_state_dict(is_loading=True, with_optimizer=with_optimizer)
         sharded["scheduler"] = None
         sharded["train_state"] = None
         loaded = dist_checkpointing.load(sharded, str(info.path))
         self.built.module.load_state_dict(loaded["model"], strict=True)
-        self.built.optimizer.load_state_dict(loaded["optimizer"])
+        if with_optimizer:
+            self.built.optimizer.load_state_dict(loaded["optimizer"])
         self.built.scheduler.load_state_dict(loaded["scheduler"])
         self.state = TrainState(**loaded["train_state"])
         rank_state = ckpt.load_rank_state(info.path)
@@ -232,21 +247,35 @@ class Trainer:
     def train_step(self) -> dict[str, Any]:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
+        from megatron_taskmoe.parallel import pipeline
+
         b = self.built
         b.model.zero_grad_buffer()
         b.optimizer.zero_grad()
-        forward_backward = get_forward_backward_func()
-        losses = forward_backward(
-            forward_step_func=make_forward_step(self.model_cfg), data_iterator=self.batches, model=[b.model],
-            num_microbatches=self.cfg.train.micro_batches, seq_length=1, micro_batch_size=1,
-            forward_only=False,
-        )
-        # Mean token loss of the step (sum over micro-batches and data-parallel ranks).
-        totals = torch.zeros(2)
+        if self.cfg.parallel.pipeline > 1:
+            # 1F1B over the stages; every stage reads the same micro-batches from its own iterator, with their own
+            # lengths (variable_seq_lengths).
+            losses = pipeline.forward_backward(
+                forward_step_func=make_forward_step(self.model_cfg), data_iterator=self.batches, model=b.model,
+                num_microbatches=self.cfg.train.micro_batches, forward_only=False)
+            # Each stage tracked only its own layers' MoE aux losses: same entries everywhere before logging.
+            pipeline.align_aux_loss_tracker(b.pg_collection, b.transformer_config.num_layers)
+        else:
+            forward_backward = get_forward_backward_func()
+            losses = forward_backward(
+                forward_step_func=make_forward_step(self.model_cfg), data_iterator=self.batches, model=[b.model],
+                num_microbatches=self.cfg.train.micro_batches, seq_length=1, micro_batch_size=1,
+                forward_only=False,
+            )
+        # Mean token loss of the step (sum over micro-batches and data-parallel ranks). Only the last pipeline
+        # stage has losses: summed over the pipeline group, every rank knows (and logs) the same value.
+        totals = torch.zeros(2, device=platform.device())
         for item in losses:
-            totals += item["lm loss"].detach().float().cpu()
+            totals += item["lm loss"].detach().float()
+        pipeline.sum_over_pipeline(totals, b.pg_collection)
         if dist.is_initialized():
             dist.all_reduce(totals, group=b.pg_collection.dp)
+        totals = totals.cpu()
         loss = (totals[0] / totals[1].clamp(min=1)).item()
         finite = torch.tensor([1.0 if math.isfinite(loss) else 0.0])
         if not math.isfinite(loss):
@@ -327,7 +356,37 @@ class Trainer:
         return self.state
 
     def _evaluate(self, validator, step: int) -> bool:
-        """Validate, checkpoint (with BLEU as the metric), and decide on early stopping."""
+        """Validate, checkpoint (with BLEU as the metric), and decide on early stopping.
+
+        With pipeline parallelism only the validation loss is computed (forward-only through the 1F1B schedule):
+        decoding needs the whole model on one rank, so BLEU, the best-checkpoint metric and early stopping are
+        skipped, which the log says."""
+        if self.cfg.parallel.pipeline > 1:
+            from megatron_taskmoe.parallel import pipeline
+
+            def device_batches(direction):
+                for batch in validator._batches(direction):
+                    out = _to_device(batch)
+                    out["loss_mask"] = batch["loss_mask"].to(platform.device())
+                    yield out
+
+            loss = pipeline.validation_losses(
+                self.built.model, {d: list(device_batches(d)) for d in validator.data.directions},
+                make_forward_step(self.model_cfg), self.built.pg_collection)
+            loss_avg = sum(loss.values()) / max(len(loss), 1)
+            self.metrics.write("eval", step, loss=loss, loss_avg=loss_avg)
+            if self.rank == 0:
+                log.info("step %d validation: loss %.4f (%s); BLEU skipped: parallel.pipeline=%d splits the model "
+                         "over ranks and decoding needs all of it on one (translate the checkpoint with "
+                         "tools/translate.py)", step, loss_avg, json.dumps({k: round(v, 4) for k, v in loss.items()}),
+                         self.cfg.parallel.pipeline)
+                if self.cfg.eval.early_stopping_patience:
+                    log.warning("eval.early_stopping_patience=%d is ignored: early stopping compares BLEU, which "
+                                "is skipped under pipeline parallelism", self.cfg.eval.early_stopping_patience)
+            self.state.history.append({"step": step, "loss_avg": loss_avg})
+            if self.cfg.checkpoint.save:
+                self.save_checkpoint()
+            return False
         results = validator.run()
         bleu = results["bleu_avg"]
         self.metrics.write("eval", step, **results)

@@ -126,26 +126,31 @@ class Built:
 
 def build(cfg: RunConfig, model_cfg: ModelConfig) -> Built:
     """Process groups, model, DDP wrapper, distributed optimizer and LR scheduler (collective on all ranks)."""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.enums import ModelType
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     from megatron_taskmoe.model.encdec import EncoderDecoderModel
+    from megatron_taskmoe.parallel import pipeline
 
     p: ParallelConfig = cfg.parallel
-    if p.pipeline > 1:
-        raise ConfigError("parallel.pipeline > 1 is not yet supported by pretrain_mt.py")
-    pg = platform.initialize_model_parallel(tensor=p.tensor, pipeline=p.pipeline, expert=p.expert,
-                                            expert_tensor=p.expert_tensor)
+    # With pipelining the embedding groups hold every stage with a copy of the shared embedding (parallel/pipeline.py).
+    pg = pipeline.initialize_model_parallel(p)
     platform.model_parallel_manual_seed(cfg.train.seed)
     bf16 = use_bf16(cfg)
-    tconfig = to_transformer_config(model_cfg, p)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    # Pipelining: p2p buffers in the activation dtype; variable_seq_lengths is on (to_transformer_config), so every
+    # micro-batch keeps its own source/target lengths.
+    tconfig = to_transformer_config(model_cfg, p, **({"pipeline_dtype": dtype} if p.pipeline > 1 else {}))
     tconfig.bf16 = bf16
-    tconfig.params_dtype = torch.bfloat16 if bf16 else torch.float32
+    tconfig.params_dtype = dtype
     tconfig.calculate_per_token_loss = False
-    module = EncoderDecoderModel(model_cfg, p, pg_collection=pg, transformer_config=tconfig)
-    module.model_type = ModelType.encoder_or_decoder
+    if p.pipeline > 1:
+        module = pipeline.build_stage(model_cfg, p, pg_collection=pg, transformer_config=tconfig)
+    else:
+        module = EncoderDecoderModel(model_cfg, p, pg_collection=pg, transformer_config=tconfig)
+        module.model_type = ModelType.encoder_or_decoder
     if torch.cuda.is_available():
         module.cuda(torch.cuda.current_device())
     if bf16:
@@ -159,6 +164,10 @@ def build(cfg: RunConfig, model_cfg: ModelConfig) -> Built:
         use_distributed_optimizer=cfg.optim.distributed_optimizer,
     )
     model = DistributedDataParallel(tconfig, ddp_config, module_for_ddp)
+    # megatron's schedules finish the step's gradients with these: data-parallel reduction (DDP's grad sync),
+    # sequence-parallel norm/router grads over TP, and the tied embeddings across pipeline stages.
+    tconfig.finalize_model_grads_func = finalize_model_grads
+    tconfig.no_sync_func = model.no_sync
     o = cfg.optim
     opt_config = OptimizerConfig(
         optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1,

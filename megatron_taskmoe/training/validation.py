@@ -60,7 +60,7 @@ class Validator:
         self.sp = spm.SentencePieceProcessor(model_file=str(corpus.tokenizer_path))
         self.search = SearchConfig(beam_size=cfg.eval.beam_size, length_penalty=cfg.eval.length_penalty,
                                    max_len_a=cfg.eval.max_len_a, max_len_b=cfg.eval.max_len_b)
-        self.batching = BatchingConfig(max_tokens=cfg.data.max_tokens, pad_to_multiple=max(1, cfg.parallel.tensor))
+        self.batching = BatchingConfig(max_tokens=cfg.data.max_tokens, pad_to_multiple=cfg.data.pad_to_multiple)
         self.max_sentences = cfg.eval.max_sentences
 
     def _batches(self, direction: str):

@@ -93,6 +93,27 @@ def shard_batch(batch: dict[str, torch.Tensor], rank: int, size: int) -> dict[st
     return {k: v[rank * per : (rank + 1) * per] for k, v in batch.items()}
 
 
+def split_micro_batches(shard: dict[str, torch.Tensor], count: int, *, trim: bool = False) -> list[dict]:
+    """`count` micro-batches of a data-parallel shard (consecutive rows). With `trim` each is cut to its own
+    longest source and target, so micro-batches differ in length (pipelining with variable sequence lengths)."""
+    rows = shard["src_tokens"].shape[0]
+    if rows % count:
+        raise ValueError(f"shard of {rows} rows does not split into {count} micro-batches")
+    per = rows // count
+    out = []
+    for m in range(count):
+        mb = {k: v[m * per : (m + 1) * per] for k, v in shard.items()}
+        if trim:
+            s = int((~mb["src_padding_mask"]).sum(dim=1).max())
+            t = int((~mb["tgt_padding_mask"]).sum(dim=1).max())
+            for k in ("src_tokens", "src_padding_mask"):
+                mb[k] = mb[k][:, :s]
+            for k in ("tgt_input", "labels", "tgt_padding_mask", "loss_mask"):
+                mb[k] = mb[k][:, :t]
+        out.append({k: v.contiguous() for k, v in mb.items()})
+    return out
+
+
 def mean_loss(loss_BT: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return (loss_BT * batch["loss_mask"]).sum() / batch["loss_mask"].sum()
 
@@ -144,8 +165,10 @@ def named_full_slices(model: torch.nn.Module, full: dict[str, torch.Tensor]):
 
     num_local = _local_experts(model)
     ep_rank = ps.get_expert_model_parallel_rank()
+    # A pipeline stage numbers its layers locally and holds a copy of the tied embedding as its output weight.
+    whole_model_name = getattr(model, "whole_model_name", lambda n: n)
     for name, param in model.named_parameters():
-        key = global_name(name, num_local, ep_rank)
+        key = global_name(whole_model_name(name), num_local, ep_rank)
         if key not in full:
             raise AssertionError(f"{name} (global {key}) is missing from the reference state")
         yield name, param, local_slice(name, param, full[key])
@@ -161,8 +184,9 @@ def load_full_state(model: torch.nn.Module, full: dict[str, torch.Tensor]) -> No
 @dataclass
 class Reference:
     state: dict[str, torch.Tensor]
-    losses: list[torch.Tensor]  # per data-parallel shard, [B/dp, T]
+    losses: list[torch.Tensor]  # per data-parallel shard, [B/dp, T] (micro-batches concatenated when untrimmed)
     grads: dict[str, torch.Tensor]
+    micro_losses: Optional[list[list[torch.Tensor]]] = None  # per data-parallel shard, per micro-batch [B/dp/M, T_m]
 
 
 def build_model(model_cfg, parallel_cfg=None, seed: int = 1234):
@@ -172,30 +196,40 @@ def build_model(model_cfg, parallel_cfg=None, seed: int = 1234):
     return EncoderDecoderModel(model_cfg, parallel_cfg)
 
 
-def run_reference(model_cfg, batch: dict[str, torch.Tensor], dp: int, seed: int = 1234) -> Reference:
-    """Single-process losses and gradients; the caller must have initialized world-size-1 model parallelism."""
+def run_reference(model_cfg, batch: dict[str, torch.Tensor], dp: int, seed: int = 1234, *, micro_batches: int = 1,
+                  trim: bool = False) -> Reference:
+    """Single-process losses and gradients; the caller must have initialized world-size-1 model parallelism.
+
+    Each data-parallel shard runs as `micro_batches` micro-batches (`split_micro_batches`), each contributing its
+    mean token loss / (dp x micro_batches), as megatron's schedules and data-parallel averaging do."""
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
     model = build_model(model_cfg, seed=seed)
     state = {k: v.detach().clone() for k, v in model.named_parameters()}
-    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / dp))
-    losses = []
+    scale = dp * micro_batches
+    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / scale))
+    losses, micro_losses = [], []
     for r in range(dp):
-        shard = shard_batch(batch, r, dp)
-        loss_BT = model(**shard)
-        (mean_loss(loss_BT, shard) / dp).backward()
-        losses.append(loss_BT.detach().clone())
+        shard_losses = []
+        for mb in split_micro_batches(shard_batch(batch, r, dp), micro_batches, trim=trim):
+            loss_BT = model(**mb)
+            (mean_loss(loss_BT, mb) / scale).backward()
+            shard_losses.append(loss_BT.detach().clone())
+        micro_losses.append(shard_losses)
+        if len({x.shape[1] for x in shard_losses}) == 1:
+            losses.append(torch.cat(shard_losses, dim=0))
     MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))
     grads = {k: v.grad.detach().clone() for k, v in model.named_parameters() if v.grad is not None}
-    return Reference(state=state, losses=losses, grads=grads)
+    return Reference(state=state, losses=losses, grads=grads, micro_losses=micro_losses)
 
 
-def references_in_process(model_cfgs, batch, dp: int, seed: int = 1234) -> list[Reference]:
-    """`run_reference` for each config in this process under a temporary world-size-1 gloo group."""
+def references_in_process(model_cfgs, batch, dp: int, seed: int = 1234, **micro) -> list[Reference]:
+    """`run_reference` for each config in this process under a temporary world-size-1 gloo group (`micro`:
+    `micro_batches`, `trim` as in `run_reference`)."""
     platform.init_distributed(rank=0, world_size=1)
     try:
         platform.initialize_model_parallel()
-        return [run_reference(cfg, batch, dp, seed) for cfg in model_cfgs]
+        return [run_reference(cfg, batch, dp, seed, **micro) for cfg in model_cfgs]
     finally:
         platform.destroy()
 

@@ -37,6 +37,63 @@ constexpr int64_t kRowGrain = 8;
 // Tokens per chunk of the index pass over the [T, E] routing map.
 constexpr int64_t kTokenChunk = 2048;
 
+// ---------------------------------------------------------------------------------------------------------------
+// Row kernels: the hot loops over one row of H elements, as plain functions per dtype. On x86-64 each is built
+// twice (target_clones: an x86-64-v3 (AVX2/FMA/F16C) version and the baseline) and the loader picks one per
+// machine, so bf16/fp16 conversions vectorize where the CPU allows while the extension still runs everywhere.
+// Only these bodies (and what the compiler inlines into them) get AVX2 code; anything they call out of line
+// keeps the baseline ISA.
+// ---------------------------------------------------------------------------------------------------------------
+// GCC >= 12 dispatches "arch=x86-64-v3" clones on the CPU's features (AVX2, FMA, F16C, ...), not its model.
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
+#define TASKMOE_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
+#endif
+#ifndef TASKMOE_MULTIVERSION
+#define TASKMOE_MULTIVERSION
+#endif
+
+constexpr int64_t kLanes = 8;  // fixed accumulation lanes of row_dot (vectorizable, fixed order)
+
+#define TASKMOE_ROW_KERNELS(T, ACC)                                                                         \
+  /* d = s * w */                                                                                           \
+  TASKMOE_MULTIVERSION void row_scale(T* __restrict__ d, const T* __restrict__ s, ACC w, int64_t H) {       \
+    for (int64_t h = 0; h < H; ++h) d[h] = static_cast<T>(static_cast<ACC>(s[h]) * w);                     \
+  }                                                                                                         \
+  /* acc = s * w */                                                                                         \
+  TASKMOE_MULTIVERSION void row_acc_init(ACC* __restrict__ acc, const T* __restrict__ s, ACC w, int64_t H) { \
+    for (int64_t h = 0; h < H; ++h) acc[h] = static_cast<ACC>(s[h]) * w;                                   \
+  }                                                                                                         \
+  /* acc += s * w */                                                                                        \
+  TASKMOE_MULTIVERSION void row_acc_add(ACC* __restrict__ acc, const T* __restrict__ s, ACC w, int64_t H) {  \
+    for (int64_t h = 0; h < H; ++h) acc[h] += static_cast<ACC>(s[h]) * w;                                  \
+  }                                                                                                         \
+  /* d = acc */                                                                                             \
+  TASKMOE_MULTIVERSION void row_store(T* __restrict__ d, const ACC* __restrict__ acc, int64_t H) {          \
+    for (int64_t h = 0; h < H; ++h) d[h] = static_cast<T>(acc[h]);                                         \
+  }                                                                                                         \
+  /* dot(g, x) in kLanes fixed lanes */                                                                     \
+  TASKMOE_MULTIVERSION ACC row_dot(const T* __restrict__ g, const T* __restrict__ x, int64_t H) {            \
+    ACC lane[kLanes] = {};                                                                                  \
+    const int64_t H_main = H - H % kLanes;                                                                  \
+    for (int64_t h = 0; h < H_main; h += kLanes) {                                                          \
+      for (int64_t l = 0; l < kLanes; ++l) {                                                                \
+        lane[l] += static_cast<ACC>(g[h + l]) * static_cast<ACC>(x[h + l]);                                 \
+      }                                                                                                     \
+    }                                                                                                       \
+    for (int64_t h = H_main; h < H; ++h) {                                                                  \
+      lane[h - H_main] += static_cast<ACC>(g[h]) * static_cast<ACC>(x[h]);                                  \
+    }                                                                                                       \
+    ACC dot = 0;                                                                                            \
+    for (int64_t l = 0; l < kLanes; ++l) dot += lane[l];                                                    \
+    return dot;                                                                                             \
+  }
+
+TASKMOE_ROW_KERNELS(float, float)
+TASKMOE_ROW_KERNELS(double, double)
+TASKMOE_ROW_KERNELS(c10::Half, float)
+TASKMOE_ROW_KERNELS(c10::BFloat16, float)
+#undef TASKMOE_ROW_KERNELS
+
 void check_index_vector(const Tensor& t, const char* name) {
   TORCH_CHECK(t.dim() == 1, "taskmoe: ", name, " must be 1-D, got shape ", t.sizes());
   TORCH_CHECK(t.scalar_type() == at::kLong, "taskmoe: ", name, " must be int64, got ", t.scalar_type());
@@ -209,10 +266,7 @@ Tensor gather_rows_cpu(const Tensor& src, const Tensor& indices, const std::opti
         if (w == nullptr) {
           std::memcpy(d, s, sizeof(scalar_t) * H);
         } else {
-          const opmath_t wj = static_cast<opmath_t>(w[j]);
-          for (int64_t h = 0; h < H; ++h) {
-            d[h] = static_cast<scalar_t>(static_cast<opmath_t>(s[h]) * wj);
-          }
+          row_scale(d, s, static_cast<opmath_t>(w[j]), H);
         }
       }
     });
@@ -267,23 +321,14 @@ Tensor gather_sum_cpu(const Tensor& src, const Tensor& row_ptr, const Tensor& sl
           std::memcpy(d, in + slot[begin] * H, sizeof(scalar_t) * H);
           continue;
         }
-        {
-          const scalar_t* s = in + slot[begin] * H;
-          const opmath_t ws = w == nullptr ? opmath_t(1) : static_cast<opmath_t>(w[slot[begin]]);
-          for (int64_t h = 0; h < H; ++h) {
-            acc[h] = static_cast<opmath_t>(s[h]) * ws;
-          }
-        }
+        const auto weight = [&](int64_t k) {
+          return w == nullptr ? opmath_t(1) : static_cast<opmath_t>(w[slot[k]]);
+        };
+        row_acc_init(acc.data(), in + slot[begin] * H, weight(begin), H);
         for (int64_t k = begin + 1; k < end; ++k) {
-          const scalar_t* s = in + slot[k] * H;
-          const opmath_t ws = w == nullptr ? opmath_t(1) : static_cast<opmath_t>(w[slot[k]]);
-          for (int64_t h = 0; h < H; ++h) {
-            acc[h] += static_cast<opmath_t>(s[h]) * ws;
-          }
+          row_acc_add(acc.data(), in + slot[k] * H, weight(k), H);
         }
-        for (int64_t h = 0; h < H; ++h) {
-          d[h] = static_cast<scalar_t>(acc[h]);
-        }
+        row_store(d, acc.data(), H);
       }
     });
   });
@@ -293,7 +338,7 @@ Tensor gather_sum_cpu(const Tensor& src, const Tensor& row_ptr, const Tensor& sl
 // ---------------------------------------------------------------------------------------------------------------
 // unpermute_backward (with probabilities): for each slot j, with g = grad_out[indices[j]],
 //   grad_permuted[j] = g * weights[j]        and        grad_weights[j] = dot(g, permuted[j]) (fp32),
-// one pass over the two [*, H] inputs. The dot uses 8 fixed accumulation lanes (vectorizable, and a fixed order).
+// one pass over the two [*, H] inputs.
 // ---------------------------------------------------------------------------------------------------------------
 std::tuple<Tensor, Tensor> unpermute_backward_cpu(const Tensor& grad_out, const Tensor& permuted,
                                                   const Tensor& indices, const Tensor& weights) {
@@ -323,35 +368,14 @@ std::tuple<Tensor, Tensor> unpermute_backward_cpu(const Tensor& grad_out, const 
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_NH.scalar_type(), "taskmoe_unpermute_bwd", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
-    constexpr int64_t kLanes = 8;
     const scalar_t* g = g_TH.data_ptr<scalar_t>();
     const scalar_t* x = x_NH.data_ptr<scalar_t>();
     scalar_t* gx = grad_x.data_ptr<scalar_t>();
     at::parallel_for(0, N, kRowGrain, [&](int64_t j0, int64_t j1) {
       for (int64_t j = j0; j < j1; ++j) {
         const scalar_t* gj = g + idx[j] * H;
-        const scalar_t* xj = x + j * H;
-        scalar_t* dj = gx + j * H;
-        const opmath_t wj = static_cast<opmath_t>(w[j]);
-        opmath_t lane[kLanes] = {};
-        const int64_t H_main = H - H % kLanes;
-        for (int64_t h = 0; h < H_main; h += kLanes) {
-          for (int64_t l = 0; l < kLanes; ++l) {
-            const opmath_t gv = static_cast<opmath_t>(gj[h + l]);
-            dj[h + l] = static_cast<scalar_t>(gv * wj);
-            lane[l] += gv * static_cast<opmath_t>(xj[h + l]);
-          }
-        }
-        for (int64_t h = H_main; h < H; ++h) {
-          const opmath_t gv = static_cast<opmath_t>(gj[h]);
-          dj[h] = static_cast<scalar_t>(gv * wj);
-          lane[h - H_main] += gv * static_cast<opmath_t>(xj[h]);
-        }
-        opmath_t dot = 0;
-        for (int64_t l = 0; l < kLanes; ++l) {
-          dot += lane[l];
-        }
-        gw[j] = static_cast<float>(dot);
+        row_scale(gx + j * H, gj, static_cast<opmath_t>(w[j]), H);
+        gw[j] = static_cast<float>(row_dot(gj, x + j * H, H));  // gj is still in L1
       }
     });
   });

@@ -1,0 +1,290 @@
+"""Trainer checkpoints -> a single-process model, and batched translation of raw sentences with it.
+
+`load_checkpoint(path)` takes a checkpoint directory (`RUN/checkpoints/step_XXXXXXXX`), a checkpoint root
+(`RUN/checkpoints`, its latest complete checkpoint is taken) or a run directory (`RUN`), rebuilds the model from
+the `model_config` recorded in `checkpoint.json` with TP = PP = EP = 1, and reads the model part of the megatron-core
+distributed checkpoint into it. Sharded tensors carry their global offsets, so `dist_checkpointing.load` reshards
+from whatever layout the run was saved with (expert-parallel ranks' local experts, tensor-parallel slices); the
+optimizer part is never read. The tokenizer copied beside the checkpoint must hash to the recorded sha256: the
+model's embedding rows mean nothing with another sentencepiece model.
+
+`Translator` turns raw sentences into exactly the source the trainer saw (`data/dataset.py`: `<2tgt>` + pieces +
+eos, truncated to the model's positions) with the direction's task id and language ids, decodes with
+`generation.beam_search` and detokenizes with sentencepiece. Sentences are batched in length order and returned
+in input order.
+
+Loading needs megatron's process groups; outside a distributed job a one-process group is created (gloo on CPU,
+NCCL on GPU). Inside a multi-process job, loading is refused: this is the single-process path.
+
+Legend: B batch (sentences), S source length, T target length, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from megatron_taskmoe.data.tokenizer import BOS_ID, EOS_ID, Tokenizer
+from megatron_taskmoe.generation import SearchConfig, beam_search
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_FILE = "tokenizer.model"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used as asked (missing, wrong tokenizer, unknown direction); names the path."""
+
+
+# ------------------------------------------------------------------------------------------------ loading
+@dataclass(kw_only=True)
+class LoadedModel:
+    """A model ready for inference and what it needs to read and write text."""
+
+    model: torch.nn.Module
+    """`EncoderDecoderModel` in eval mode on `device`."""
+    tokenizer: Tokenizer
+    model_config: object
+    """The `ModelConfig` the run trained."""
+    task_map: dict
+    """{"mode", "tasks": [names in id order], "direction_to_task": {"de-en": id, ...}} from the checkpoint."""
+    languages: list[str]
+    """Sorted language codes; a language's id is its index."""
+    checkpoint: Path
+    step: int
+    device: torch.device
+    meta: dict = field(default_factory=dict)
+    """The whole `checkpoint.json`."""
+
+    @property
+    def directions(self) -> list[str]:
+        return sorted(self.task_map["direction_to_task"])
+
+    def direction_info(self, src_lang: str, tgt_lang: str) -> dict[str, int]:
+        """Ids the model needs for a direction: task id, language ids and the `<2tgt>` tag's piece id."""
+        task = check_direction(self.meta or {"task_map": self.task_map}, src_lang, tgt_lang, where=self.checkpoint)
+        return {
+            "task_id": task,
+            "src_lang_id": self.languages.index(src_lang),
+            "tgt_lang_id": self.languages.index(tgt_lang),
+            "tag_id": self.tokenizer.lang_tag_id(tgt_lang),
+        }
+
+
+def check_direction(meta: dict, src_lang: str, tgt_lang: str, *, where) -> int:
+    """The task id of direction src-tgt in a checkpoint's `checkpoint.json` contents; CheckpointError if untrained."""
+    direction = f"{src_lang}-{tgt_lang}"
+    known = (meta.get("task_map") or {}).get("direction_to_task", {})
+    if direction not in known:
+        raise CheckpointError(f"{where}: direction {direction} was not trained (the checkpoint's task map has "
+                              f"{', '.join(sorted(known)) or 'no directions'})")
+    return int(known[direction])
+
+
+def find_checkpoint(path: str | Path):
+    """The `CheckpointInfo` of a checkpoint directory, a checkpoint root or a run directory; CheckpointError else."""
+    from megatron_taskmoe.training.checkpointing import resolve_checkpoint
+
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    errors = []
+    for candidate in (path, path / "checkpoints"):
+        try:
+            return resolve_checkpoint(candidate)
+        except FileNotFoundError as e:
+            errors.append(str(e))
+    raise CheckpointError(errors[0] + " (nor under checkpoints/)")
+
+
+def _single_process_groups(device: torch.device):
+    """megatron's process groups for a one-process model (created when no distributed job is running)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from megatron_taskmoe import platform
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        raise CheckpointError(
+            "load_checkpoint builds a single-process model (TP=PP=EP=1) but torch.distributed runs "
+            f"{dist.get_world_size()} processes; call it outside a multi-process job"
+        )
+    if not dist.is_initialized():
+        platform.init_distributed(rank=0, world_size=1, master_port=platform.free_port(),
+                                  backend="nccl" if device.type == "cuda" else "gloo")
+    if not parallel_state.model_parallel_is_initialized():
+        return platform.initialize_model_parallel()
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    return ProcessGroupCollection.use_mpu_process_groups()
+
+
+def _check_tokenizer(path: Path, want: Optional[str], checkpoint: Path) -> Tokenizer:
+    from megatron_taskmoe.data.bitext import DataError
+
+    if not path.is_file():
+        raise CheckpointError(f"{path}: tokenizer not found (the trainer copies {TOKENIZER_FILE} beside "
+                              f"{checkpoint}/checkpoint.json; pass tokenizer= to use another copy)")
+    try:
+        tokenizer = Tokenizer(path)
+    except DataError as e:
+        raise CheckpointError(str(e)) from None
+    got = tokenizer.sha256()
+    if want is not None and got != want:
+        raise CheckpointError(f"{path}: sha256 {got[:12]}... differs from the tokenizer the model was trained with "
+                              f"({want[:12]}..., recorded in {checkpoint}/checkpoint.json)")
+    return tokenizer
+
+
+def load_checkpoint(path: str | Path, *, device: str | torch.device | None = None,
+                    tokenizer: str | Path | None = None) -> LoadedModel:
+    """Load a trainer checkpoint into one process; see the module docstring for what `path` may be."""
+    import warnings
+
+    from megatron_taskmoe import platform
+    from megatron_taskmoe.config_io import ConfigError, from_dict
+    from megatron_taskmoe.model.config import ModelConfig, ParallelConfig, to_transformer_config
+
+    info = find_checkpoint(path)
+    meta = info.meta
+    for key in ("model_config", "task_map", "languages"):
+        if key not in meta:
+            raise CheckpointError(f"{info.path}/checkpoint.json has no {key!r}: not written by pretrain_mt.py")
+    try:
+        model_cfg = from_dict(ModelConfig, meta["model_config"], prefix="model_config.")
+    except ConfigError as e:
+        raise CheckpointError(f"{info.path}/checkpoint.json: {e}") from None
+    tok = _check_tokenizer(Path(tokenizer) if tokenizer else info.path / TOKENIZER_FILE,
+                           meta.get("tokenizer_sha256"), info.path)
+    if tok.vocab_size != model_cfg.vocab_size:
+        raise CheckpointError(f"{tok.path}: {tok.vocab_size} pieces but the model has {model_cfg.vocab_size}")
+
+    device = torch.device(device) if device is not None else platform.device()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # megatron warns about missing Apex/TE on import
+        from megatron.core import dist_checkpointing
+
+        from megatron_taskmoe.model.encdec import EncoderDecoderModel
+        from megatron_taskmoe.training.loop import MODEL_CKPT_METADATA
+
+        pg = _single_process_groups(device)
+        tconfig = to_transformer_config(model_cfg, ParallelConfig(), perform_initialization=False)
+        model = EncoderDecoderModel(model_cfg, ParallelConfig(), pg_collection=pg, transformer_config=tconfig)
+        sharded = {"model": model.sharded_state_dict(metadata=MODEL_CKPT_METADATA)}
+        try:
+            loaded = dist_checkpointing.load(sharded, str(info.path))
+        except Exception as e:  # megatron raises several types for a layout it cannot map
+            raise CheckpointError(f"{info.path}: cannot load the model from this checkpoint "
+                                  f"({type(e).__name__}: {e})") from e
+    model.load_state_dict(loaded["model"], strict=True)
+    model.to(device).eval()
+    log.info("loaded %s (step %d, saved with %s) on %s", info.path, info.step, meta.get("parallel"), device)
+    return LoadedModel(model=model, tokenizer=tok, model_config=model_cfg, task_map=meta["task_map"],
+                       languages=list(meta["languages"]), checkpoint=info.path, step=info.step, device=device,
+                       meta=meta)
+
+
+# ------------------------------------------------------------------------------------------------ translating
+@dataclass(kw_only=True)
+class TranslatorConfig:
+    """Decoding and batching options of `Translator`."""
+
+    beam_size: int = 4
+    """1 is greedy search."""
+    length_penalty: float = 1.0
+    max_len_a: float = 1.2
+    """Maximum output length is max_len_a * source length + max_len_b (capped by the model's positions)."""
+    max_len_b: int = 10
+    batch_size: int = 32
+    """Sentences per decoding batch (sentences are batched in length order)."""
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        self.search  # noqa: B018 - validates beam/length options now, not at the first batch
+
+    @property
+    def search(self) -> SearchConfig:
+        return SearchConfig(beam_size=self.beam_size, length_penalty=self.length_penalty, max_len_a=self.max_len_a,
+                            max_len_b=self.max_len_b)
+
+
+class Translator:
+    """Batched translation of raw sentences with a loaded model (see the module docstring)."""
+
+    def __init__(self, loaded: LoadedModel, config: Optional[TranslatorConfig] = None):
+        self.loaded = loaded
+        self.config = config or TranslatorConfig()
+        cfg = loaded.model_config
+        self.max_src_pieces = cfg.max_source_positions - 2  # room for <2tgt> and eos, as the trainer truncates
+        self.max_tgt_pieces = cfg.max_target_positions - 1  # room for bos / eos
+
+    def samples(self, sources: Sequence[str], src_lang: str, tgt_lang: str,
+                targets: Optional[Sequence[str]] = None) -> list[dict]:
+        """Dataset samples (`MultilingualDataset.__getitem__`'s format) of raw sentences; targets optional."""
+        ids = self.loaded.direction_info(src_lang, tgt_lang)
+        if targets is not None and len(targets) != len(sources):
+            raise ValueError(f"{len(sources)} sources but {len(targets)} targets")
+        src_pieces = self.loaded.tokenizer.encode(list(sources))
+        tgt_pieces = self.loaded.tokenizer.encode(list(targets)) if targets is not None else [[]] * len(sources)
+        truncated = sum(len(p) > self.max_src_pieces for p in src_pieces)
+        if truncated:
+            log.warning("%d source sentence(s) longer than %d pieces truncated (the model's positions)", truncated,
+                        self.max_src_pieces)
+        out = []
+        for i, (src, tgt) in enumerate(zip(src_pieces, tgt_pieces)):
+            tgt = tgt[: self.max_tgt_pieces]
+            out.append({
+                "src": [ids["tag_id"], *src[: self.max_src_pieces], EOS_ID],
+                "tgt_in": [BOS_ID, *tgt],
+                "labels": [*tgt, EOS_ID],
+                "task_id": ids["task_id"],
+                "src_lang_id": ids["src_lang_id"],
+                "tgt_lang_id": ids["tgt_lang_id"],
+                "index": i,
+            })
+        return out
+
+    def batches(self, samples: list[dict]):
+        """(positions in `samples`, batch dict) in length order, `config.batch_size` sentences each."""
+        from megatron_taskmoe.data.batching import collate
+
+        order = sorted(range(len(samples)), key=lambda i: (len(samples[i]["src"]), i))
+        for start in range(0, len(order), self.config.batch_size):
+            chunk = order[start : start + self.config.batch_size]
+            yield chunk, collate([samples[i] for i in chunk])
+
+    def max_lengths(self, src_lengths: Sequence[int]) -> list[int]:
+        """Output length limits: the search's, capped so that bos + output + eos fits the learned positions."""
+        cap = self.max_tgt_pieces
+        return [min(n, cap) for n in self.config.search.max_lengths(src_lengths)]
+
+    @torch.no_grad()
+    def translate_batch(self, batch: dict) -> list[list[int]]:
+        """Best output ids (no bos/eos) for each row of a batch dict."""
+        model, dev = self.loaded.model, self.loaded.device
+        search = self.config.search
+        state = model.encode(batch["src_tokens"].to(dev), batch["src_padding_mask"].to(dev),
+                             task_ids=batch["task_ids"].to(dev), src_lang_ids=batch["src_lang_ids"].to(dev),
+                             tgt_lang_ids=batch["tgt_lang_ids"].to(dev))
+        src_lengths = (~batch["src_padding_mask"]).sum(dim=1).tolist()
+        return beam_search(model.step_fn(state), batch_size=len(src_lengths), bos=BOS_ID, eos=EOS_ID,
+                           max_lengths=self.max_lengths(src_lengths), beam_size=search.beam_size,
+                           length_penalty=search.length_penalty, device=dev)
+
+    def translate_ids(self, sentences: Sequence[str], src_lang: str, tgt_lang: str) -> list[list[int]]:
+        samples = self.samples(sentences, src_lang, tgt_lang)
+        out: list[Optional[list[int]]] = [None] * len(samples)
+        for positions, batch in self.batches(samples):
+            for pos, ids in zip(positions, self.translate_batch(batch)):
+                out[pos] = ids
+        return out
+
+    def translate(self, sentences: Sequence[str], src_lang: str, tgt_lang: str) -> list[str]:
+        """Detokenized translations of `sentences`, in their order."""
+        sp = self.loaded.tokenizer
+        return [sp.decode(ids) for ids in self.translate_ids(sentences, src_lang, tgt_lang)]

@@ -1,0 +1,132 @@
+"""A tiny trained run for the inference/evaluation/routing tests: generated corpus -> tokenizer -> preprocessing
+(in-process) -> a few `pretrain_mt.py` steps (subprocess, so the trainer's process groups stay out of the test).
+
+The corpus is a word-for-word toy language family (en, de, fr over one small lexicon): a few dozen training steps
+are enough for the model to produce short outputs that end with eos, which is what decoding tests need.
+`tiny_run(root)` caches its result per root and per option set within the pytest process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+PYTHON = sys.executable
+
+LEXICON = {
+    "en": "the a house dog cat man woman child sees has is big small red old new and in on with".split(),
+    "de": "der ein haus hund katze mann frau kind sieht hat ist gross klein rot alt neu und in auf mit".split(),
+    "fr": "le un maison chien chat homme femme enfant voit a est grand petit rouge vieux neuf et dans sur avec".split(),
+}
+
+
+def sentences(lang: str, seed: int, count: int) -> list[str]:
+    """`count` sentences of `lang`; the same seed gives aligned translations in every language."""
+    rng = random.Random(seed)
+    words = LEXICON[lang]
+    out = []
+    for _ in range(count):
+        length = rng.randint(2, 6)
+        out.append(" ".join(words[rng.randrange(len(words))] for _ in range(length)))
+    return out
+
+
+def write_corpus(raw: Path, *, train: int = 600, valid: int = 24, test: int = 24) -> None:
+    raw.mkdir(parents=True, exist_ok=True)
+    for split, count, seed in (("train", train, 1), ("valid", valid, 2), ("test", test, 3)):
+        for other in ("de", "fr"):
+            for lang in ("en", other):
+                text = "".join(s + "\n" for s in sentences(lang, seed * 100 + len(other), count))
+                (raw / f"{split}.en-{other}.{lang}").write_text(text, encoding="utf-8")
+
+
+def run(cmd: list[str], env_extra: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env_extra or {})}
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    if result.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
+                             f"{result.stderr[-6000:]}")
+    return result
+
+
+def prepare_data(root: Path) -> tuple[Path, Path]:
+    """(raw bitext dir, preprocessed dir); made once per root."""
+    raw, binary = root / "raw", root / "bin"
+    if (binary / "manifest.json").is_file():
+        return raw, binary
+    write_corpus(raw)
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import preprocess_data
+        import train_tokenizer
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
+    assert train_tokenizer.main(["--input-dir", str(raw), "--output-prefix", str(root / "spm"), "--vocab-size", "120",
+                                 "--sentences", "3000", "--threads", "1"]) == 0
+    assert preprocess_data.main(["--input-dir", str(raw), "--tokenizer", str(root / "spm.model"), "--output-dir",
+                                 str(binary), "--workers", "1", "--no-progress"]) == 0
+    return raw, binary
+
+
+def train(root: Path, run_dir: Path, *, steps: int = 30, nproc: int = 1, overrides: tuple[str, ...] = ()) -> Path:
+    """Train `steps` steps into `run_dir` (torchrun with `nproc` gloo processes when nproc > 1)."""
+    _, binary = prepare_data(root)
+    args = ["pretrain_mt.py", "--config", "examples/configs/tiny_cpu.yaml",
+            "--set", f"data.data_dir={binary}", "--set", f"train.run_dir={run_dir}", "--set", f"train.steps={steps}",
+            "--set", "train.progress_bar=false", "--set", "optim.warmup_steps=5", "--set", "optim.lr=0.003",
+            "--set", "data.max_tokens=512", "--set", f"eval.interval={steps}", "--set", "eval.max_sentences=8",
+            "--set", f"checkpoint.interval={max(1, steps // 2)}", *[x for o in overrides for x in ("--set", o)]]
+    if nproc > 1:
+        from megatron_taskmoe.platform import free_port
+
+        cmd = [PYTHON, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
+               str(free_port()), *args]
+    else:
+        cmd = [PYTHON, *args]
+    run(cmd, timeout=600)
+    return run_dir
+
+
+_CACHE: dict[tuple, Path] = {}
+
+
+def tiny_run(root: Path, **kwargs) -> Path:
+    """The run directory of a tiny trained run under `root` (trained once per root and options)."""
+    key = (str(root), json.dumps(kwargs, sort_keys=True, default=str))
+    if key not in _CACHE:
+        _CACHE[key] = train(root, root / f"run{len(_CACHE)}", **kwargs)
+    return _CACHE[key]
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def validation_losses(model, data_dir: Path, *, max_sentences: int, model_config) -> dict[str, float]:
+    """Per-direction validation loss as the trainer's Validator computes it (the first `max_sentences` pairs of each
+    direction, mean label-smoothed token loss); the per-token loss does not depend on how sentences are batched."""
+    import torch
+
+    from megatron_taskmoe.data.batching import collate
+    from megatron_taskmoe.data.dataset import MultilingualDataset
+
+    data = MultilingualDataset(data_dir, "valid", None, max_src_len=model_config.max_source_positions - 2,
+                               max_tgt_len=model_config.max_target_positions - 1)
+    device = next(model.parameters()).device
+    out = {}
+    with torch.no_grad():
+        for d, direction in enumerate(data.directions):
+            lo = int(data.offsets_D[d])
+            n = min(int(data.sizes_D[d]), max_sentences)
+            batch = collate([data[lo + i] for i in range(n)])
+            keys = ("src_tokens", "src_padding_mask", "tgt_input", "tgt_padding_mask", "labels", "task_ids",
+                    "src_lang_ids", "tgt_lang_ids")
+            loss_BT = model(**{k: batch[k].to(device) for k in keys})
+            mask = batch["loss_mask"].to(device)
+            out[direction] = float((loss_BT.double() * mask).sum() / mask.sum())
+    return out

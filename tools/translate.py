@@ -1,0 +1,106 @@
+#!/usr/bin/env python
+"""Translate raw text with a trained checkpoint: one sentence per line in, one detokenized translation per line out.
+
+  python tools/translate.py --checkpoint RUN/checkpoints --source-lang de --target-lang en < input.de > output.en
+  python tools/translate.py --checkpoint RUN --source-lang en --target-lang fr --input test.en --beam 5
+
+--checkpoint takes a checkpoint directory (step_XXXXXXXX), a checkpoint root (its latest complete checkpoint) or a
+run directory. The model is loaded into this one process whatever parallel layout it was trained with. Output is in
+input order on stdout; messages go to stderr. Exit status 2: bad option, checkpoint or input (one line on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", required=True, type=Path, help="checkpoint directory, checkpoint root or run dir")
+    p.add_argument("--source-lang", required=True)
+    p.add_argument("--target-lang", required=True)
+    p.add_argument("--input", type=Path, default=None, help="UTF-8 text, one sentence per line (default: stdin)")
+    p.add_argument("--beam", type=int, default=4, help="beam size (1: greedy)")
+    p.add_argument("--length-penalty", type=float, default=1.0, help="hypotheses ranked by score / length**A")
+    p.add_argument("--max-len-a", type=float, default=1.2, help="max output length = A * source length + B")
+    p.add_argument("--max-len-b", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=32, help="sentences per decoding batch")
+    p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
+    p.add_argument("--tokenizer", type=Path, default=None,
+                   help="sentencepiece model (default: the copy beside the checkpoint; its sha256 is checked)")
+    p.add_argument("--verbose", action="store_true", help="log loading details to stderr")
+    return p.parse_args(argv)
+
+
+def decode_lines(data: bytes, name: str) -> list[str]:
+    """UTF-8 lines without their line ends (a final newline is optional); bad bytes are reported by line."""
+    from megatron_taskmoe.data.bitext import DataError
+
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{name}:{line}: invalid UTF-8 ({e.reason} at byte {e.start})") from None
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    lines = text.split("\n")  # not splitlines(): U+2028 and friends are text, not line breaks
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
+
+
+def read_input(path: Path | None) -> list[str]:
+    from megatron_taskmoe.data.bitext import DataError
+
+    if path is None:
+        return decode_lines(sys.stdin.buffer.read(), "<stdin>")
+    try:
+        return decode_lines(path.read_bytes(), str(path))
+    except OSError as e:
+        raise DataError(f"{path}: cannot read input: {e.strerror}") from None
+
+
+def quiet_megatron(verbose: bool) -> None:
+    import warnings
+
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not verbose:
+        warnings.filterwarnings("ignore")
+        logging.getLogger("megatron").setLevel(logging.ERROR)  # layer-spec notices on every model build
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    quiet_megatron(args.verbose)
+    from megatron_taskmoe.data.bitext import DataError
+    from megatron_taskmoe.inference import (CheckpointError, Translator, TranslatorConfig, check_direction,
+                                            find_checkpoint, load_checkpoint)
+
+    try:
+        config = TranslatorConfig(beam_size=args.beam, length_penalty=args.length_penalty, max_len_a=args.max_len_a,
+                                  max_len_b=args.max_len_b, batch_size=args.batch_size)
+    except ValueError as e:
+        print(f"translate.py: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        info = find_checkpoint(args.checkpoint)  # fail on a wrong path or direction before the slow load
+        check_direction(info.meta, args.source_lang, args.target_lang, where=info.path)
+        lines = read_input(args.input)
+        loaded = load_checkpoint(info.path, device=args.device, tokenizer=args.tokenizer)
+        outputs = Translator(loaded, config).translate(lines, args.source_lang, args.target_lang)
+    except (CheckpointError, DataError) as e:
+        print(f"translate.py: error: {e}", file=sys.stderr)
+        return 2
+    out = sys.stdout
+    for line in outputs:
+        out.write(line.replace("\n", " ") + "\n")
+    out.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
