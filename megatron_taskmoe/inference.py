@@ -36,7 +36,11 @@ log = logging.getLogger(__name__)
 TOKENIZER_FILE = "tokenizer.model"
 
 
-class CheckpointError(ValueError):
+class InferenceError(ValueError):
+    """Inference cannot run as asked; the message names the path, direction or option at fault."""
+
+
+class CheckpointError(InferenceError):
     """A checkpoint that cannot be used as asked (missing, wrong tokenizer, unknown direction); names the path."""
 
 
@@ -164,6 +168,8 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device | None = Non
         raise CheckpointError(f"{tok.path}: {tok.vocab_size} pieces but the model has {model_cfg.vocab_size}")
 
     device = torch.device(device) if device is not None else platform.device()
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InferenceError(f"device {device} requested but CUDA is not available here (use cpu)")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # megatron warns about missing Apex/TE on import
         from megatron.core import dist_checkpointing
@@ -205,7 +211,7 @@ class TranslatorConfig:
     def __post_init__(self):
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        self.search  # noqa: B018 - validates beam/length options now, not at the first batch
+        _ = self.search  # SearchConfig validates the beam and length options now, not at the first batch
 
     @property
     def search(self) -> SearchConfig:

@@ -154,7 +154,7 @@ def main(argv=None) -> int:
 
     from megatron_taskmoe.data.bitext import DataError
     from megatron_taskmoe.evaluation import ResultTable, score_corpus
-    from megatron_taskmoe.inference import CheckpointError, Translator, TranslatorConfig, find_checkpoint, \
+    from megatron_taskmoe.inference import InferenceError, Translator, TranslatorConfig, find_checkpoint, \
         load_checkpoint
 
     try:
@@ -201,7 +201,7 @@ def main(argv=None) -> int:
                                     "signature": s.signature} for d, s in scores.items()}}
             if args.routing_json or args.routing_png:
                 write_routing(args, translator, {d: pairs[d] for d in directions})
-    except (CheckpointError, DataError) as e:
+    except (InferenceError, DataError) as e:
         return fail(str(e))
     text = render(tables, details, args.format)
     if args.output:

@@ -67,7 +67,8 @@ def read_input(path: Path | None) -> list[str]:
 def quiet_megatron(verbose: bool) -> None:
     import warnings
 
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
     if not verbose:
         warnings.filterwarnings("ignore")
         logging.getLogger("megatron").setLevel(logging.ERROR)  # layer-spec notices on every model build
@@ -77,7 +78,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     quiet_megatron(args.verbose)
     from megatron_taskmoe.data.bitext import DataError
-    from megatron_taskmoe.inference import (CheckpointError, Translator, TranslatorConfig, check_direction,
+    from megatron_taskmoe.inference import (InferenceError, Translator, TranslatorConfig, check_direction,
                                             find_checkpoint, load_checkpoint)
 
     try:
@@ -92,7 +93,7 @@ def main(argv=None) -> int:
         lines = read_input(args.input)
         loaded = load_checkpoint(info.path, device=args.device, tokenizer=args.tokenizer)
         outputs = Translator(loaded, config).translate(lines, args.source_lang, args.target_lang)
-    except (CheckpointError, DataError) as e:
+    except (InferenceError, DataError) as e:
         print(f"translate.py: error: {e}", file=sys.stderr)
         return 2
     out = sys.stdout

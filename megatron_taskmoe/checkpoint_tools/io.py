@@ -152,15 +152,28 @@ def read_trainer_checkpoint(path: str | os.PathLike) -> FullCheckpoint:
 
     _quiet_megatron()
     one_process_groups()
+    from torch.distributed.checkpoint.api import CheckpointException
+
     try:
         loaded = load_checkpoint(path, device="cpu")
     except CheckpointError as e:
         raise CheckpointToolError(str(e)) from None
+    except CheckpointException as e:  # a BaseException in torch: a missing or unreadable shard file
+        raise CheckpointToolError(f"{path}: cannot load the model from this checkpoint: {_first_failure(e)}") from None
     state = {k: v.detach().clone().contiguous() for k, v in loaded.model.state_dict().items()
              if isinstance(v, torch.Tensor)}
     tokenizer = Path(loaded.tokenizer.path).read_bytes() if getattr(loaded.tokenizer, "path", None) else None
     return FullCheckpoint(state=state, meta=copy.deepcopy(loaded.meta), tokenizer=tokenizer,
                           source=str(loaded.checkpoint))
+
+
+def _first_failure(e: BaseException) -> str:
+    """The first rank's underlying error of torch's CheckpointException (e.g. the missing shard's path)."""
+    failures = getattr(e, "failures", None) or {}
+    for _, failure in sorted(failures.items()):
+        inner = failure[0] if isinstance(failure, tuple) else failure
+        return f"{type(inner).__name__}: {inner}"
+    return f"{type(e).__name__}: {e}"
 
 
 def read_single_file(path: str | os.PathLike) -> FullCheckpoint:

@@ -147,6 +147,12 @@ def set_routing_stats(model: torch.nn.Module, enabled: bool = True) -> None:
             module.init_stats(device)
 
 
+def pause_routing_stats(model: torch.nn.Module, paused: bool = True) -> None:
+    """Stop (or resume) counting without clearing what was counted, e.g. while decoding during validation."""
+    for _, module in _stat_modules(model):
+        module.collect_stats = not paused
+
+
 def reset_routing_stats(model: torch.nn.Module) -> None:
     for _, module in _stat_modules(model):
         if module.collect_stats:

@@ -23,6 +23,8 @@ from megatron_taskmoe.data.dataset import MultilingualDataset
 from megatron_taskmoe.data.tokenizer import BOS_ID, EOS_ID
 from megatron_taskmoe.evaluation import mean, score_corpus
 from megatron_taskmoe.generation import SearchConfig, beam_search
+from megatron_taskmoe.model.moe import (all_reduce_routing_stats, pause_routing_stats, routing_stats,
+                                        set_routing_stats)
 
 if TYPE_CHECKING:
     from megatron_taskmoe.training.loop import Trainer
@@ -81,11 +83,29 @@ class Validator:
             yield collate([self.data[lo + int(i)] for i in order[start:end]], self.batching)
             start = end
 
+    def _routing_summary(self, model) -> dict:
+        """Per layer: each task's share of its routed tokens per expert (or adapter), from the validation pass.
+
+        Under tensor parallelism each rank routes its sequence shard, so counts are summed over the TP group."""
+        stats = routing_stats(model)
+        all_reduce_routing_stats(stats, group=self.trainer.built.pg_collection.tp)
+        names = self.trainer.corpus.manifest["task_map"]["tasks"]
+        summary = {}
+        for module_name, entry in stats.items():
+            counts_GX = entry.get("expert_assignments", entry.get("adapter_assignments")).float().cpu()
+            share_GX = counts_GX / counts_GX.sum(dim=1, keepdim=True).clamp(min=1)
+            kind = "experts" if "expert_assignments" in entry else "adapters"
+            rows = {names[g] if g < len(names) else str(g): [round(float(x), 4) for x in share_GX[g]]
+                    for g in range(share_GX.shape[0]) if counts_GX[g].sum() > 0}
+            summary[module_name] = {"kind": kind, "share": rows}
+        return summary
+
     @torch.no_grad()
     def run(self) -> dict:
         model = self.trainer.built.module
         was_training = model.training
         model.eval()
+        set_routing_stats(model, True)
         try:
             loss, bleu, chrf = {}, {}, {}
             for direction in self.data.directions:
@@ -96,7 +116,9 @@ class Validator:
                     mask = batch["loss_mask"].to(loss_BT.device)
                     loss_sum += float((loss_BT.float() * mask).sum())
                     tokens += float(mask.sum())
+                    pause_routing_stats(model, True)  # decoding re-routes prefixes: keep it out of the statistics
                     hyps.extend(self.sp.decode(ids) for ids in translate_batch(model, batch, self.search))
+                    pause_routing_stats(model, False)
                     for labels, m in zip(batch["labels"], batch["loss_mask"]):
                         ids = [t for t in labels[m.bool()].tolist() if t not in (EOS_ID, BOS_ID)]
                         refs.append(self.sp.decode(ids))
@@ -104,6 +126,9 @@ class Validator:
                 loss[direction] = loss_sum / max(tokens, 1.0)
                 bleu[direction], chrf[direction] = score.bleu, score.chrf
             return {"loss": loss, "bleu": bleu, "chrf": chrf, "loss_avg": mean(loss.values()),
-                    "bleu_avg": mean(bleu.values()), "chrf_avg": mean(chrf.values())}
+                    "bleu_avg": mean(bleu.values()), "chrf_avg": mean(chrf.values()),
+                    "routing": self._routing_summary(model)}
         finally:
+            set_routing_stats(model, False)
             model.train(was_training)
+

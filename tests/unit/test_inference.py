@@ -19,8 +19,7 @@ import tiny_run
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    run_dir = tiny_run.tiny_run(root)
+    root, run_dir = tiny_run.shared_run(tmp_path_factory)
     yield root, run_dir
     if torch.distributed.is_initialized():  # load_checkpoint made a one-process group; leave none behind
         platform.destroy()

@@ -55,3 +55,15 @@ def test_boundary_shapes():
     assert P.stage_tensor_shapes(layout, src_len=9, tgt_len=5, micro_batch_size=3, hidden_size=32,
                                  tensor_parallel=2, sequence_parallel=True) == ([(3 + 5, 3, 32)], [(3 + 5, 3, 32)])
     assert P.local_length(9, 2, False) == 9 and P.local_length(9, 2, True) == 5 and P.local_length(8, 4, True) == 2
+
+
+def test_static_shapes_refuse_a_micro_batch_of_another_length():
+    import torch
+
+    def batch(s, t):
+        return {"src_tokens": torch.zeros(2, s, dtype=torch.long), "tgt_input": torch.zeros(2, t, dtype=torch.long)}
+
+    checked = P._FixedShapeBatches(iter([batch(6, 4), batch(7, 4)]), micro_batch_size=2, src_len=6, tgt_len=4)
+    assert next(checked)["src_tokens"].shape == (2, 6)
+    with pytest.raises(ValueError, match=r"\(B, S, T\) = \(2, 7, 4\) differs from the static shapes \(2, 6, 4\)"):
+        next(checked)

@@ -21,8 +21,7 @@ DIRECTIONS = ("de-en", "en-de", "en-fr", "fr-en")
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    run_dir = tiny_run.tiny_run(root)
+    root, run_dir = tiny_run.shared_run(tmp_path_factory)
     loaded = load_checkpoint(run_dir, device="cpu")
     yield root, run_dir, loaded
     if torch.distributed.is_initialized():
@@ -100,7 +99,8 @@ def test_counters_are_reset_and_switched_off(setup, stats):
     with pytest.raises(ValueError, match="no batches"):
         collect_routing_stats(loaded.model, [], task_names=loaded.task_map["tasks"])
     with pytest.raises(ValueError, match="counts 4 tasks but 3 task names"):
-        collect_routing_stats(loaded.model, bitext_batches(translator, corpus_pairs(root, 2)), task_names=["a", "b", "c"])
+        collect_routing_stats(loaded.model, bitext_batches(translator, corpus_pairs(root, 2)),
+                              task_names=["a", "b", "c"])
 
 
 def test_json_round_trip(stats):

@@ -30,8 +30,7 @@ def tool(script, *args, stdin=None):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    run_dir = tiny_run.tiny_run(root)
+    root, run_dir = tiny_run.shared_run(tmp_path_factory)
     yield root, run_dir
     if torch.distributed.is_initialized():
         platform.destroy()
@@ -82,6 +81,8 @@ def in_process(main, argv, capsys):
     (["--source-lang", "en", "--target-lang", "de", "--batch-size", "0"], "batch_size must be >= 1"),
     (["--source-lang", "en", "--target-lang", "de", "--input", "/nonexistent/in.txt"],
      "/nonexistent/in.txt: cannot read input"),
+    pytest.param(["--source-lang", "en", "--target-lang", "de", "--device", "cuda", "--input", "/dev/null"],
+                 "CUDA is not available", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has CUDA")),
 ])
 def test_translate_errors(run, capsys, args, message):
     code, out, err = in_process(translate.main, ["--checkpoint", run[1], *args], capsys)
@@ -142,12 +143,12 @@ def test_evaluate_csv_markdown_and_direction_choice(run, tmp_path, capsys):
               "--directions", "en-de", "de-en", "--device", "cpu"]
     assert evaluate.main([*common, "--format", "csv", "--metric", "bleu"]) == 0
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
-    assert [r["metric"] for r in rows] == ["bleu"] and rows[0]["system"] == "run0@30"
+    assert [r["metric"] for r in rows] == ["bleu"] and rows[0]["system"] == "run@30"
     assert list(rows[0]) == ["metric", "system", "de-en", "en-de", "avg xx-en", "avg en-xx", "avg"]
     assert evaluate.main([*common, "--format", "markdown"]) == 0
     text = capsys.readouterr().out
     assert "### BLEU" in text and "### chrF" in text
-    assert "| system | de-en | en-de | avg xx-en | avg en-xx | avg |" in text and "| run0@30 |" in text
+    assert "| system | de-en | en-de | avg xx-en | avg en-xx | avg |" in text and "| run@30 |" in text
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -3,7 +3,8 @@
 
 The corpus is a word-for-word toy language family (en, de, fr over one small lexicon): a few dozen training steps
 are enough for the model to produce short outputs that end with eos, which is what decoding tests need.
-`tiny_run(root)` caches its result per root and per option set within the pytest process.
+`tiny_run(root)` caches its result per root and per option set within the pytest process; `shared_run` gives all
+test modules of a session the same run.
 """
 
 from __future__ import annotations
@@ -99,8 +100,17 @@ def tiny_run(root: Path, **kwargs) -> Path:
     """The run directory of a tiny trained run under `root` (trained once per root and options)."""
     key = (str(root), json.dumps(kwargs, sort_keys=True, default=str))
     if key not in _CACHE:
-        _CACHE[key] = train(root, root / f"run{len(_CACHE)}", **kwargs)
+        index = sum(k[0] == str(root) for k in _CACHE)
+        _CACHE[key] = train(root, root / ("run" if index == 0 else f"run{index}"), **kwargs)
     return _CACHE[key]
+
+
+def shared_run(tmp_path_factory, **kwargs) -> tuple[Path, Path]:
+    """(root, run directory) of a tiny run shared by every test module of the pytest session (nothing writes
+    into it; tests that alter a checkpoint copy it first)."""
+    root = tmp_path_factory.getbasetemp() / "tiny_run_shared"
+    root.mkdir(exist_ok=True)
+    return root, tiny_run(root, **kwargs)
 
 
 def metrics(run_dir: Path) -> list[dict]:
