@@ -39,8 +39,10 @@ class SearchConfig:
         if self.max_len_a < 0 or self.max_len_b < 1:
             raise ValueError("max_len_a must be >= 0 and max_len_b >= 1")
 
-    def max_lengths(self, src_lengths: Sequence[int]) -> list[int]:
-        return [int(self.max_len_a * n + self.max_len_b) for n in src_lengths]
+    def max_lengths(self, src_lengths: Sequence[int], limit: int | None = None) -> list[int]:
+        """max_len_a * n + max_len_b per source, capped at `limit` (the model's target positions minus bos)."""
+        lengths = [int(self.max_len_a * n + self.max_len_b) for n in src_lengths]
+        return lengths if limit is None else [min(n, limit) for n in lengths]
 
 
 @torch.no_grad()
@@ -80,13 +82,14 @@ def beam_search(step_fn: StepFn, *, batch_size: int, bos: int, eos: int, max_len
         new_scores = torch.full((B, K), float("-inf"), device=device)
         for i, b in enumerate(live):
             kept = 0
-            for score, flat in zip(top_scores[i], top_idx[i]):
+            for rank, (score, flat) in enumerate(zip(top_scores[i], top_idx[i])):
                 if score == float("-inf"):
                     break
                 k, tok = divmod(flat, V)
                 src_row = b * K + k
                 if tok == eos:
-                    if len(finished[b]) < K:
+                    # As fairseq: only an eos among the K best candidates ends a hypothesis (beam 1 is greedy).
+                    if rank < K and len(finished[b]) < K:
                         hyp = prefix_NT[src_row, 1:].tolist()
                         finished[b].append((score / (len(hyp) + 1) ** length_penalty, hyp))
                     continue

@@ -266,8 +266,7 @@ class Translator:
 
     def max_lengths(self, src_lengths: Sequence[int]) -> list[int]:
         """Output length limits: the search's, capped so that bos + output + eos fits the learned positions."""
-        cap = self.max_tgt_pieces
-        return [min(n, cap) for n in self.config.search.max_lengths(src_lengths)]
+        return self.config.search.max_lengths(src_lengths, self.max_tgt_pieces)
 
     @torch.no_grad()
     def translate_batch(self, batch: dict) -> list[list[int]]:

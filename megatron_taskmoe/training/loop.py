@@ -97,6 +97,18 @@ def make_forward_step(model_cfg: ModelConfig):
     return forward_step
 
 
+def _dict_diff(a: dict, b: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, a's value, b's value) for every leaf where two nested dicts differ."""
+    out = []
+    for key in sorted(set(a) | set(b)):
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out.extend(_dict_diff(x, y, f"{prefix}{key}."))
+        elif x != y:
+            out.append((f"{prefix}{key}", x, y))
+    return out
+
+
 class _DeviceBatches:
     """Wraps the rank's batch iterator: moves each batch to the device and records the consumed-samples counter."""
 
@@ -194,6 +206,11 @@ class Trainer:
             except FileNotFoundError as e:
                 raise ConfigError(f"checkpoint.load: {e}") from e
         check_task_map(info.meta.get("task_map"), self.corpus)
+        saved_model = info.meta.get("model_config")
+        if saved_model is not None and saved_model != to_dict(self.model_cfg):
+            diffs = _dict_diff(saved_model, to_dict(self.model_cfg))
+            raise ConfigError(f"{info.path} holds a different model than the config builds: "
+                              + "; ".join(f"model.overrides.{k}: checkpoint {a!r}, config {b!r}" for k, a, b in diffs))
         if info.meta.get("tokenizer_sha256") not in (None, self.corpus.tokenizer_sha256):
             raise ConfigError(f"{info.path}: trained with another tokenizer (sha256 differs from "
                               f"{self.corpus.tokenizer_path})")

@@ -41,7 +41,8 @@ def translate_batch(model, batch: dict, search: SearchConfig) -> list[list[int]]
                          task_ids=batch["task_ids"].to(dev), src_lang_ids=batch["src_lang_ids"].to(dev),
                          tgt_lang_ids=batch["tgt_lang_ids"].to(dev))
     return beam_search(model.step_fn(state), batch_size=len(src_lengths), bos=BOS_ID, eos=EOS_ID,
-                       max_lengths=search.max_lengths(src_lengths), beam_size=search.beam_size,
+                       max_lengths=search.max_lengths(src_lengths, model.model_config.max_target_positions - 1),
+                       beam_size=search.beam_size,
                        length_penalty=search.length_penalty, device=dev)
 
 

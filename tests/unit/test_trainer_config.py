@@ -67,3 +67,11 @@ def test_task_map_disagreeing_with_checkpoint(tmp_path, bible_data):
     r2, _ = _pretrain(tmp_path, other, "train.steps=4", "eval.interval=0")
     assert r2.returncode == 2, r2.stderr[-3000:]
     assert "task map" in r2.stderr and "disagrees" in r2.stderr
+
+
+def test_model_that_disagrees_with_checkpoint(tmp_path, bible_data):
+    r, run_dir = _pretrain(tmp_path, bible_data, "train.steps=2", "checkpoint.interval=2", "eval.interval=0")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r2, _ = _pretrain(tmp_path, bible_data, "train.steps=4", "eval.interval=0", "model.overrides.ffn_hidden_size=64")
+    assert r2.returncode == 2, r2.stderr[-3000:]
+    assert "holds a different model" in r2.stderr and "model.overrides.ffn_hidden_size: checkpoint 128" in r2.stderr
