@@ -36,25 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def decode_lines(data: bytes, name: str) -> list[str]:
-    """UTF-8 lines without their line ends (a final newline is optional); bad bytes are reported by line."""
-    from megatron_taskmoe.data.bitext import DataError
-
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        raise DataError(f"{name}:{line}: invalid UTF-8 ({e.reason} at byte {e.start})") from None
-    if text.startswith("\ufeff"):
-        text = text[1:]
-    lines = text.split("\n")  # not splitlines(): U+2028 and friends are text, not line breaks
-    if lines and lines[-1] == "":
-        lines.pop()
-    return [line[:-1] if line.endswith("\r") else line for line in lines]
-
-
 def read_input(path: Path | None) -> list[str]:
-    from megatron_taskmoe.data.bitext import DataError
+    from megatron_taskmoe.data.bitext import DataError, decode_lines
 
     if path is None:
         return decode_lines(sys.stdin.buffer.read(), "<stdin>")

@@ -103,11 +103,16 @@ def _read_lines(path: Path) -> list[str]:
         data = path.read_bytes()
     except OSError as e:
         raise DataError(f"{path}: cannot read: {e.strerror}") from None
+    return decode_lines(data, str(path))
+
+
+def decode_lines(data: bytes, name: str) -> list[str]:
+    """UTF-8 lines without their line ends (a final newline is optional); bad bytes are reported as `name:line`."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
-        raise DataError(f"{path}:{line}: invalid UTF-8 ({e.reason} at byte {e.start})") from None
+        raise DataError(f"{name}:{line}: invalid UTF-8 ({e.reason} at byte {e.start})") from None
     if text.startswith("\ufeff"):
         text = text[1:]
     lines = text.split("\n")  # not splitlines(): U+2028 and friends are text, not line breaks
