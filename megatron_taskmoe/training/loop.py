@@ -97,6 +97,17 @@ def make_forward_step(model_cfg: ModelConfig):
     return forward_step
 
 
+def _without_dp0_state(common: dict) -> dict:
+    """The memory-efficient fully-reshardable optimizer format keeps `param_state` on data-parallel rank 0 only;
+    leave it out of megatron's cross-rank consistency check of the common state (it is expected to differ)."""
+    def strip(node):
+        if isinstance(node, dict):
+            return {k: strip(v) for k, v in node.items() if k != "param_state"}
+        return node
+
+    return {k: (strip(v) if k == "optimizer" else v) for k, v in common.items()}
+
+
 def _dict_diff(a: dict, b: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
     """(dotted key, a's value, b's value) for every leaf where two nested dicts differ."""
     out = []
@@ -186,7 +197,9 @@ class Trainer:
             "consumed_samples": self.state.consumed_samples,
             "optimizer_chains": len(self._optimizers()),
         }
-        path = self.ckpt.save(self.state.step, lambda d: dist_checkpointing.save(sharded, str(d)),
+        path = self.ckpt.save(self.state.step,
+                              lambda d: dist_checkpointing.save(
+                                  sharded, str(d), preprocess_common_before_consistancy_check=_without_dp0_state),
                               rank_state={"rng": ckpt.capture_rng_state()}, meta=meta, metric=metric)
         if self.rank == 0:  # the tokenizer travels with the checkpoint, so translate.py needs nothing else
             shutil.copyfile(self.corpus.tokenizer_path, path / "tokenizer.model")
