@@ -128,15 +128,11 @@ class _NoStream:
         return 0
 
 
-class _CpuCudaRandom(types.SimpleNamespace):
-    pass
-
-
 class _CpuCuda:
     """Stands in for `torch.cuda` inside proxied megatron modules: the CPU is the current device."""
 
     def __init__(self) -> None:
-        self.random = _CpuCudaRandom(
+        self.random = types.SimpleNamespace(  # stands in for torch.cuda.random
             get_rng_state=lambda device=None: torch.get_rng_state(),
             set_rng_state=lambda state, device=None: torch.set_rng_state(state),
         )
