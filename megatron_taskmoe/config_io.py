@@ -11,6 +11,7 @@ rebuilt from the merged mapping.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import tempfile
@@ -76,10 +77,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return {_coerce(k, kt, key): _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads `1e-3` (no dot) as a string
-            try:
+            with contextlib.suppress(ValueError):
                 return float(value)
-            except ValueError:
-                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)

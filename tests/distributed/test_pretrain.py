@@ -2,6 +2,7 @@
 under other parallel sizes, crash-safe checkpoints, SIGTERM, NaN handling. Runs the script itself, under torchrun
 with gloo where the test needs several processes."""
 
+import contextlib
 import json
 import os
 import signal
@@ -118,10 +119,8 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path, bible_data):
         try:
             returncode = proc.wait(timeout=300)
         finally:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
     assert returncode == 17, (tmp_path / "crash.log").read_text()[-3000:]
     ckpts = run / "checkpoints"
     assert (ckpts / "step_00000002" / "checkpoint.json").is_file()
