@@ -11,6 +11,8 @@ tests). Systems take a size (default `paper_base()`) and set the MoE part:
   moe_task_shared_dynamic  task-aware MoE gate sharing its task embeddings with the adapters' gate
   token_enc_task_dec       Kudugunta et al. 2021: token routing in the encoder, routing by target language in
                            the decoder
+  dense_task_static        Pham et al.'s Table 3 "Dense + Task": no experts (one FFN where the MoE layers were,
+  dense_task_dynamic       i.e. a single expert, no load-balancing loss) with static or dynamic task adapters
 
 `get(name, size="paper_base", **overrides)` builds any of them by name; `PRESETS` lists the names.
 """
@@ -149,6 +151,19 @@ def token_enc_task_dec(base: Optional[ModelConfig] = None) -> ModelConfig:
     )
 
 
+def _without_experts(cfg: ModelConfig) -> ModelConfig:
+    """One expert, top-1, no load-balancing loss: the MoE layers become plain FFNs that keep their adapters."""
+    return replace(cfg, moe=replace(cfg.moe, num_experts=1, topk=1, aux_loss_coeff=0.0, z_loss_coeff=0.0))
+
+
+def dense_task_static(base: Optional[ModelConfig] = None) -> ModelConfig:
+    return _without_experts(moe_task_static(base))
+
+
+def dense_task_dynamic(base: Optional[ModelConfig] = None) -> ModelConfig:
+    return _without_experts(moe_task_dynamic(base))
+
+
 SYSTEMS: dict[str, Callable[[Optional[ModelConfig]], ModelConfig]] = {
     "dense": dense,
     "moe_token": moe_token,
@@ -157,6 +172,8 @@ SYSTEMS: dict[str, Callable[[Optional[ModelConfig]], ModelConfig]] = {
     "moe_task_dynamic": moe_task_dynamic,
     "moe_task_shared_dynamic": moe_task_shared_dynamic,
     "token_enc_task_dec": token_enc_task_dec,
+    "dense_task_static": dense_task_static,
+    "dense_task_dynamic": dense_task_dynamic,
 }
 
 PRESETS = tuple(SIZES) + tuple(SYSTEMS)

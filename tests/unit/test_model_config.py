@@ -98,6 +98,10 @@ def test_presets_set_the_papers_systems():
     kudugunta = systems["token_enc_task_dec"].moe
     assert kudugunta.encoder.mode == "token"
     assert (kudugunta.decoder.mode, kudugunta.decoder.task_source) == ("task", "target_language")
+    for name in ("dense_task_static", "dense_task_dynamic"):
+        moe = systems[name].moe
+        assert (moe.num_experts, moe.topk, moe.aux_loss_coeff) == (1, 1, 0.0), name
+        assert moe.adapters.mode == name.rsplit("_", 1)[1] and moe.encoder.mode == "token", name
     for name, cfg in systems.items():
         assert cfg.hidden_size == 1024, name
     assert presets.get("moe_token", "tiny").hidden_size == 32
