@@ -195,7 +195,7 @@ def run_config(run: Run, scale: Scale, out: Path) -> dict:
     }
 
 
-def execute(run: Run, scale: Scale, out: Path, python: str, threads: int) -> dict:
+def execute(run: Run, scale: Scale, out: Path, python: str, threads: int, device: str) -> dict:
     """Train and score one run (skipped when its scores exist); returns its record."""
     d = out / "runs" / run.name
     record_path = d / "record.json"
@@ -204,13 +204,15 @@ def execute(run: Run, scale: Scale, out: Path, python: str, threads: int) -> dic
     d.mkdir(parents=True, exist_ok=True)
     cfg = run_config(run, scale, out)
     (d / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    if device == "cpu":
+        env["OMP_NUM_THREADS"] = str(threads)
     shutil.rmtree(d / "run", ignore_errors=True)  # a half-finished earlier attempt restarts from scratch
     train_s = sh([python, "pretrain_mt.py", "--config", str(d / "config.yaml")], d / "train.log", env)
     cmd = [python, "tools/evaluate.py", "--checkpoint", str(d / "run"), "--system", run.label, "--data",
            str(out / "bible"), "--split", "test", "--max-sentences", str(scale.test_sentences), "--beam",
            str(scale.beam), "--format", "json", "--metric", "both", "--output", str(d / "scores.json"),
-           "--device", "cpu" if threads else "cuda"]
+           "--device", device]
     if run.directions:
         cmd += ["--directions", *run.directions]
     if run.system != "dense":
@@ -366,14 +368,20 @@ def parse_args(argv=None):
     p.add_argument("--ablation-steps", type=int, default=None, help="override the scale's Table 3 steps")
     p.add_argument("--test-sentences", type=int, default=None, help="override test pairs per direction")
     p.add_argument("--jobs", type=int, default=None, help="runs at a time (default: 2 on CPU, 1 on GPU)")
-    p.add_argument("--threads", type=int, default=1, help="intra-op threads per CPU run; 0: run on the GPU")
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads per run on CPU")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                   help="default: cuda when torch sees a GPU (training then uses it too), else cpu")
     args = p.parse_args(argv)
     known = {s for _, s in TABLE2}
     bad = [s for s in args.systems + args.main_systems if s not in known]
     if bad:
         p.error(f"--systems/--main-systems: unknown {bad}; choose from {sorted(known)}")
-    if args.seeds < 1:
-        p.error("--seeds must be >= 1")
+    if args.seeds < 1 or args.threads < 1 or (args.jobs is not None and args.jobs < 1):
+        p.error("--seeds, --threads and --jobs must be >= 1")
+    if args.device is None:
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     return args
 
 
@@ -383,7 +391,7 @@ def main(argv=None) -> int:
     for attr in ("steps", "ablation_steps", "test_sentences"):
         if getattr(args, attr) is not None:
             setattr(scale, attr, getattr(args, attr))
-    jobs = args.jobs or (2 if args.threads else 1)
+    jobs = args.jobs or (2 if args.device == "cpu" else 1)
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     python = sys.executable
@@ -393,7 +401,7 @@ def main(argv=None) -> int:
     runs = plan(args)
     print(f"== {len(runs)} runs, {jobs} at a time, scale {args.scale}: {asdict(scale)}", flush=True)
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        records = list(pool.map(lambda r: execute(r, scale, out, python, args.threads), runs))
+        records = list(pool.map(lambda r: execute(r, scale, out, python, args.threads, args.device), runs))
     t2 = [r for r in records if r["table"] == "table2"]
     t3 = [r for r in records if r["table"] == "table3"]
     doc = {"scale": args.scale, "scale_settings": asdict(scale), "data": data_info, "families": FAMILIES,
