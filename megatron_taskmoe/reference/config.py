@@ -1,0 +1,199 @@
+"""The exported model's `config.json`: architecture, routing, task map, languages and special ids, as plain data.
+
+An export directory (`checkpoint_tools/export.py`) holds `model.safetensors`, `config.json` and `tokenizer.model`.
+This module reads and validates `config.json` without anything from megatron-core or the trainer: the reference
+model must load where neither is installed. Everything the trainer derives from its own config (which layers are
+MoE, how many dynamic adapters, whether top-2 weights are renormalized) is resolved at export time and written
+explicitly, so the reader needs no preset logic.
+
+Legend: E experts, G task-table rows, C task embedding dim, A adapters.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+FORMAT = "megatron-taskmoe/reference"
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_FILE = "tokenizer.model"
+
+ROUTING_MODES = ("token", "sentence", "task", "task_token")
+TASK_SOURCES = ("task", "target_language")
+ADAPTER_MODES = ("none", "static", "dynamic", "shared_dynamic")
+
+
+class ExportFormatError(ValueError):
+    """An export directory that cannot be read; the message names the file and the field."""
+
+
+@dataclass(kw_only=True)
+class RoutingSpec:
+    """One side's MoE layers: which layers, how many experts, how the router computes its logits."""
+
+    mode: str = "token"
+    task_source: str = "task"
+    """Which id indexes the task table ("task" or "target_language") in the task / task_token modes."""
+    task_embed_dim: int = 0
+    moe_layers: list[int] = field(default_factory=list)
+    """0-based indexes of this side's layers whose FFN is an MoE layer."""
+    num_experts: int = 0
+
+
+@dataclass(kw_only=True)
+class AdapterSpec:
+    mode: str = "none"
+    task_source: str = "task"
+    task_embed_dim: int = 0
+    hidden_size: int = 0
+    num_adapters: int = 0
+    """A: one per task row (static) or the resolved number of shared adapters (dynamic modes)."""
+    topk: int = 1
+
+
+@dataclass(kw_only=True)
+class MoESpec:
+    topk: int
+    renormalize: bool
+    """Top-k weights = softmax over the k selected logits (GShard top-2) instead of the raw softmax probabilities."""
+    capacity_factor: Optional[float]
+    """None: dropless. Else an expert keeps ceil(tokens * topk / E * factor) tokens of a batch (also at inference)."""
+    drop_policy: str
+    pad_to_capacity: bool
+    router_fp32: bool
+    expert_ffn_hidden_size: int
+    num_tasks: int
+    num_languages: int
+    encoder: RoutingSpec
+    decoder: RoutingSpec
+    adapters: AdapterSpec
+
+    def side(self, side: str) -> RoutingSpec:
+        return self.encoder if side == "encoder" else self.decoder
+
+    def num_task_rows(self, task_source: str) -> int:
+        return self.num_tasks if task_source == "task" else self.num_languages
+
+
+@dataclass(kw_only=True)
+class ArchConfig:
+    """The encoder-decoder Transformer (pre-norm, shared source/target/output embeddings, learned positions)."""
+
+    vocab_size: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_attention_heads: int
+    encoder_layers: int
+    decoder_layers: int
+    max_source_positions: int
+    max_target_positions: int
+    activation: str
+    normalization: str
+    layernorm_epsilon: float
+    bias: bool
+    moe: Optional[MoESpec] = None
+
+    @property
+    def max_positions(self) -> int:
+        return max(self.max_source_positions, self.max_target_positions)
+
+    def moe_layers(self, side: str) -> list[int]:
+        return [] if self.moe is None else list(self.moe.side(side).moe_layers)
+
+
+@dataclass(kw_only=True)
+class ExportConfig:
+    """The whole `config.json`."""
+
+    model: ArchConfig
+    task_map: dict
+    """{"mode", "tasks": [names in id order], "direction_to_task": {"de-en": id, ...}}."""
+    languages: list[str]
+    """Sorted language codes; a language's id is its index."""
+    language_tags: dict[str, int]
+    """Piece id of each language's `<2xx>` tag, prepended to the source."""
+    special_ids: dict[str, int]
+    """pad, unk, bos, eos."""
+    dtype: str
+    tokenizer_sha256: str
+    source: dict = field(default_factory=dict)
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    def direction(self, src_lang: str, tgt_lang: str) -> dict[str, int]:
+        """Ids of a trained direction (task id, language ids, target tag); ValueError naming the known ones."""
+        name = f"{src_lang}-{tgt_lang}"
+        known = self.task_map.get("direction_to_task", {})
+        if name not in known:
+            raise ValueError(f"direction {name} was not trained (the export has {', '.join(sorted(known)) or 'none'})")
+        return {"task_id": int(known[name]), "src_lang_id": self.languages.index(src_lang),
+                "tgt_lang_id": self.languages.index(tgt_lang), "tag_id": int(self.language_tags[tgt_lang])}
+
+
+def _build(cls, data, where: str):
+    if not isinstance(data, dict):
+        raise ExportFormatError(f"{where}: expected an object, got {type(data).__name__}")
+    names = set(cls.__dataclass_fields__)
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ExportFormatError(f"{where}: unknown field(s) {unknown}")
+    try:
+        return cls(**data)
+    except TypeError as e:
+        raise ExportFormatError(f"{where}: {e}") from None
+
+
+def _check(cond: bool, where: str, message: str) -> None:
+    if not cond:
+        raise ExportFormatError(f"{where}: {message}")
+
+
+def parse_config(data: dict, where: str = CONFIG_FILE) -> ExportConfig:
+    """`config.json`'s contents -> ExportConfig, with every field the reference model relies on checked."""
+    _check(isinstance(data, dict), where, "not a JSON object")
+    _check(data.get("format") == FORMAT, where, f"format {data.get('format')!r}, expected {FORMAT!r}")
+    _check(data.get("format_version") == FORMAT_VERSION, where,
+           f"format_version {data.get('format_version')!r}, this reader knows {FORMAT_VERSION}")
+    model = dict(data.get("model") or {})
+    moe = model.pop("moe", None)
+    if moe is not None:
+        moe = dict(moe)
+        for side in ("encoder", "decoder"):
+            moe[side] = _build(RoutingSpec, moe.get(side), f"{where}: model.moe.{side}")
+            spec = moe[side]
+            _check(spec.mode in ROUTING_MODES, where, f"model.moe.{side}.mode={spec.mode!r} not in {ROUTING_MODES}")
+            _check(spec.task_source in TASK_SOURCES, where, f"model.moe.{side}.task_source={spec.task_source!r}")
+            _check(not spec.moe_layers or spec.num_experts >= 1, where, f"model.moe.{side}.num_experts must be >= 1")
+        moe["adapters"] = _build(AdapterSpec, moe.get("adapters"), f"{where}: model.moe.adapters")
+        _check(moe["adapters"].mode in ADAPTER_MODES, where, f"model.moe.adapters.mode={moe['adapters'].mode!r}")
+        moe = _build(MoESpec, moe, f"{where}: model.moe")
+        _check(moe.topk in (1, 2), where, f"model.moe.topk={moe.topk} must be 1 or 2")
+        _check(moe.drop_policy in ("probs", "position"), where, f"model.moe.drop_policy={moe.drop_policy!r}")
+    arch = _build(ArchConfig, {**model, "moe": moe}, f"{where}: model")
+    _check(arch.activation in ("relu", "gelu", "swiglu"), where, f"model.activation={arch.activation!r}")
+    _check(arch.normalization in ("LayerNorm", "RMSNorm"), where, f"model.normalization={arch.normalization!r}")
+    _check(arch.hidden_size % arch.num_attention_heads == 0, where, "hidden_size not divisible by the heads")
+    rest = {k: v for k, v in data.items() if k != "model"}
+    cfg = _build(ExportConfig, {**rest, "model": arch}, where)
+    _check(set(cfg.special_ids) >= {"pad", "unk", "bos", "eos"}, where, "special_ids needs pad, unk, bos, eos")
+    _check(set(cfg.language_tags) >= set(cfg.languages), where, "language_tags lacks a language")
+    return cfg
+
+
+def read_config(directory: str | Path) -> ExportConfig:
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise ExportFormatError(f"{path}: no such file (an export directory holds {CONFIG_FILE}, {WEIGHTS_FILE} "
+                                f"and {TOKENIZER_FILE})")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ExportFormatError(f"{path}: not readable JSON ({e})") from None
+    return parse_config(data, str(path))

@@ -1,0 +1,351 @@
+"""A pure-PyTorch encoder-decoder that computes what the trained megatron-core model computes, at inference.
+
+Why it exists: an exported model (`checkpoint_tools/export.py`) must run where megatron-core, process groups and
+the trainer are absent, and a second, plain implementation documents the architecture in one file. It imports
+torch, safetensors and two pure modules of this package (`model/routing.py`'s top-k and capacity maths, so token
+dropping cannot drift from the trainer's; nothing here imports megatron, and a test checks it).
+
+What it reproduces of `model/encdec.py` (eval mode, no dropout):
+  * embeddings: word embedding + learned absolute position (positions 0..n-1 on each side, no scaling), one table
+    for source and target, and the word embedding (its first V rows) is the output projection;
+  * pre-norm layers: x + SelfAttn(N(x)); [decoder: x + CrossAttn(N(x), encoder)]; x + FFN(N(x)); a final norm per
+    side. N is LayerNorm or RMSNorm with the configured epsilon;
+  * attention: torch SDPA with scale 1/sqrt(head dim), padding keys masked, causal in decoder self-attention, and a
+    query whose keys are all masked attends everywhere (it belongs to padding) instead of producing NaN;
+  * FFN: relu / gelu (exact) / swiglu (first half of fc1 through silu times the second half);
+  * MoE FFN: router logits by mode (token; sentence = masked mean of the sentence; task = task table through the
+    gate; task_token = gate over concat(token, task embedding)), softmax top-k (renormalized over the k or raw),
+    optional capacity with token dropping over the whole batch in megatron's s-major token order, experts as FFNs,
+    output = sum_k p_k * expert_k(x); then task adapters (static / dynamic / shared-dynamic) on the MoE output.
+
+Decoding re-runs the decoder on the whole prefix, as the trained model's `decode_step` does: exact also for
+sentence routing in the decoder and capacity dropping, which depend on the whole prefix batch.
+
+Layout: activations are [S, B, D] inside (megatron's), tokens [B, S] at the API. Legend: B batch, S source length,
+T target length (or tokens when flattened s-major: t = s*B + b), D model dim, H heads, Dh head dim, F FFN dim,
+V vocabulary, E experts, K top-k, G task-table rows, C task embedding dim, A adapters, N hypotheses.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_taskmoe.model import routing as R
+from megatron_taskmoe.reference.config import ArchConfig, MoESpec
+
+
+@dataclass
+class Ids:
+    """Per-sentence ids [B] that task routing and adapters read."""
+
+    task_B: Optional[torch.Tensor] = None
+    tgt_lang_B: Optional[torch.Tensor] = None
+
+    def get(self, source: str) -> torch.Tensor:
+        ids = self.task_B if source == "task" else self.tgt_lang_B
+        if ids is None:
+            raise ValueError(f"this model routes by {source} ids: pass them (task_ids / tgt_lang_ids)")
+        return ids
+
+    def select(self, index_N: torch.Tensor) -> "Ids":
+        pick = (lambda x: None if x is None else x.index_select(0, index_N))
+        return Ids(pick(self.task_B), pick(self.tgt_lang_B))
+
+
+def token_ids(ids_B: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Per-sentence ids repeated to every token in s-major order: [B] -> [S*B]."""
+    return ids_B.unsqueeze(0).expand(seq_len, -1).reshape(-1)
+
+
+class Norm(nn.Module):
+    def __init__(self, kind: str, dim: int, eps: float):
+        super().__init__()
+        self.kind, self.eps, self.dim = kind, eps, dim
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if kind == "LayerNorm" else None
+
+    def forward(self, x_D: torch.Tensor) -> torch.Tensor:
+        if self.kind == "LayerNorm":
+            return F.layer_norm(x_D, (self.dim,), self.weight, self.bias, self.eps)
+        return F.rms_norm(x_D, (self.dim,), self.weight, self.eps)
+
+
+def allowed_mask(key_padding_BK: torch.Tensor, causal: bool, sq: int) -> torch.Tensor:
+    """[B, 1, Sq, Sk] True where attention is allowed; a query row with nothing allowed is opened entirely."""
+    sk = key_padding_BK.shape[1]
+    allowed = ~key_padding_BK[:, None, None, :]
+    if causal:
+        allowed = allowed & torch.ones(sq, sk, dtype=torch.bool, device=allowed.device).tril(diagonal=sk - sq)
+    return allowed | ~allowed.any(dim=-1, keepdim=True)
+
+
+class Attention(nn.Module):
+    """Multi-head attention; q/k/v/out projections (biases only when the model has them)."""
+
+    def __init__(self, dim: int, heads: int, bias: bool):
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(dim, dim, bias=bias) for _ in range(4))
+
+    def _split(self, x_SBD: torch.Tensor) -> torch.Tensor:
+        s, b, _ = x_SBD.shape
+        return x_SBD.view(s, b, self.heads, self.head_dim).permute(1, 2, 0, 3)  # [B, H, S, Dh]
+
+    def forward(self, x_QBD: torch.Tensor, kv_KBD: torch.Tensor, key_padding_BK: torch.Tensor,
+                causal: bool) -> torch.Tensor:
+        sq, b, d = x_QBD.shape
+        q, k, v = self._split(self.q_proj(x_QBD)), self._split(self.k_proj(kv_KBD)), self._split(self.v_proj(kv_KBD))
+        mask = allowed_mask(key_padding_BK, causal, sq)
+        ctx_BHQD = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0 / math.sqrt(self.head_dim))
+        return self.out_proj(ctx_BHQD.permute(2, 0, 1, 3).reshape(sq, b, d))
+
+
+def activate(h_F: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "swiglu":
+        gate, linear = torch.chunk(h_F, 2, dim=-1)
+        return F.silu(gate) * linear
+    return F.gelu(h_F) if activation == "gelu" else F.relu(h_F)
+
+
+class FFN(nn.Module):
+    """Dense FFN: fc2(act(fc1(x))); swiglu's fc1 has 2F rows (gate half first)."""
+
+    def __init__(self, dim: int, hidden: int, activation: str, bias: bool):
+        super().__init__()
+        self.activation = activation
+        self.fc1 = nn.Linear(dim, hidden * (2 if activation == "swiglu" else 1), bias=bias)
+        self.fc2 = nn.Linear(hidden, dim, bias=bias)
+
+    def forward(self, x_SBD: torch.Tensor, padding_SB: torch.Tensor, ids: Ids) -> torch.Tensor:
+        return self.fc2(activate(self.fc1(x_SBD), self.activation))
+
+
+class Router(nn.Module):
+    """Router logits [T, E] by mode (see `RoutingSpec`); weight [E, D], [E, C] (task) or [E, D + C] (task_token)."""
+
+    def __init__(self, moe: MoESpec, side: str, dim: int):
+        super().__init__()
+        spec = moe.side(side)
+        self.mode, self.task_source, self.fp32 = spec.mode, spec.task_source, moe.router_fp32
+        experts = spec.num_experts
+        gate_in = {"token": dim, "sentence": dim, "task": spec.task_embed_dim,
+                   "task_token": dim + spec.task_embed_dim}[spec.mode]
+        self.weight = nn.Parameter(torch.empty(experts, gate_in))
+        self.task_embedding = (nn.Parameter(torch.empty(moe.num_task_rows(spec.task_source), spec.task_embed_dim))
+                               if spec.mode in ("task", "task_token") else None)
+
+    def forward(self, x_SBD: torch.Tensor, padding_SB: torch.Tensor, ids: Ids) -> torch.Tensor:
+        s, b, d = x_SBD.shape
+        dtype = torch.float32 if self.fp32 else x_SBD.dtype
+        weight = self.weight.to(dtype)
+        if self.mode == "token":
+            return F.linear(x_SBD.reshape(-1, d).to(dtype), weight)
+        if self.mode == "sentence":
+            valid_SB1 = (~padding_SB).unsqueeze(-1).to(dtype)
+            sum_BD, count_B = (x_SBD.to(dtype) * valid_SB1).sum(dim=0), valid_SB1.sum(dim=(0, 2))
+            mean_BD = sum_BD / count_B.clamp(min=1).unsqueeze(-1)
+            return F.linear(mean_BD, weight).unsqueeze(0).expand(s, -1, -1).reshape(s * b, -1)
+        ids_T = token_ids(ids.get(self.task_source), s)
+        if self.mode == "task":
+            return F.linear(self.task_embedding.to(dtype), weight).index_select(0, ids_T)
+        task_TC = self.task_embedding.index_select(0, ids_T).to(dtype)
+        return F.linear(torch.cat([x_SBD.reshape(-1, d).to(dtype), task_TC], dim=-1), weight)
+
+
+class Experts(nn.Module):
+    """E FFNs without biases, stacked: fc1_weight [E, F (2F for swiglu), D], fc2_weight [E, D, F]."""
+
+    def __init__(self, experts: int, dim: int, hidden: int, activation: str):
+        super().__init__()
+        self.activation = activation
+        self.fc1_weight = nn.Parameter(torch.empty(experts, hidden * (2 if activation == "swiglu" else 1), dim))
+        self.fc2_weight = nn.Parameter(torch.empty(experts, dim, hidden))
+
+    def expert(self, e: int, x_ND: torch.Tensor) -> torch.Tensor:
+        return F.linear(activate(F.linear(x_ND, self.fc1_weight[e]), self.activation), self.fc2_weight[e])
+
+
+class Adapters(nn.Module):
+    """Task adapters on the MoE output: h + sum over chosen a of w_a * up_a(relu(down_a(LN_a(h)))).
+
+    static: the token's task row's adapter, weight 1. dynamic / shared_dynamic: a gate over concat(h, task
+    embedding) [A, D + C], softmax, top-k adapters weighted by their probability; shared_dynamic reads the task
+    table of the same layer's router."""
+
+    def __init__(self, moe: MoESpec, dim: int, eps: float):
+        super().__init__()
+        spec = moe.adapters
+        self.mode, self.task_source, self.topk, self.eps = spec.mode, spec.task_source, spec.topk, eps
+        a, h = spec.num_adapters, spec.hidden_size
+        self.norm_weight, self.norm_bias = nn.Parameter(torch.ones(a, dim)), nn.Parameter(torch.zeros(a, dim))
+        self.down_weight, self.down_bias = nn.Parameter(torch.empty(a, dim, h)), nn.Parameter(torch.zeros(a, h))
+        self.up_weight, self.up_bias = nn.Parameter(torch.empty(a, h, dim)), nn.Parameter(torch.zeros(a, dim))
+        dynamic = spec.mode in ("dynamic", "shared_dynamic")
+        self.gate_weight = nn.Parameter(torch.empty(a, dim + spec.task_embed_dim)) if dynamic else None
+        self.task_embedding = (nn.Parameter(torch.empty(moe.num_task_rows(spec.task_source), spec.task_embed_dim))
+                               if spec.mode == "dynamic" else None)
+
+    def forward(self, h_TD: torch.Tensor, ids_T: torch.Tensor, shared_table_GC: Optional[torch.Tensor]):
+        num = self.norm_weight.shape[0]
+        if self.mode == "static":
+            map_TA = F.one_hot(ids_T, num).bool()
+            weights_TA = map_TA.to(h_TD.dtype)
+        else:
+            table = shared_table_GC if self.mode == "shared_dynamic" else self.task_embedding
+            gate_in = torch.cat([h_TD, table.index_select(0, ids_T).to(h_TD.dtype)], dim=-1)
+            probs_TA = torch.softmax(F.linear(gate_in, self.gate_weight.to(h_TD.dtype)), dim=-1,
+                                     dtype=torch.float32).to(h_TD.dtype)
+            top_p_TK, top_i_TK = torch.topk(probs_TA, k=self.topk, dim=-1)
+            weights_TA = torch.zeros_like(probs_TA).scatter(-1, top_i_TK, top_p_TK)
+            map_TA = torch.zeros_like(probs_TA, dtype=torch.bool).scatter(-1, top_i_TK, True)
+        out_TD = h_TD
+        for a in range(num):
+            idx_N = map_TA[:, a].nonzero().squeeze(-1)
+            if idx_N.numel() == 0:
+                continue
+            x_ND = F.layer_norm(h_TD.index_select(0, idx_N), (h_TD.shape[-1],), self.norm_weight[a],
+                                self.norm_bias[a], self.eps)
+            delta_ND = F.relu(x_ND @ self.down_weight[a] + self.down_bias[a]) @ self.up_weight[a] + self.up_bias[a]
+            out_TD = out_TD.index_add(0, idx_N, delta_ND * weights_TA.index_select(0, idx_N)[:, a : a + 1])
+        return out_TD
+
+
+class MoEFFN(nn.Module):
+    """Router -> top-k (-> capacity) -> experts -> weighted sum -> adapters."""
+
+    def __init__(self, arch: ArchConfig, side: str):
+        super().__init__()
+        moe = arch.moe
+        self.spec = moe
+        self.router = Router(moe, side, arch.hidden_size)
+        self.experts = Experts(moe.side(side).num_experts, arch.hidden_size, moe.expert_ffn_hidden_size,
+                               arch.activation)
+        self.adapters = Adapters(moe, arch.hidden_size, arch.layernorm_epsilon) if moe.adapters.mode != "none" else None
+
+    def forward(self, x_SBD: torch.Tensor, padding_SB: torch.Tensor, ids: Ids) -> torch.Tensor:
+        s, b, d = x_SBD.shape
+        spec = self.spec
+        logits_TE = self.router(x_SBD, padding_SB, ids)
+        probs_TE, map_TE = R.topk_routing(logits_TE, spec.topk, renormalize=spec.renormalize)
+        if spec.capacity_factor is not None:
+            capacity = R.expert_capacity(logits_TE.shape[0], logits_TE.shape[1], spec.topk, spec.capacity_factor)
+            probs_TE, map_TE = R.drop_over_capacity(probs_TE, map_TE, capacity, drop_policy=spec.drop_policy,
+                                                    pad_to_capacity=spec.pad_to_capacity,
+                                                    valid_T=~padding_SB.reshape(-1))
+        x_TD = x_SBD.reshape(-1, d)
+        out_TD = torch.zeros_like(x_TD)
+        for e in range(map_TE.shape[1]):
+            idx_N = map_TE[:, e].nonzero().squeeze(-1)
+            if idx_N.numel():
+                y_ND = self.experts.expert(e, x_TD.index_select(0, idx_N))
+                out_TD.index_add_(0, idx_N, y_ND * probs_TE[idx_N, e].unsqueeze(-1).to(y_ND.dtype))
+        if self.adapters is not None:
+            ids_T = token_ids(ids.get(spec.adapters.task_source), s)
+            out_TD = self.adapters(out_TD, ids_T, self.router.task_embedding)
+        return out_TD.view(s, b, d)
+
+
+class Layer(nn.Module):
+    def __init__(self, arch: ArchConfig, side: str, moe: bool):
+        super().__init__()
+        norm = (lambda: Norm(arch.normalization, arch.hidden_size, arch.layernorm_epsilon))
+        self.decoder = side == "decoder"
+        self.self_attn_norm = norm()
+        self.self_attn = Attention(arch.hidden_size, arch.num_attention_heads, arch.bias)
+        if self.decoder:
+            self.cross_attn_norm = norm()
+            self.cross_attn = Attention(arch.hidden_size, arch.num_attention_heads, arch.bias)
+        self.ffn_norm = norm()
+        self.ffn = (MoEFFN(arch, side) if moe
+                    else FFN(arch.hidden_size, arch.ffn_hidden_size, arch.activation, arch.bias))
+
+    def forward(self, x_SBD, padding_SB, ids: Ids, memory_KBD=None, memory_padding_BK=None):
+        h_SBD = self.self_attn_norm(x_SBD)
+        x_SBD = x_SBD + self.self_attn(h_SBD, h_SBD, padding_SB.t(), causal=self.decoder)
+        if self.decoder:
+            h_SBD = self.cross_attn_norm(x_SBD)
+            x_SBD = x_SBD + self.cross_attn(h_SBD, memory_KBD, memory_padding_BK, causal=False)
+        return x_SBD + self.ffn(self.ffn_norm(x_SBD), padding_SB, ids)
+
+
+class Stack(nn.Module):
+    def __init__(self, arch: ArchConfig, side: str):
+        super().__init__()
+        num = arch.encoder_layers if side == "encoder" else arch.decoder_layers
+        moe_layers = set(arch.moe_layers(side))
+        self.layers = nn.ModuleList(Layer(arch, side, i in moe_layers) for i in range(num))
+        self.final_norm = Norm(arch.normalization, arch.hidden_size, arch.layernorm_epsilon)
+
+    def forward(self, x_SBD, padding_SB, ids: Ids, memory_KBD=None, memory_padding_BK=None):
+        for layer in self.layers:
+            x_SBD = layer(x_SBD, padding_SB, ids, memory_KBD, memory_padding_BK)
+        return self.final_norm(x_SBD)
+
+
+@dataclass
+class EncoderOutput:
+    """What decoding needs per source sentence b."""
+
+    memory_SBD: torch.Tensor
+    padding_BS: torch.Tensor
+    ids: Ids
+
+
+class ReferenceModel(nn.Module):
+    """The exported encoder-decoder; `forward` gives logits [B, T, V], `encode` + `decode_step` decode."""
+
+    def __init__(self, arch: ArchConfig):
+        super().__init__()
+        self.arch = arch
+        self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size)
+        self.embed_positions = nn.Embedding(arch.max_positions, arch.hidden_size)
+        self.encoder = Stack(arch, "encoder")
+        self.decoder = Stack(arch, "decoder")
+
+    def embed(self, tokens_BX: torch.Tensor) -> torch.Tensor:
+        """Word + position embeddings, [X, B, D]."""
+        length = tokens_BX.shape[1]
+        if length > self.arch.max_positions:
+            raise ValueError(f"sequence of {length} tokens exceeds the {self.arch.max_positions} learned positions")
+        positions = torch.arange(length, device=tokens_BX.device)
+        return (self.embed_tokens(tokens_BX) + self.embed_positions(positions)[None]).transpose(0, 1).contiguous()
+
+    @torch.no_grad()
+    def encode(self, src_tokens_BS: torch.Tensor, src_padding_BS: torch.Tensor, *,
+               task_ids: Optional[torch.Tensor] = None, tgt_lang_ids: Optional[torch.Tensor] = None) -> EncoderOutput:
+        ids = Ids(task_ids, tgt_lang_ids)
+        padding_BS = src_padding_BS.bool()
+        memory_SBD = self.encoder(self.embed(src_tokens_BS), padding_BS.t(), ids)
+        return EncoderOutput(memory_SBD, padding_BS, ids)
+
+    def _decode(self, enc: EncoderOutput, tgt_BT: torch.Tensor, tgt_padding_BT: torch.Tensor) -> torch.Tensor:
+        """Logits [B, T, V] of the decoder over `enc` (rows aligned)."""
+        hidden_TBD = self.decoder(self.embed(tgt_BT), tgt_padding_BT.t(), enc.ids, enc.memory_SBD, enc.padding_BS)
+        return F.linear(hidden_TBD, self.embed_tokens.weight).transpose(0, 1)
+
+    @torch.no_grad()
+    def forward(self, src_tokens: torch.Tensor, src_padding_mask: torch.Tensor, tgt_input: torch.Tensor,
+                tgt_padding_mask: torch.Tensor, task_ids: Optional[torch.Tensor] = None,
+                tgt_lang_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Teacher-forced logits [B, T, V]; masks are True at padding (the trainer's batch convention)."""
+        enc = self.encode(src_tokens, src_padding_mask, task_ids=task_ids, tgt_lang_ids=tgt_lang_ids)
+        return self._decode(enc, tgt_input, tgt_padding_mask.bool())
+
+    @torch.no_grad()
+    def decode_step(self, enc: EncoderOutput, prefix_NT: torch.Tensor, src_index_N: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities [N, V] of the token after each prefix (bos first); hypothesis n reads source
+        `src_index_N[n]`. The whole prefix is re-run, as the trained model does."""
+        sub = EncoderOutput(enc.memory_SBD.index_select(1, src_index_N), enc.padding_BS.index_select(0, src_index_N),
+                            enc.ids.select(src_index_N))
+        logits_NTV = self._decode(sub, prefix_NT, torch.zeros_like(prefix_NT, dtype=torch.bool))
+        return torch.log_softmax(logits_NTV[:, -1].float(), dim=-1)
+
+    def step_fn(self, enc: EncoderOutput):
+        """`generation.beam_search`'s step function over an encoded batch."""
+        return lambda prefix_NT, src_index_N: self.decode_step(enc, prefix_NT, src_index_N)
