@@ -11,6 +11,7 @@ Legend: D model dim, F FFN dim, V vocabulary, E experts.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Literal, Optional
@@ -182,6 +183,12 @@ class ParallelConfig:
             raise ValueError(
                 f"MoEConfig.num_experts={model.moe.num_experts} is not divisible by ParallelConfig.expert={ep}"
             )
+        if model.moe is not None:
+            for side in ("encoder", "decoder"):
+                experts = model.moe.side(side).num_experts
+                if experts is not None and sum(model.moe_pattern(side)) > 0 and experts % ep:
+                    raise ValueError(f"MoEConfig.{side}.num_experts={experts} is not divisible by "
+                                     f"ParallelConfig.expert={ep}")
         if ep > 1 and model.num_moe_layers() == 0:
             raise ValueError(f"ParallelConfig.expert={ep} > 1 but the model has no MoE layers")
         if pp > 1:
@@ -255,3 +262,13 @@ def to_transformer_config(model: ModelConfig, parallel: Optional[ParallelConfig]
         kwargs.update(model.moe.megatron_kwargs())
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
+
+
+def side_transformer_config(config, model: ModelConfig, side: str):
+    """The `TransformerConfig` of `side`'s block: `config` itself, or a copy with that side's expert count when
+    `RoutingConfig.num_experts` overrides it (megatron's MoELayer and router take E from their config)."""
+    if model.moe is None or model.moe.side(side).num_experts in (None, config.num_moe_experts):
+        return config
+    side_config = copy.copy(config)
+    side_config.num_moe_experts = model.moe.side(side).num_experts
+    return side_config

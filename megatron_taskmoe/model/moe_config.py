@@ -61,6 +61,10 @@ class RoutingConfig:
     # Which FFNs of this side are MoE: 1 = every layer, 2 = every other layer (layers 0, 2, 4, ... as
     # megatron's moe_layer_freq), 0 = none (a dense side).
     layer_freq: int = 1
+    # Experts in this side's MoE layers; None means MoEConfig.num_experts. A task sub-network extracted from a
+    # task-routed side (checkpoint_tools/extract.py) keeps only the experts its tasks route to, so its two sides
+    # can differ (e.g. a token-routed encoder keeps all 8 experts, the target-routed decoder 2).
+    num_experts: int | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -71,6 +75,8 @@ class RoutingConfig:
         _check_positive_int("RoutingConfig", "task_embed_dim", self.task_embed_dim)
         if not isinstance(self.layer_freq, int) or self.layer_freq < 0:
             raise ValueError(f"RoutingConfig.layer_freq={self.layer_freq!r} must be an integer >= 0")
+        if self.num_experts is not None:
+            _check_positive_int("RoutingConfig", "num_experts", self.num_experts)
 
     @property
     def uses_task_ids(self) -> bool:
@@ -210,6 +216,9 @@ class MoEConfig:
             if not isinstance(getattr(self, side), RoutingConfig):
                 raise ValueError(f"MoEConfig.{side} must be a RoutingConfig, got {type(getattr(self, side))}")
             getattr(self, side).validate()
+            if self.topk > self.side_num_experts(side):
+                raise ValueError(f"MoEConfig.topk={self.topk} exceeds MoEConfig.{side}.num_experts="
+                                 f"{self.side_num_experts(side)}")
         if not isinstance(self.adapters, AdapterConfig):
             raise ValueError(f"MoEConfig.adapters must be an AdapterConfig, got {type(self.adapters)}")
         self.adapters.validate()
@@ -244,6 +253,11 @@ class MoEConfig:
         if side not in ("encoder", "decoder"):
             raise ValueError(f"side={side!r} must be 'encoder' or 'decoder'")
         return getattr(self, side)
+
+    def side_num_experts(self, side: str) -> int:
+        """E of `side`'s MoE layers: its `RoutingConfig.num_experts` override, else `num_experts`."""
+        override = self.side(side).num_experts
+        return self.num_experts if override is None else override
 
     def num_task_rows(self, task_source: str) -> int:
         """G, the rows of a task table indexed by `task_source`."""

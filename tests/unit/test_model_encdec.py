@@ -130,7 +130,8 @@ def test_aux_losses_are_tracked_per_global_layer_number(megatron_world1):
 
     cfg = tiny_moe()
     model = build(cfg).train()
-    clear_aux_losses_tracker()
+    # megatron keeps each tracked tensor at the size of its first use (clearing only zeroes it): start afresh
+    get_moe_layer_wise_logging_tracker().clear()
     b = batch()
     model(**b).sum().backward()
     tracker = get_moe_layer_wise_logging_tracker()
