@@ -87,7 +87,7 @@ class Scale:
     max_tokens: int = 2048
     lr: float = 3e-3
     warmup_steps: int = 100
-    test_sentences: int = 100
+    test_sentences: int = 40
     """Test pairs per direction (0: all 320 of the held-out books)."""
     beam: int = 1
     low_resource_fraction: float = 0.125
@@ -199,7 +199,8 @@ def execute(run: Run, scale: Scale, out: Path, python: str, threads: int, device
     """Train and score one run (skipped when its scores exist); returns its record."""
     d = out / "runs" / run.name
     record_path = d / "record.json"
-    if record_path.exists():
+    if record_path.exists() and json.loads(record_path.read_text())["config"] == run_config(run, scale, out) and \
+            json.loads(record_path.read_text()).get("test_sentences") == scale.test_sentences:
         return json.loads(record_path.read_text())
     d.mkdir(parents=True, exist_ok=True)
     cfg = run_config(run, scale, out)
@@ -207,8 +208,13 @@ def execute(run: Run, scale: Scale, out: Path, python: str, threads: int, device
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     if device == "cpu":
         env["OMP_NUM_THREADS"] = str(threads)
-    shutil.rmtree(d / "run", ignore_errors=True)  # a half-finished earlier attempt restarts from scratch
-    train_s = sh([python, "pretrain_mt.py", "--config", str(d / "config.yaml")], d / "train.log", env)
+    trained = d / "trained.json"
+    if trained.exists() and json.loads(trained.read_text()).get("config") == cfg:
+        train_s = json.loads(trained.read_text())["train_s"]  # trained earlier; score again
+    else:
+        shutil.rmtree(d / "run", ignore_errors=True)  # a half-finished earlier attempt restarts from scratch
+        train_s = sh([python, "pretrain_mt.py", "--config", str(d / "config.yaml")], d / "train.log", env)
+        write_atomic(trained, json.dumps({"train_s": train_s, "config": cfg}))
     cmd = [python, "tools/evaluate.py", "--checkpoint", str(d / "run"), "--system", run.label, "--data",
            str(out / "bible"), "--split", "test", "--max-sentences", str(scale.test_sentences), "--beam",
            str(scale.beam), "--format", "json", "--metric", "both", "--output", str(d / "scores.json"),
@@ -221,7 +227,8 @@ def execute(run: Run, scale: Scale, out: Path, python: str, threads: int, device
     scores = json.loads((d / "scores.json").read_text())
     metrics = [json.loads(line) for line in (d / "run" / "metrics.jsonl").read_text().splitlines() if line.strip()]
     losses = [m["loss"] for m in metrics if "loss" in m and m.get("kind", "train") == "train"]
-    record = {"name": run.name, **asdict(run), "config": cfg, "train_s": round(train_s, 1),
+    record = {"name": run.name, **asdict(run), "config": cfg, "test_sentences": scale.test_sentences,
+              "train_s": round(train_s, 1),
               "eval_s": round(eval_s, 1), "final_train_loss": losses[-1] if losses else None,
               "bleu": {k: v for k, v in scores["bleu"][0].items() if k != "system"},
               "chrf": {k: v for k, v in scores["chrf"][0].items() if k != "system"}}

@@ -111,15 +111,31 @@ def bitext_batches(translator, pairs: dict[str, tuple[Sequence[str], Sequence[st
 
 
 def dataset_batches(data_dir: str | Path, split: str, *, model_config, directions: Optional[list[str]] = None,
-                    max_tokens: int = 4096) -> Iterable[dict]:
-    """Every sentence pair of a preprocessed split once (truncated to the model's positions, as in training)."""
-    from megatron_taskmoe.data.batching import eval_batches
+                    max_tokens: int = 4096, max_sentences: int = 0) -> Iterable[dict]:
+    """Every sentence pair of a preprocessed split once (truncated to the model's positions, as in training), or
+    the first `max_sentences` pairs of each direction (corpus order, batches of at most `max_tokens` padded
+    tokens per side)."""
+    from megatron_taskmoe.data.batching import collate, eval_batches
     from megatron_taskmoe.data.dataset import MultilingualDataset
 
     data = MultilingualDataset(data_dir, split, directions, max_src_len=model_config.max_source_positions - 2,
                                max_tgt_len=model_config.max_target_positions - 1)
-    for direction in data.directions:
-        yield from eval_batches(data, direction, max_tokens=max_tokens)
+    for d, direction in enumerate(data.directions):
+        if not max_sentences:
+            yield from eval_batches(data, direction, max_tokens=max_tokens)
+            continue
+        lo = int(data.offsets_D[d])
+        chunk, longest = [], 0
+        for i in range(min(int(data.sizes_D[d]), max_sentences)):
+            sample = data[lo + i]
+            length = max(len(sample["src"]), len(sample["tgt_in"]))
+            if chunk and (len(chunk) + 1) * max(longest, length) > max_tokens:
+                yield collate(chunk)
+                chunk, longest = [], 0
+            chunk.append(sample)
+            longest = max(longest, length)
+        if chunk:
+            yield collate(chunk)
 
 
 # ------------------------------------------------------------------------------------------------ collecting

@@ -1,0 +1,215 @@
+"""Task similarity from routing (analysis/similarity.py) on hand-made distributions, average-linkage clustering on a
+hand-computed example, the within/across-family summary, and tools/analyze_routing.py on a tiny trained run: the
+files it writes, a JSON document consistent with the routing statistics, and clean failures on bad input."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from megatron_taskmoe import platform
+from megatron_taskmoe.analysis import RoutingStats, collect_routing_stats, dataset_batches
+from megatron_taskmoe.analysis.routing import LayerRouting
+from megatron_taskmoe.analysis.similarity import average_linkage, cluster_tasks, family_overlap, leaf_order, \
+    mean_similarity, pairwise_similarity, task_languages, task_similarity
+
+import tiny_run
+
+
+def _layer(name, kind, counts):
+    counts = np.asarray(counts, dtype=np.float64)
+    return LayerRouting(name=name, kind=kind, counts_GX=counts, tokens_G=counts.sum(axis=1))
+
+
+# ------------------------------------------------------------------------------------------------ pure functions
+@pytest.mark.parametrize("metric", ["js", "cosine"])
+def test_identical_is_one_disjoint_is_zero(metric):
+    counts = np.array([[3.0, 1.0, 0.0, 0.0], [6.0, 2.0, 0.0, 0.0], [0.0, 0.0, 5.0, 5.0], [0.0, 0.0, 0.0, 0.0]])
+    sim = pairwise_similarity(counts, metric)
+    assert sim[0, 1] == pytest.approx(1.0) and sim[1, 0] == pytest.approx(1.0)  # same shares, other scale
+    assert sim[0, 2] == 0.0 and sim[1, 2] == 0.0  # no expert in common
+    assert np.isnan(sim[3]).all() and np.isnan(sim[:, 3]).all()  # a task never seen
+    np.testing.assert_array_equal(np.diag(sim)[:3], 1.0)
+    np.testing.assert_allclose(sim, sim.T, equal_nan=True)
+
+
+def test_jensen_shannon_value_by_hand():
+    # p = (1, 0), q = (1/2, 1/2), m = (3/4, 1/4): JSD = 1/2 log2(4/3) + 1/4 log2(2/3) + 1/4 log2(2)
+    jsd = 0.5 * math.log2(4 / 3) + 0.25 * math.log2(2 / 3) + 0.25
+    sim = pairwise_similarity(np.array([[1.0, 0.0], [0.5, 0.5]]))
+    assert sim[0, 1] == pytest.approx(1 - math.sqrt(jsd))
+    cos = pairwise_similarity(np.array([[1.0, 0.0], [0.5, 0.5]]), "cosine")
+    assert cos[0, 1] == pytest.approx(1 / math.sqrt(2))
+    with pytest.raises(ValueError, match="metric"):
+        pairwise_similarity(np.eye(2), "euclid")
+    with pytest.raises(ValueError, match="non-negative"):
+        pairwise_similarity(np.array([[1.0, -1.0], [1.0, 0.0]]))
+
+
+def test_layer_mean_skips_undefined_layers():
+    a = np.array([[1.0, 0.2], [0.2, 1.0]])
+    b = np.array([[1.0, np.nan], [np.nan, np.nan]])
+    got = mean_similarity([a, b], 2)
+    np.testing.assert_allclose(got, [[1.0, 0.2], [0.2, 1.0]])
+    assert np.isnan(mean_similarity([b], 2)[0, 1])
+
+    stats = RoutingStats(tasks=["x", "y"], layers=[_layer("encoder.layers.0.mlp.router", "experts", [[1, 0], [0, 1]]),
+                                                   _layer("encoder.layers.0.mlp.adapters", "adapters",
+                                                          [[2, 0], [2, 0]])])
+    sims = task_similarity(stats)
+    assert sims["experts"][0, 1] == 0.0 and sims["adapters"][0, 1] == 1.0 and sims["overall"][0, 1] == 0.5
+    assert list(sims["per_layer"]) == ["encoder.layers.0.mlp.router", "encoder.layers.0.mlp.adapters"]
+
+
+def test_average_linkage_on_a_hand_example():
+    # points 0, 1, 5, 7, 20 on a line: {0,1} at 1, {5,7} at 2, then mean(5, 7, 4, 6) = 5.5, then
+    # mean(20, 19, 15, 13) = 16.75 -- the UPGMA merges, in scipy's linkage format.
+    x = np.array([0.0, 1.0, 5.0, 7.0, 20.0])
+    Z = average_linkage(np.abs(x[:, None] - x[None, :]))
+    np.testing.assert_allclose(Z, [[0, 1, 1, 2], [2, 3, 2, 2], [5, 6, 5.5, 4], [4, 7, 16.75, 5]])
+    assert leaf_order(Z, 5) == [4, 0, 1, 2, 3]
+    with pytest.raises(ValueError, match="not symmetric"):
+        average_linkage(np.array([[0.0, 1.0], [2.0, 0.0]]))
+    with pytest.raises(ValueError, match="finite"):
+        average_linkage(np.array([[0.0, np.nan], [np.nan, 0.0]]))
+
+
+def test_clustering_groups_the_constructed_families_and_leaves_out_unseen_tasks():
+    tasks = ["fr-en", "es-en", "de-en", "nl-en", "xx-en"]
+    usage = [[0.9, 0.1, 0, 0], [0.8, 0.2, 0, 0], [0, 0, 0.7, 0.3], [0, 0.1, 0.6, 0.3], [0, 0, 0, 0]]
+    stats = RoutingStats(tasks=tasks, layers=[_layer("decoder.layers.0.mlp.router", "experts", usage)])
+    sims = task_similarity(stats)
+    c = cluster_tasks(sims["overall"], tasks)
+    assert c["tasks"] == tasks[:4] and c["left_out"] == ["xx-en"]
+    first, second, top = c["linkage"]
+    assert {int(first[0]), int(first[1])} == {0, 1} and {int(second[0]), int(second[1])} == {2, 3}
+    assert top[3] == 4 and top[2] > max(first[2], second[2])
+    assert c["order"] == ["fr-en", "es-en", "de-en", "nl-en"]
+    assert c["tree"][2] == pytest.approx(top[2], abs=1e-6)
+    assert sorted([c["tree"][0][:2], c["tree"][1][:2]]) == [["de-en", "nl-en"], ["fr-en", "es-en"]]
+
+
+def test_task_languages():
+    assert task_languages("fr-en") == (["fr"], "into")
+    assert task_languages("en-fr") == (["fr"], "out of")
+    assert task_languages("de-fr") == (["de", "fr"], None)
+    assert task_languages("fr") == (["fr"], None)
+
+
+def test_family_overlap_within_vs_across():
+    tasks = ["fr-en", "es-en", "de-en", "en-fr", "en-es", "en-de", "zz-en"]
+    experts = [[1, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1], [0, 0, 1], [0, 1, 0], [1, 0, 0]]
+    stats = RoutingStats(tasks=tasks, layers=[_layer("decoder.layers.0.mlp.router", "experts", experts)])
+    got = family_overlap(stats)  # default map: fr es Romance, de Germanic; zz unknown
+    assert got["metric"].startswith("1 - Jensen-Shannon")
+    # same orientation only: within = (fr-en, es-en) and (en-fr, en-es), both identical -> 1;
+    # across = fr-en/de-en, es-en/de-en (disjoint, 0) and en-fr/en-de, en-es/en-de (disjoint, 0)
+    assert got["within"] == 1.0 and got["within_pairs"] == 2
+    assert got["across"] == 0.0 and got["across_pairs"] == 4 and got["gap"] == 1.0
+    assert got["by_kind"]["experts"]["gap"] == 1.0 and got["by_kind"]["adapters"]["within"] is None
+    pairs = {(p["a"], p["b"]): p for p in got["per_pair"]}
+    assert len(pairs) == 21
+    assert pairs[("fr-en", "en-fr")]["relation"] == "same_language" and not pairs[("fr-en", "en-fr")]["compared"]
+    assert pairs[("fr-en", "en-de")]["relation"] == "across" and not pairs[("fr-en", "en-de")]["compared"]
+    assert pairs[("fr-en", "zz-en")]["relation"] == "unknown" and pairs[("fr-en", "zz-en")]["family_b"] is None
+    assert pairs[("fr-en", "zz-en")]["similarity"] == 1.0
+    both = family_overlap(stats, same_orientation=False)
+    assert both["across_pairs"] == 8 and both["within_pairs"] == 4  # + fr-en/en-es, es-en/en-fr (0), 4 across
+    assert both["within"] == 0.5
+    custom = family_overlap(stats, {"fr": "A", "es": "B", "de": "A"})
+    assert custom["within_pairs"] == 2 and custom["within"] == 0.0  # fr-de now "within", and disjoint
+
+
+# ------------------------------------------------------------------------------------------------ the tool
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root, run_dir = tiny_run.shared_run(tmp_path_factory)
+    yield root, run_dir
+    if torch.distributed.is_initialized():
+        platform.destroy()
+
+
+def _tool():
+    import sys
+
+    sys.path.insert(0, str(tiny_run.ROOT / "tools"))
+    import analyze_routing
+
+    return analyze_routing
+
+
+def test_analyze_routing_writes_consistent_files(trained, tmp_path, capsys):
+    root, run_dir = trained
+    families = tmp_path / "families.json"
+    families.write_text(json.dumps({"de": "Westish", "fr": "Westish", "en": "Pivot"}))
+    out = tmp_path / "analysis"
+    code = _tool().main(["--checkpoint", str(run_dir), "--data", str(root / "bin"), "--split", "test",
+                         "--max-sentences", "10", "--families", str(families), "--out", str(out), "--device", "cpu"])
+    assert code == 0, capsys.readouterr().err
+    assert "similarity within families" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["routing.json", "routing.png", "similarity.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["analysis", "families.json"]  # no partial left
+    for png in ("routing.png", "similarity.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    doc = json.loads((out / "routing.json").read_text())
+    assert doc["source"]["directions"] == ["de-en", "en-de", "en-fr", "fr-en"] and doc["source"]["split"] == "test"
+
+    # the counts are what collect_routing_stats gives on the same sentences
+    from megatron_taskmoe.inference import load_checkpoint
+
+    loaded = load_checkpoint(run_dir, device="cpu")
+    want = collect_routing_stats(loaded.model, dataset_batches(root / "bin", "test", model_config=loaded.model_config,
+                                                               max_sentences=10),
+                                 task_names=loaded.task_map["tasks"])
+    stats = RoutingStats.from_dict(doc["routing"])
+    assert [layer.name for layer in stats.layers] == [layer.name for layer in want.layers]
+    for a, b in zip(stats.layers, want.layers):
+        np.testing.assert_array_equal(a.counts_GX, b.counts_GX)
+        assert a.tokens_G.sum() > 0 and (a.tokens_G <= 10 * 96).all()  # 10 sentences per task
+
+    # the analysis is a function of those counts
+    sims = task_similarity(stats)
+    np.testing.assert_allclose(np.array(doc["similarity"]["overall"], dtype=float), sims["overall"])
+    for name, m in doc["similarity"]["per_layer"].items():
+        np.testing.assert_allclose(np.array(m, dtype=float), sims["per_layer"][name])
+    assert doc["clustering"] == json.loads(json.dumps(cluster_tasks(sims["overall"], stats.tasks)))
+    assert sorted(doc["clustering"]["order"]) == sorted(stats.tasks)
+    fam = doc["families"]
+    assert fam["map"]["de"] == "Westish"
+    assert fam["within_pairs"] == 2 and fam["across_pairs"] == 0  # de-en/fr-en and en-de/en-fr
+    pair = next(p for p in fam["per_pair"] if {p["a"], p["b"]} == {"de-en", "fr-en"})
+    i, j = stats.tasks.index("de-en"), stats.tasks.index("fr-en")
+    assert pair["similarity"] == pytest.approx(sims["overall"][i, j])
+    within = [p["similarity"] for p in fam["per_pair"] if p["compared"] and p["relation"] == "within"]
+    assert fam["within"] == pytest.approx(np.mean(within))
+
+
+def test_analyze_routing_raw_text_and_bad_input(trained, tmp_path, capsys):
+    root, run_dir = trained
+    tool = _tool()
+    out = tmp_path / "raw"
+    code = tool.main(["--checkpoint", str(run_dir), "--data", str(root / "raw"), "--max-sentences", "4",
+                      "--directions", "de-en", "fr-en", "--out", str(out), "--device", "cpu"])
+    assert code == 0, capsys.readouterr().err
+    doc = json.loads((out / "routing.json").read_text())
+    assert doc["clustering"]["tasks"] == ["de-en", "fr-en"]  # en-de / en-fr were not run: left out
+    assert doc["clustering"]["left_out"] == ["en-de", "en-fr"]
+    assert doc["families"]["across_pairs"] == 1  # default map: de Germanic, fr Romance
+
+    def fails(*argv, match):
+        code = tool.main(["--checkpoint", str(run_dir), "--device", "cpu", *argv])
+        err = capsys.readouterr().err
+        assert code == 2 and match in err, err
+
+    fails("--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o1"), match=str(tmp_path / "nowhere"))
+    fails("--data", str(root / "raw"), "--out", str(out), match=f"{out}: already exists")
+    bad = tmp_path / "fam.json"
+    bad.write_text("[1, 2]")
+    fails("--data", str(root / "raw"), "--families", str(bad), "--out", str(tmp_path / "o2"), match=str(bad))
+    fails("--data", str(root / "raw"), "--directions", "en-xx", "--out", str(tmp_path / "o3"), match="en-xx")
+    code = tool.main(["--checkpoint", str(tmp_path / "nockpt"), "--data", str(root / "raw"), "--out",
+                      str(tmp_path / "o4")])
+    assert code == 2 and "nockpt" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fam.json", "raw"]  # nothing half-written
