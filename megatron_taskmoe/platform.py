@@ -6,9 +6,11 @@ megatron-core assumes CUDA in a handful of places that our own layer specs canno
 * `apply()` installs every patch listed in `PATCHES` — only when `torch.cuda.is_available()` is false, only
   against the megatron-core version it was verified with (`VERIFIED_MCORE_VERSION`; set the environment variable
   `MEGATRON_TASKMOE_ALLOW_UNVERIFIED_MCORE=1` to run another version at your own risk), and only once
-  (idempotent). On a CUDA machine it changes nothing, with one exception that is a plain bug fix:
+  (idempotent). On a CUDA machine it changes nothing but plain megatron-core bug fixes:
   `moe_utils.te_general_gemm` is defined as `None` when Transformer Engine is absent, because megatron's
-  `router_gating_linear` tests that name for `None` but never binds it without TE (`NameError` on CPU and GPU).
+  `router_gating_linear` tests that name for `None` but never binds it without TE (`NameError` on CPU and GPU);
+  and, only without Apex/TE (torch's Adam), the distributed optimizer's checkpoint paths: Adam's `step` on load,
+  and the state of an expert optimizer that holds no parameters on a pipeline stage without MoE layers.
 * What we can do through specs we do there instead (`model/specs.py`): an SDPA core attention (no global memory
   buffer, no CUDA causal mask), a LayerNorm/RMSNorm that supports sequence parallelism.
 * `init_distributed`, `initialize_model_parallel`, `model_parallel_manual_seed` and `destroy` set up and tear
@@ -458,6 +460,47 @@ def _install_torch_adam_step_fix() -> None:
     cls.load_state_dict = load_state_dict
     _record("DistributedOptimizer.load_state_dict", module.__name__,
             "give every parameter its own torch Adam `step` tensor after a restore")
+
+    # A rank can hold an optimizer without parameters: megatron aligns param groups over all ranks, so a pipeline
+    # stage without MoE layers gets an empty expert optimizer (the trainer always chains one, see
+    # training/setup.py: mark_expert_parameters). Its state_dict asserts that its (absent) parameter states share
+    # one `step`. It takes the step of its chained siblings instead (they step together), so the param groups
+    # saved from whichever rank writes the common state carry the real step.
+    original_state_dict = cls.state_dict
+
+    @functools.wraps(original_state_dict)
+    def state_dict(self):
+        if self.optimizer.state or any(len(g["params"]) for g in self.optimizer.param_groups):
+            return original_state_dict(self)
+        inner = self.optimizer.state_dict()
+        out = {"optimizer": {k: v for k, v in inner.items() if k != "state"}}
+        for group in out["optimizer"]["param_groups"]:
+            del group["params"]
+            group["step"] = getattr(self, "_sibling_step", None)
+        if self.grad_scaler:
+            out["grad_scaler"] = self.grad_scaler.state_dict()
+        return out
+
+    cls.state_dict = state_dict
+    _record("DistributedOptimizer.state_dict", module.__name__,
+            "an optimizer without parameters on this rank (e.g. the expert optimizer of a stage without MoE "
+            "layers) saves its chained siblings' step instead of failing")
+
+    chained = importlib.import_module("megatron.core.optimizer.optimizer").ChainedOptimizer
+    original_chained_sd = chained.sharded_state_dict
+
+    @functools.wraps(original_chained_sd)
+    def chained_sharded_state_dict(self, *args, **kwargs):
+        steps = {float(state["step"]) for opt in self.chained_optimizers if isinstance(opt, cls)
+                 for state in opt.optimizer.state.values() if "step" in state}
+        for opt in self.chained_optimizers:
+            if isinstance(opt, cls):
+                opt._sibling_step = next(iter(steps)) if len(steps) == 1 else None
+        return original_chained_sd(self, *args, **kwargs)
+
+    chained.sharded_state_dict = chained_sharded_state_dict
+    _record("ChainedOptimizer.sharded_state_dict", "megatron.core.optimizer.optimizer",
+            "tell each chained distributed optimizer the chain's Adam step (for one without parameters here)")
 
 
 def _install_optimizer_patches(proxy: "_CpuTorch") -> None:

@@ -354,11 +354,19 @@ def _same_optimizer_structure(optimizer, source: str) -> bool:
 
 def optimizer_kept(source: str | os.PathLike, parallel: ParallelConfig, model_cfg: ModelConfig) -> bool:
     """Whether converting `source` to `parallel` keeps Adam's moments (same optimizer chaining, see `_rank_job`):
-    the trainer chains a separate expert optimizer exactly when expert parallelism is > 1 with MoE layers."""
+    the trainer chains a separate expert optimizer exactly when the model has MoE layers, whatever the layout
+    (`training.setup.mark_expert_parameters`); checkpoints from before that had it only under expert parallelism."""
     from megatron.core import dist_checkpointing
 
+    del parallel  # the structure no longer depends on the layout
     src_chained = any(k.startswith("chained_") for k in dist_checkpointing.load_tensors_metadata(str(source)))
-    return src_chained == (parallel.expert > 1 and model_cfg.num_moe_layers() > 0)
+    return src_chained == (optimizer_chains(model_cfg) > 1)
+
+
+def optimizer_chains(model_cfg: ModelConfig) -> int:
+    """How many chained optimizers the trainer builds for `model_cfg` under any layout (dense, then expert
+    parameters: `training.setup.mark_expert_parameters`); recorded as `optimizer_chains` in checkpoint.json."""
+    return 2 if model_cfg.num_moe_layers() > 0 else 1
 
 
 def _rank_job(job: dict) -> None:
@@ -385,7 +393,8 @@ def _rank_job(job: dict) -> None:
     with_optimizer = job["with_optimizer"] and _same_optimizer_structure(built.optimizer, job["source"])
     if job["with_optimizer"] and not with_optimizer:
         # The trainer saves a chained optimizer's state under `chained_{i}.` keys and a nested structure when
-        # there are several (expert parallelism > 1) and flat otherwise, so megatron cannot map one onto the other.
+        # there are several (MoE layers; before `mark_expert_parameters`, only under expert parallelism > 1) and
+        # flat otherwise, so megatron cannot map one onto the other.
         # The weights are exact either way; Adam's moments restart from zero (recorded in checkpoint.json).
         common = dist_checkpointing.load_common_state_dict(job["source"])
         from megatron_taskmoe.training.loop import MODEL_CKPT_METADATA
@@ -514,7 +523,8 @@ def write_trainer_checkpoint(ckpt: FullCheckpoint, out: str | os.PathLike, paral
             run_layout([job], world)
         meta = copy.deepcopy(ckpt.meta)
         meta.update(step=0, metric=None, consumed_samples=0, parallel=to_dict(parallel),
-                    model_config=to_dict(model_cfg), **(extra_meta or {}))
+                    model_config=to_dict(model_cfg), optimizer_chains=optimizer_chains(model_cfg),
+                    **(extra_meta or {}))
         write_record(partial, meta, ckpt.tokenizer)
     return out
 
@@ -558,11 +568,12 @@ def convert_trainer_checkpoint_many(source: str | os.PathLike, targets: list[tup
             meta = copy.deepcopy(info.meta)
             kept = optimizer_kept(info.path, parallel, model_cfg)
             if not kept:
-                log.warning("%s: Adam's moments restart from zero (the trainer's optimizer state cannot move between "
-                            "expert-parallel 1 and > 1); weights, LR schedule and counters are kept", out)
-            meta.update(parallel=to_dict(parallel), converted_from={"path": str(info.path),
-                                                                    "parallel": info.meta.get("parallel"),
-                                                                    "optimizer_state": "kept" if kept else "reset"})
+                log.warning("%s: Adam's moments restart from zero (the source's optimizer is chained differently: "
+                            "saved before expert weights always had their own optimizer); weights, LR schedule and "
+                            "counters are kept", out)
+            meta.update(parallel=to_dict(parallel), optimizer_chains=optimizer_chains(model_cfg),
+                        converted_from={"path": str(info.path), "parallel": info.meta.get("parallel"),
+                                        "optimizer_state": "kept" if kept else "reset"})
             write_record(partial, meta, tokenizer.read_bytes() if tokenizer.is_file() else None)
     return [p[0] for p in planned]
 

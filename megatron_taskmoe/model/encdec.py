@@ -39,7 +39,7 @@ from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_taskmoe import platform
-from megatron_taskmoe.model.config import ModelConfig, ParallelConfig, to_transformer_config
+from megatron_taskmoe.model.config import ModelConfig, ParallelConfig, side_transformer_config, to_transformer_config
 from megatron_taskmoe.model.specs import block_spec
 from megatron_taskmoe.model.task_context import TaskContext
 
@@ -167,7 +167,7 @@ class EncoderDecoderModel(LanguageModule):
         if not layers or layers != list(range(layers[0], layers[0] + len(layers))):
             raise ValueError(f"EncoderDecoderModel: {side}_layers must be a non-empty contiguous range, got {layers}")
         block = TransformerBlock(
-            config=self.config,
+            config=side_transformer_config(self.config, cfg, side),
             spec=block_spec(cfg, side, self.task_context, layers),
             pre_process=layers[0] == 0,
             post_process=layers[-1] == total - 1,
@@ -345,6 +345,13 @@ class EncoderDecoderModel(LanguageModule):
     ) -> EncoderState:
         """Run the encoder once for incremental decoding (no pipelining: the whole model on this stage)."""
         self._require_whole_model("encode")
+        return self._encoder_layers_state(src_tokens, src_padding_mask, task_ids, src_lang_ids, tgt_lang_ids)
+
+    def _encoder_layers_state(self, src_tokens: torch.Tensor, src_padding_mask: torch.Tensor,
+                              task_ids: Optional[torch.Tensor], src_lang_ids: Optional[torch.Tensor],
+                              tgt_lang_ids: Optional[torch.Tensor]) -> EncoderState:
+        """This model's (or pipeline stage's) encoder layers on a batch; `output_SBD` is the encoder output only
+        on a stage holding the last encoder layer (a later stage's block input comes from `set_input_tensor`)."""
         src_tokens, src_padding_mask = self._pad_for_sp(src_tokens, src_padding_mask.bool())
         with self.task_context.micro_batch(
             task_ids_B=task_ids, tgt_lang_ids_B=tgt_lang_ids, src_lang_ids_B=src_lang_ids,
@@ -359,7 +366,15 @@ class EncoderDecoderModel(LanguageModule):
         source sentence `src_index_N[n]` of `state`. Re-runs the decoder on the whole prefix (no KV cache):
         exact, and causal attention makes the last position independent of how the prefix was padded."""
         self._require_whole_model("decode_step")
-        length = prefix_NT.shape[1]
+        return self._next_token_logprobs(self._decoder_layers_step(state, prefix_NT, src_index_N),
+                                         prefix_NT.shape[1])
+
+    def _decoder_layers_step(self, state: EncoderState, prefix_NT: torch.Tensor,
+                             src_index_N: torch.Tensor) -> torch.Tensor:
+        """This model's (or pipeline stage's) decoder layers on the prefixes: hidden states [T(/TP), N, D].
+
+        A stage whose decoder block does not start at layer 0 reads its input from the block's
+        `set_input_tensor` (the pipelined decoding in `parallel/pipeline_decoding.py` sets it)."""
         mask_NT = torch.zeros_like(prefix_NT, dtype=torch.bool)
         prefix_NT, mask_NT = self._pad_for_sp(prefix_NT, mask_NT)
         src_mask_NS = state.src_padding_mask_BS.index_select(0, src_index_N)
@@ -371,7 +386,10 @@ class EncoderDecoderModel(LanguageModule):
             src_padding_mask_BS=src_mask_NS,
             tgt_padding_mask_BT=mask_NT,
         ):
-            hidden_TND = self._run_decoder(prefix_NT, mask_NT, encoder_SND, src_mask_NS)
+            return self._run_decoder(prefix_NT, mask_NT, encoder_SND, src_mask_NS)
+
+    def _next_token_logprobs(self, hidden_TND: torch.Tensor, length: int) -> torch.Tensor:
+        """Log-probabilities [N, V] at position `length - 1` (the last real prefix position)."""
         logits_NTV = self._full_logits(hidden_TND)
         return torch.log_softmax(logits_NTV[:, length - 1].float(), dim=-1)
 

@@ -41,7 +41,7 @@ import torch
 
 from megatron_taskmoe import platform
 from megatron_taskmoe.model.config import ModelConfig, ParallelConfig, to_transformer_config
-from megatron_taskmoe.model.encdec import EncoderDecoderModel
+from megatron_taskmoe.model.encdec import EncoderDecoderModel, EncoderState
 
 Shape = tuple[int, int, int]
 
@@ -282,6 +282,38 @@ class EncoderDecoderStage(EncoderDecoderModel):
             self._received = None
             self.encoder_hidden_state = None
         return output
+
+    # ------------------------------------------------------------------------------------- decoding
+    @torch.no_grad()
+    def encode_part(self, batch: dict, received_SBD: Optional[torch.Tensor] = None) -> EncoderState:
+        """This encoder stage's layers on a batch for decoding (`parallel/pipeline_decoding.py`): its
+        `output_SBD` is [S_loc, B, D], the encoder output on the last encoder stage. `received_SBD` is the previous
+        stage's output (None on stage 0, which embeds)."""
+        if not self.add_encoder:
+            raise RuntimeError(f"EncoderDecoderStage.encode_part: stage {self.layout.stage} holds no encoder layer")
+        if not self.encoder.pre_process:
+            if received_SBD is None:
+                raise RuntimeError("EncoderDecoderStage.encode_part: a later encoder stage needs its input")
+            self.encoder.set_input_tensor(received_SBD)
+        return self._encoder_layers_state(batch["src_tokens"], batch["src_padding_mask"], batch.get("task_ids"),
+                                          batch.get("src_lang_ids"), batch.get("tgt_lang_ids"))
+
+    @torch.no_grad()
+    def decode_part(self, state: EncoderState, prefix_NT: torch.Tensor, src_index_N: torch.Tensor,
+                    received_TND: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """One decoding step on this decoder stage: the next-token log-probabilities [N, V] on the last stage,
+        else the hidden states [T_loc, N, D] for the next stage. `state.output_SBD` is the encoder output;
+        `received_TND` the previous decoder stage's output (None on the first decoder stage, which embeds)."""
+        if not self.add_decoder:
+            raise RuntimeError(f"EncoderDecoderStage.decode_part: stage {self.layout.stage} holds no decoder layer")
+        if not self.decoder.pre_process:
+            if received_TND is None:
+                raise RuntimeError("EncoderDecoderStage.decode_part: a later decoder stage needs its input")
+            self.decoder.set_input_tensor(received_TND)
+        hidden_TND = self._decoder_layers_step(state, prefix_NT, src_index_N)
+        if not self.post_process:
+            return hidden_TND
+        return self._next_token_logprobs(hidden_TND, prefix_NT.shape[1])
 
     # ------------------------------------------------------------------------------------- names
     def whole_model_name(self, name: str) -> str:

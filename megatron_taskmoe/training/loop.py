@@ -168,7 +168,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def _optimizers(self) -> list:
-        """megatron-core chains a second optimizer for expert parameters when expert parallelism is on."""
+        """megatron-core's chained optimizers: dense, then expert parameters (when the model has MoE layers)."""
         return list(getattr(self.built.optimizer, "chained_optimizers", [self.built.optimizer]))
 
     def _sharded_state_dict(self, is_loading: bool = False, with_optimizer: bool = True) -> dict:
@@ -229,9 +229,10 @@ class Trainer:
                               f"{self.corpus.tokenizer_path})")
         from megatron.core import dist_checkpointing
 
-        # Expert parameters get their own optimizer only under expert parallelism, so a resume across EP=1 and
-        # EP>1 changes the optimizer's structure: then the weights, schedule and data position are restored and the
-        # Adam moments start afresh (said in the log). Every other layout change reshards the optimizer too.
+        # Expert parameters always have their own chained optimizer (setup.mark_expert_parameters), so the optimizer
+        # state reshards across every layout change, EP=1 <-> EP>1 included. A checkpoint written before that (at
+        # EP=1: one optimizer) has another structure: then the weights, schedule and data position are restored and
+        # the Adam moments start afresh (said in the log).
         with_optimizer = info.meta.get("optimizer_chains", len(self._optimizers())) == len(self._optimizers())
         if with_optimizer:
             # The loading template needs optimizer states to exist: materialise them (overwritten by the load).
@@ -239,8 +240,9 @@ class Trainer:
                 if not opt.optimizer.state:
                     opt._init_optimizer_states_with_dummy_values()
         elif self.rank == 0:
-            log.warning("%s was saved with expert parallelism %s, this run uses %s: optimizer moments restart",
-                        info.path, info.meta.get("parallel", {}).get("expert"), self.cfg.parallel.expert)
+            log.warning("%s holds %s chained optimizer(s), this run has %d (a checkpoint from before expert "
+                        "weights always had their own optimizer): the Adam moments restart",
+                        info.path, info.meta.get("optimizer_chains"), len(self._optimizers()))
         sharded = self._sharded_state_dict(is_loading=True, with_optimizer=with_optimizer)
         sharded["scheduler"] = None
         sharded["train_state"] = None
@@ -386,37 +388,8 @@ class Trainer:
         return self.state
 
     def _evaluate(self, validator, step: int) -> bool:
-        """Validate, checkpoint (with BLEU as the metric), and decide on early stopping.
-
-        With pipeline parallelism only the validation loss is computed (forward-only through the 1F1B schedule):
-        decoding needs the whole model on one rank, so BLEU, the best-checkpoint metric and early stopping are
-        skipped, which the log says."""
-        if self.cfg.parallel.pipeline > 1:
-            from megatron_taskmoe.parallel import pipeline
-
-            def device_batches(direction):
-                for batch in validator._batches(direction):
-                    out = _to_device(batch)
-                    out["loss_mask"] = batch["loss_mask"].to(platform.device())
-                    yield out
-
-            loss = pipeline.validation_losses(
-                self.built.model, {d: list(device_batches(d)) for d in validator.data.directions},
-                make_forward_step(self.model_cfg), self.built.pg_collection)
-            loss_avg = sum(loss.values()) / max(len(loss), 1)
-            self.metrics.write("eval", step, loss=loss, loss_avg=loss_avg)
-            if self.rank == 0:
-                log.info("step %d validation: loss %.4f (%s); BLEU skipped: parallel.pipeline=%d splits the model "
-                         "over ranks and decoding needs all of it on one (translate the checkpoint with "
-                         "tools/translate.py)", step, loss_avg, json.dumps({k: round(v, 4) for k, v in loss.items()}),
-                         self.cfg.parallel.pipeline)
-                if self.cfg.eval.early_stopping_patience:
-                    log.warning("eval.early_stopping_patience=%d is ignored: early stopping compares BLEU, which "
-                                "is skipped under pipeline parallelism", self.cfg.eval.early_stopping_patience)
-            self.state.history.append({"step": step, "loss_avg": loss_avg})
-            if self.cfg.checkpoint.save:
-                self.save_checkpoint()
-            return False
+        """Validate (loss, BLEU/chrF; through the stages under pipeline parallelism), checkpoint with BLEU as the
+        metric, and decide on early stopping."""
         results = validator.run()
         bleu = results["bleu_avg"]
         self.metrics.write("eval", step, **results)

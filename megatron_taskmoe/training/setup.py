@@ -112,6 +112,30 @@ def use_bf16(cfg: RunConfig) -> bool:
     return torch.cuda.is_available() if cfg.train.bf16 is None else cfg.train.bf16
 
 
+def mark_expert_parameters(module: torch.nn.Module) -> int:
+    """Give every expert weight megatron's `allreduce=False` mark, also without expert parallelism; returns how
+    many parameters were marked.
+
+    megatron-core 0.16.1 marks expert weights only when expert parallelism is > 1 (`ColumnParallelLinear` /
+    `RowParallelLinear`: `allreduce = not (is_expert and expert_parallel)`), and both `DistributedDataParallel`
+    (a separate gradient buffer over the expert-data-parallel group) and `get_megatron_optimizer` (a second,
+    chained optimizer) follow that mark. Unmarked at EP=1, the experts would share the dense optimizer, whose
+    checkpoint then has another structure than at EP>1 (one flat optimizer instead of `chained_0`/`chained_1`), and
+    a resume across EP=1 and EP>1 could not map the Adam moments. Marked always, the structure is the same under
+    every layout, and the fully reshardable optimizer format reshards the expert moments like the weights. At EP=1
+    the expert-data-parallel group is the data-parallel group and megatron scales both buffers' gradients by 1/DP,
+    so the training is unchanged (up to the summation order of the gradient norm)."""
+    marked = 0
+    for sub in module.modules():
+        if not getattr(sub, "is_expert", False):
+            continue
+        for param in sub.parameters(recurse=False):
+            if getattr(param, "allreduce", True):
+                param.allreduce = False
+                marked += 1
+    return marked
+
+
 @dataclass(kw_only=True)
 class Built:
     """The live objects of a run."""
@@ -153,6 +177,8 @@ def build(cfg: RunConfig, model_cfg: ModelConfig) -> Built:
         module.model_type = ModelType.encoder_or_decoder
     if torch.cuda.is_available():
         module.cuda(torch.cuda.current_device())
+    # Before DDP and the optimizer read the marks: one optimizer structure under every expert-parallel size.
+    mark_expert_parameters(module)
     if bf16:
         from megatron.core.transformer.module import Float16Module
 

@@ -7,6 +7,10 @@ across data-parallel ranks is cheap.
 
 References are the validation targets decoded from their sentence pieces, so they match the raw text up to
 sentencepiece's normalisation; `tools/evaluate.py` scores against raw test text.
+
+With pipeline parallelism the loss goes forward-only through megatron's 1F1B schedule and the translations through
+the stages one decoding step at a time (`parallel/pipeline_decoding.py`); each stage counts the routing of its own
+layers and the counts are gathered over the pipeline group, so the record is the same as without pipelining.
 """
 
 from __future__ import annotations
@@ -84,12 +88,54 @@ class Validator:
             yield collate([self.data[lo + int(i)] for i in order[start:end]], self.batching)
             start = end
 
+    @property
+    def pipelined(self) -> bool:
+        return self.trainer.cfg.parallel.pipeline > 1
+
+    def translate(self, batch: dict) -> list[list[int]]:
+        """Token ids of the translations of a collated batch (no bos/eos); the same on every rank."""
+        model = self.trainer.built.module
+        if not self.pipelined:
+            return translate_batch(model, batch, self.search)
+        from megatron_taskmoe.parallel.pipeline_decoding import pipelined_translate_batch
+
+        return pipelined_translate_batch(model, {k: batch[k] for k in _MODEL_KEYS}, self.search,
+                                         self.trainer.built.pg_collection.pp, bos=BOS_ID, eos=EOS_ID)
+
+    def hypotheses(self, direction: str) -> list[list[int]]:
+        """Token ids of the translations of `direction`'s validation sentences, in `_batches` order (the model
+        must be in eval mode)."""
+        return [ids for batch in self._batches(direction) for ids in self.translate(batch)]
+
+    def _pipeline_losses(self) -> dict[str, float]:
+        """Mean token loss per direction, forward-only through the pipeline stages."""
+        from megatron_taskmoe.parallel import pipeline
+        from megatron_taskmoe.training.loop import make_forward_step
+
+        def device_batches(direction):
+            for batch in self._batches(direction):
+                out = {k: batch[k].to(platform.device()) for k in _MODEL_KEYS}
+                out["loss_mask"] = batch["loss_mask"].to(platform.device())
+                yield out
+
+        return pipeline.validation_losses(
+            self.trainer.built.model, {d: list(device_batches(d)) for d in self.data.directions},
+            make_forward_step(self.trainer.model_cfg), self.trainer.built.pg_collection)
+
     def _routing_summary(self, model) -> dict:
         """Per layer: each task's share of its routed tokens per expert (or adapter), from the validation pass.
 
-        Under tensor parallelism each rank routes its sequence shard, so counts are summed over the TP group."""
+        Under tensor parallelism each rank routes its sequence shard, so counts are summed over the TP group; under
+        pipeline parallelism each stage holds some layers, named here as in the whole model and gathered."""
         stats = routing_stats(model)
         all_reduce_routing_stats(stats, group=self.trainer.built.pg_collection.tp)
+        if self.pipelined:
+            pp = self.trainer.built.pg_collection.pp
+            mine = {model.whole_model_name(name): {k: v.cpu() for k, v in entry.items()}
+                    for name, entry in stats.items()}
+            gathered: list = [None] * pp.size()
+            torch.distributed.all_gather_object(gathered, mine, group=pp)
+            stats = {name: entry for stage_stats in gathered for name, entry in stage_stats.items()}
         names = self.trainer.corpus.manifest["task_map"]["tasks"]
         summary = {}
         for module_name, entry in stats.items():
@@ -108,23 +154,26 @@ class Validator:
         model.eval()
         set_routing_stats(model, True)
         try:
-            loss, bleu, chrf = {}, {}, {}
+            loss = self._pipeline_losses() if self.pipelined else {}
+            bleu, chrf = {}, {}
             for direction in self.data.directions:
                 loss_sum, tokens, hyps, refs = 0.0, 0.0, [], []
                 for batch in self._batches(direction):
-                    dev_batch = {k: batch[k].to(platform.device()) for k in _MODEL_KEYS}
-                    loss_BT = model(**dev_batch)
-                    mask = batch["loss_mask"].to(loss_BT.device)
-                    loss_sum += float((loss_BT.float() * mask).sum())
-                    tokens += float(mask.sum())
+                    if not self.pipelined:
+                        dev_batch = {k: batch[k].to(platform.device()) for k in _MODEL_KEYS}
+                        loss_BT = model(**dev_batch)
+                        mask = batch["loss_mask"].to(loss_BT.device)
+                        loss_sum += float((loss_BT.float() * mask).sum())
+                        tokens += float(mask.sum())
                     pause_routing_stats(model, True)  # decoding re-routes prefixes: keep it out of the statistics
-                    hyps.extend(self.sp.decode(ids) for ids in translate_batch(model, batch, self.search))
+                    hyps.extend(self.sp.decode(ids) for ids in self.translate(batch))
                     pause_routing_stats(model, False)
                     for labels, m in zip(batch["labels"], batch["loss_mask"]):
                         ids = [t for t in labels[m.bool()].tolist() if t not in (EOS_ID, BOS_ID)]
                         refs.append(self.sp.decode(ids))
                 score = score_corpus(hyps, refs)
-                loss[direction] = loss_sum / max(tokens, 1.0)
+                if not self.pipelined:
+                    loss[direction] = loss_sum / max(tokens, 1.0)
                 bleu[direction], chrf[direction] = score.bleu, score.chrf
             return {"loss": loss, "bleu": bleu, "chrf": chrf, "loss_avg": mean(loss.values()),
                     "bleu_avg": mean(bleu.values()), "chrf_avg": mean(chrf.values()),
@@ -132,4 +181,3 @@ class Validator:
         finally:
             set_routing_stats(model, False)
             model.train(was_training)
-

@@ -1,11 +1,16 @@
 """`pretrain_mt.py` with pipeline parallelism (PP=2: encoder stage | decoder stage) on 2 gloo ranks.
 
-One run trains 4 steps (2 micro-batches per step through the 1F1B schedule, validation loss through the schedule at
-the end, checkpoints at steps 2 and 4). Its step-2 checkpoint is then resumed twice: under PP=2 (the next steps'
-losses must be bitwise those of the uninterrupted run: same batches, optimizer state and RNG streams) and under
-PP=1 on one process (the checkpoint is resharded from two stages into one model; the next loss must agree within
-1e-5, the tiny model having no dropout). The corpus is generated: a word-for-word toy language family over one
-small lexicon, tokenized and preprocessed by the project's tools.
+One run trains 4 steps (2 micro-batches per step through the 1F1B schedule, validation at the end: loss through the
+schedule, BLEU/chrF per task from translations decoded through the stages, checkpoints at steps 2 and 4). Its step-2
+checkpoint is then resumed twice: under PP=2 (the next steps' losses must be bitwise those of the uninterrupted run:
+same batches, optimizer state and RNG streams) and under PP=1 on one process (the checkpoint is resharded from two
+stages into one model; the next loss must agree within 1e-5, the tiny model having no dropout).
+
+Pipelined decoding is checked against the single-process decode on the same weights: a model one tiny step from
+its initialisation (whose translations run long, unlike a 4-step model's, which end at once) is saved by one
+process, then the validation translations (token ids, greedy and beam 2), losses, BLEU and routing statistics of
+the `Validator` under PP=1 and under PP=2 must be equal. The corpus is generated: a word-for-word toy language
+family over one small lexicon, tokenized and preprocessed by the project's tools.
 """
 
 import json
@@ -17,6 +22,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+import _harness as H
 
 pytestmark = pytest.mark.distributed
 
@@ -91,7 +98,11 @@ def test_pipeline_trains_and_resumes(tmp_path, data_dir):
     assert all(0.0 < v < 20.0 for v in losses.values()), losses
     assert losses[4] < losses[1] - 0.1, losses  # it learns
     (ev,) = _records(full, "eval")
-    assert set(ev["loss"]) == {"de-en", "en-de"} and 0.0 < ev["loss_avg"] < 20.0 and "bleu" not in ev
+    assert set(ev["loss"]) == {"de-en", "en-de"} and 0.0 < ev["loss_avg"] < 20.0
+    # BLEU/chrF per task from translations decoded through the two stages; routing from both stages' layers.
+    assert set(ev["bleu"]) == set(ev["chrf"]) == {"de-en", "en-de"}
+    assert all(0.0 <= ev[m][d] <= 100.0 for m in ("bleu", "chrf") for d in ev["bleu"])
+    assert {name.split(".")[0] for name in ev["routing"]} == {"encoder", "decoder"}
     ckpts = full / "checkpoints"
     assert (ckpts / "step_00000002").is_dir() and (ckpts / "latest").read_text().strip() == "step_00000004"
 
@@ -111,3 +122,57 @@ def test_pipeline_trains_and_resumes(tmp_path, data_dir):
     assert got["step"] == 3
     for key in ("loss", "grad_norm", "aux/encoder_load_balancing_loss", "aux/decoder_load_balancing_loss"):
         assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-5), (key, got, want)
+
+
+def _validate_job(rank, world, overrides: list[str], out: str, save: bool) -> None:
+    """Worker: build the trainer (loading a checkpoint or saving its fresh weights), then the validator's
+    translations (greedy and beam 2) and its full record; rank 0 writes them to `out`."""
+    from dataclasses import replace
+
+    from megatron_taskmoe.config_io import load_config
+    from megatron_taskmoe.training.config import RunConfig
+    from megatron_taskmoe.training.loop import Trainer
+    from megatron_taskmoe.training.setup import load_corpus, resolve_model_config
+    from megatron_taskmoe.training.validation import Validator
+
+    cfg = load_config(RunConfig, ROOT / "examples/configs/tiny_cpu.yaml", overrides)
+    corpus = load_corpus(cfg)
+    trainer = Trainer(cfg, corpus, resolve_model_config(cfg, corpus, world))
+    if save:  # one step at a tiny learning rate: weights still near their initialisation, optimizer state to save
+        trainer.train_step()
+        trainer.save_checkpoint()
+    validator = Validator(trainer)
+    trainer.built.module.eval()
+    result = {}
+    for beam in (1, 2):
+        validator.search = replace(validator.search, beam_size=beam)
+        result[f"beam{beam}"] = {d: validator.hypotheses(d) for d in validator.data.directions}
+    validator.search = replace(validator.search, beam_size=1)
+    result["record"] = validator.run()
+    if rank == 0:
+        Path(out).write_text(json.dumps(result))
+
+
+def test_pipelined_decoding_equals_single_process(tmp_path, data_dir):
+    common = [f"data.data_dir={data_dir}", "data.max_tokens=256", "eval.max_sentences=8", "train.micro_batches=2"]
+    one, two = tmp_path / "pp1.json", tmp_path / "pp2.json"
+    H.spawn(_validate_job, 1, [*common, f"train.run_dir={tmp_path / 'pp1'}", "optim.lr=1e-5"], str(one), True,
+            tmp_dir=str(tmp_path))
+    ckpt = tmp_path / "pp1" / "checkpoints" / "step_00000001"
+    H.spawn(_validate_job, 2, [*common, f"train.run_dir={tmp_path / 'pp2'}", f"checkpoint.load={ckpt}",
+                               *PP2], str(two), False, tmp_dir=str(tmp_path))
+    a, b = json.loads(one.read_text()), json.loads(two.read_text())
+    for beam in ("beam1", "beam2"):
+        assert set(a[beam]) == {"de-en", "en-de"} and all(len(h) == 8 for h in a[beam].values())
+        # an untrained model's translations run long: a non-trivial comparison, token by token
+        assert sum(len(ids) for h in a[beam].values() for ids in h) > 8 * 2 * 5, a[beam]
+        assert b[beam] == a[beam]
+    assert a["beam1"] != a["beam2"]
+    ra, rb = a["record"], b["record"]
+    assert rb["bleu"] == ra["bleu"] and rb["chrf"] == ra["chrf"]
+    for d in ra["loss"]:
+        assert rb["loss"][d] == pytest.approx(ra["loss"][d], abs=1e-5)
+    assert list(rb["routing"]) == list(ra["routing"])
+    for name, entry in ra["routing"].items():
+        for task, share in entry["share"].items():
+            assert rb["routing"][name]["share"][task] == pytest.approx(share, abs=1e-4), (name, task)

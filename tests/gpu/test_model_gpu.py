@@ -45,7 +45,9 @@ def build(cfg, seed=0):
 
 def test_platform_changes_nothing_on_a_gpu():
     assert platform.apply() is False
-    assert all(name == "te_general_gemm=None" for name, _, _ in platform.PATCHES)
+    # on a GPU only megatron-core bug fixes apply: the TE name, and (without Apex/TE) the torch-Adam checkpoint fixes
+    bug_fixes = ("te_general_gemm=None", "DistributedOptimizer.", "ChainedOptimizer.")
+    assert all(name.startswith(bug_fixes) for name, _, _ in platform.PATCHES), platform.describe_patches()
     from megatron.core.tensor_parallel import mappings
 
     assert mappings.torch is torch
