@@ -50,8 +50,10 @@ def permute_extension_kwargs() -> dict:
     name = "megatron_taskmoe.ops._permute_ext"
     sources = [os.path.join(csrc, "permute_cpu.cpp")]
     # at::parallel_for is an inline `#pragma omp parallel` under torch's OpenMP backend: without -fopenmp it runs
-    # serially. The runtime is torch's own libgomp.so.1 (same soname, loaded once).
-    cxx_flags = ["-O3", "-fopenmp"]
+    # serially. The runtime is torch's own libgomp.so.1 (same soname, loaded once). -ffp-contract=off: no fused
+    # multiply-adds, so a weighted merge rounds the product and the sum apart, as torch's mul + scatter_add does
+    # (fp32 results bitwise equal to megatron-core's and the fallback's).
+    cxx_flags = ["-O3", "-fopenmp", "-ffp-contract=off"]
     nvcc = os.path.join(cpp_extension.CUDA_HOME or "", "bin", "nvcc")
     with_cuda = (
         torch.version.cuda is not None

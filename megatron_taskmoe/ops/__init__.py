@@ -5,15 +5,26 @@
 these kernels in its permutation steps.
 """
 
-from megatron_taskmoe.ops.backend import BACKENDS, extension_available, extension_has_cuda, resolved_backend
+from megatron_taskmoe.ops.backend import (
+    BACKENDS,
+    empty_output_cache,
+    extension_available,
+    extension_has_cuda,
+    output_cache_stats,
+    resolved_backend,
+    set_output_cache_limit,
+)
 from megatron_taskmoe.ops.permute import permute, uniform_routing_experts, unpermute
 
 __all__ = [
     "BACKENDS",
+    "empty_output_cache",
     "extension_available",
     "extension_has_cuda",
+    "output_cache_stats",
     "permute",
     "resolved_backend",
+    "set_output_cache_limit",
     "uniform_routing_experts",
     "unpermute",
 ]

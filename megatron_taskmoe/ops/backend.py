@@ -5,11 +5,15 @@ CPU kernels, plus CUDA kernels when built against a CUDA torch. `backend="auto"`
 and has a kernel for the tensor's device and dtype, else the fallback; the first time the extension cannot be
 loaded, one warning says so. `backend="extension"` insists (a clear error when it is missing), `"torch"` never
 uses it.
+
+The CPU kernels allocate their [*, H] outputs from a bounded cache of recycled huge-page blocks (see
+csrc/output_cache_cpu.h: it spares each call the page faults and zeroing of freshly mapped memory);
+`output_cache_stats()` reports it and `empty_output_cache()` releases it.
 """
 
 import importlib
 import logging
-from typing import Literal, Optional, Union
+from typing import Dict, Literal, Optional, Union
 
 import torch
 
@@ -127,6 +131,30 @@ def select_prims(backend: str, tensor: torch.Tensor) -> Prims:
             )
         return _ExtensionPrims
     return _ExtensionPrims if _load_extension() and _extension_supports(tensor) else _TorchPrims
+
+
+def output_cache_stats() -> Dict[str, int]:
+    """The CPU kernels' cache of recycled output blocks (csrc/output_cache_cpu.h): bytes held now, allocations
+    served from it (hits) and newly mapped (misses), and its limit (TASKMOE_OPS_CACHE_MB). Zeros without the
+    extension."""
+    if not _load_extension():
+        return dict(cached_bytes=0, hits=0, misses=0, limit_bytes=0)
+    cached, hits, misses, limit = torch.ops.taskmoe.output_cache_stats()
+    return dict(cached_bytes=cached, hits=hits, misses=misses, limit_bytes=limit)
+
+
+def empty_output_cache() -> int:
+    """Unmap the CPU kernels' cached free output blocks (live tensors are untouched); returns the bytes freed."""
+    return int(torch.ops.taskmoe.empty_output_cache()) if _load_extension() else 0
+
+
+def set_output_cache_limit(limit_bytes: int) -> None:
+    """Bound the CPU kernels' output cache to `limit_bytes` (0: no caching), evicting down to it. The first
+    value comes from TASKMOE_OPS_CACHE_MB (MiB, default 1024)."""
+    if limit_bytes < 0:
+        raise ValueError(f"output cache limit must be >= 0 bytes, got {limit_bytes}")
+    if _load_extension():
+        torch.ops.taskmoe.set_output_cache_limit(int(limit_bytes))
 
 
 def resolved_backend(backend: str, tensor: torch.Tensor) -> str:

@@ -10,6 +10,10 @@
 // so results do not depend on thread count or scheduling: no atomics, fixed summation order, fp32 (opmath)
 // accumulation.
 //
+// The [*, H] outputs come from output_cache_cpu.h (recycled huge-page blocks): at these sizes the page faults and
+// zeroing of freshly mapped memory cost more than the row copies. The build disables FMA contraction (setup.py),
+// so a weighted merge in fp32 is bitwise torch's mul + scatter_add.
+//
 // The module is loaded as a Python extension (PyInit below) whose only job is to run the static registrations;
 // the operators are then reached through torch.ops.taskmoe.*. The CUDA kernels register under the same schema
 // in permute_cuda.cpp when the extension is built with CUDA.
@@ -21,10 +25,14 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "output_cache_cpu.h"
+
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 namespace taskmoe {
@@ -115,6 +123,29 @@ Tensor as_float_weights(const std::optional<Tensor>& weights, int64_t n) {
   return weights->to(at::kFloat).contiguous();
 }
 
+// Calls fn(e) for each nonzero byte row[e], e ascending. Top-k routing maps are sparse (K of E per row), so
+// whole 8-byte words of zeros are skipped and the set bytes of a word are found with ctz.
+template <typename F>
+inline void for_each_routed(const uint8_t* row, int64_t E, F&& fn) {
+  int64_t e = 0;
+#if defined(__GNUC__) && defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+  for (; e + 8 <= E; e += 8) {
+    uint64_t word;
+    std::memcpy(&word, row + e, sizeof(word));
+    while (word != 0) {
+      const int byte = __builtin_ctzll(word) >> 3;  // little-endian: the lowest address is the lowest byte
+      fn(e + byte);
+      word &= ~(uint64_t(0xff) << (8 * byte));
+    }
+  }
+#endif
+  for (; e < E; ++e) {
+    if (row[e] != 0) {
+      fn(e);
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // permute_index: routing_map_TE -> (sorted_indices_N, slot_expert_N), megatron-core's order exactly.
 //   dropless (capacity < 0): for each expert in order, the tokens routed to it in ascending order.
@@ -129,21 +160,23 @@ std::tuple<Tensor, Tensor> permute_index_cpu(const Tensor& routing_map, int64_t 
   const Tensor map_TE = routing_map.to(at::kBool).contiguous();
   const int64_t T = map_TE.size(0);
   const int64_t E = map_TE.size(1);
-  const bool* map = map_TE.data_ptr<bool>();
+  const uint8_t* map = reinterpret_cast<const uint8_t*>(map_TE.data_ptr<bool>());
   const int64_t num_chunks = std::max<int64_t>(1, (T + kTokenChunk - 1) / kTokenChunk);
 
   // counts_CE[c * E + e]: routed tokens of expert e inside chunk c.
   std::vector<int64_t> counts_CE(num_chunks * E, 0);
   at::parallel_for(0, num_chunks, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
-      int64_t* cnt = counts_CE.data() + c * E;
+      // Branch-free and vectorizable: a chunk has at most kTokenChunk tokens, so 32-bit counters suffice.
+      std::vector<uint32_t> cnt(E, 0);
       const int64_t t_end = std::min(T, (c + 1) * kTokenChunk);
       for (int64_t t = c * kTokenChunk; t < t_end; ++t) {
-        const bool* row = map + t * E;
+        const uint8_t* row = map + t * E;
         for (int64_t e = 0; e < E; ++e) {
-          cnt[e] += row[e] ? 1 : 0;
+          cnt[e] += row[e] != 0 ? 1u : 0u;
         }
       }
+      std::copy(cnt.begin(), cnt.end(), counts_CE.begin() + c * E);
     }
   });
   // routed_before_CE[c * E + e]: routed tokens of expert e in chunks before c; total_E: per expert.
@@ -181,8 +214,18 @@ std::tuple<Tensor, Tensor> permute_index_cpu(const Tensor& routing_map, int64_t 
       for (int64_t e = 0; e < E; ++e) {
         routed_seen[e] = routed_before_CE[c * E + e];
       }
+      if (!drop_and_pad) {
+        for (int64_t t = t_begin; t < t_end; ++t) {
+          for_each_routed(map + t * E, E, [&](int64_t e) {
+            const int64_t slot = expert_start_E[e] + routed_seen[e]++;
+            out_idx[slot] = t;
+            out_exp[slot] = e;
+          });
+        }
+        continue;
+      }
       for (int64_t t = t_begin; t < t_end; ++t) {
-        const bool* row = map + t * E;
+        const uint8_t* row = map + t * E;
         for (int64_t e = 0; e < E; ++e) {
           int64_t pos;
           if (row[e]) {
@@ -251,7 +294,7 @@ Tensor gather_rows_cpu(const Tensor& src, const Tensor& indices, const std::opti
   const Tensor w_N = as_float_weights(weights, N);
   const float* w = w_N.defined() ? w_N.data_ptr<float>() : nullptr;
 
-  Tensor out = at::empty({N, H}, src_MH.options());
+  Tensor out = empty_output({N, H}, src_MH.scalar_type());
   if (N == 0 || H == 0) {
     return out;
   }
@@ -299,7 +342,7 @@ Tensor gather_sum_cpu(const Tensor& src, const Tensor& row_ptr, const Tensor& sl
   const Tensor w_N = as_float_weights(weights, N);
   const float* w = w_N.defined() ? w_N.data_ptr<float>() : nullptr;
 
-  Tensor out = at::empty({num_tokens, H}, src_NH.options());
+  Tensor out = empty_output({num_tokens, H}, src_NH.scalar_type());
   if (num_tokens == 0 || H == 0) {
     return out;
   }
@@ -308,7 +351,7 @@ Tensor gather_sum_cpu(const Tensor& src, const Tensor& row_ptr, const Tensor& sl
     const scalar_t* in = src_NH.data_ptr<scalar_t>();
     scalar_t* dst = out.data_ptr<scalar_t>();
     at::parallel_for(0, num_tokens, kRowGrain, [&](int64_t t0, int64_t t1) {
-      std::vector<opmath_t> acc(H);
+      std::vector<opmath_t> acc(std::is_same_v<scalar_t, opmath_t> ? 0 : H);
       for (int64_t t = t0; t < t1; ++t) {
         scalar_t* d = dst + t * H;
         const int64_t begin = ptr[t];
@@ -317,18 +360,26 @@ Tensor gather_sum_cpu(const Tensor& src, const Tensor& row_ptr, const Tensor& sl
           std::fill(d, d + H, static_cast<scalar_t>(0));
           continue;
         }
-        if (end - begin == 1 && w == nullptr) {
-          std::memcpy(d, in + slot[begin] * H, sizeof(scalar_t) * H);
-          continue;
-        }
         const auto weight = [&](int64_t k) {
           return w == nullptr ? opmath_t(1) : static_cast<opmath_t>(w[slot[k]]);
         };
-        row_acc_init(acc.data(), in + slot[begin] * H, weight(begin), H);
-        for (int64_t k = begin + 1; k < end; ++k) {
-          row_acc_add(acc.data(), in + slot[k] * H, weight(k), H);
+        if (end - begin == 1) {  // one pass, same arithmetic as init + store
+          if (w == nullptr) {
+            std::memcpy(d, in + slot[begin] * H, sizeof(scalar_t) * H);
+          } else {
+            row_scale(d, in + slot[begin] * H, weight(begin), H);
+          }
+          continue;
         }
-        row_store(d, acc.data(), H);
+        // fp32/fp64 accumulate in the output row itself (same operations and order as through acc).
+        opmath_t* sum = std::is_same_v<scalar_t, opmath_t> ? reinterpret_cast<opmath_t*>(d) : acc.data();
+        row_acc_init(sum, in + slot[begin] * H, weight(begin), H);
+        for (int64_t k = begin + 1; k < end; ++k) {
+          row_acc_add(sum, in + slot[k] * H, weight(k), H);
+        }
+        if constexpr (!std::is_same_v<scalar_t, opmath_t>) {
+          row_store(d, acc.data(), H);
+        }
       }
     });
   });
@@ -360,7 +411,7 @@ std::tuple<Tensor, Tensor> unpermute_backward_cpu(const Tensor& grad_out, const 
   const Tensor w_N = as_float_weights(weights, N);
   const float* w = w_N.data_ptr<float>();
 
-  Tensor grad_x = at::empty({N, H}, x_NH.options());
+  Tensor grad_x = empty_output({N, H}, x_NH.scalar_type());
   Tensor grad_w = at::empty({N}, x_NH.options().dtype(at::kFloat));
   float* gw = grad_w.data_ptr<float>();
   if (N == 0) {
@@ -382,6 +433,21 @@ std::tuple<Tensor, Tensor> unpermute_backward_cpu(const Tensor& grad_out, const 
   return {grad_x, grad_w};
 }
 
+// The output cache (output_cache_cpu.h): [cached bytes, hits, misses, limit bytes]; and unmapping it.
+std::vector<int64_t> output_cache_stats() {
+  const auto stats = OutputAllocator::get().stats();
+  return {stats.cached_bytes, stats.hits, stats.misses, OutputAllocator::get().limit_bytes()};
+}
+
+int64_t empty_output_cache() {
+  return OutputAllocator::get().empty_cache();
+}
+
+void set_output_cache_limit(int64_t limit_bytes) {
+  TORCH_CHECK(limit_bytes >= 0, "taskmoe: the output cache limit must be >= 0 bytes, got ", limit_bytes);
+  OutputAllocator::get().set_limit(static_cast<size_t>(limit_bytes));
+}
+
 }  // namespace
 
 TORCH_LIBRARY(taskmoe, m) {
@@ -390,6 +456,10 @@ TORCH_LIBRARY(taskmoe, m) {
   m.def("gather_rows(Tensor src, Tensor indices, Tensor? weights) -> Tensor");
   m.def("gather_sum(Tensor src, Tensor row_ptr, Tensor slots, Tensor? weights, int num_tokens) -> Tensor");
   m.def("unpermute_backward(Tensor grad_out, Tensor permuted, Tensor indices, Tensor weights) -> (Tensor, Tensor)");
+  // No tensor arguments: registered as catch-all kernels here rather than per device below.
+  m.def("output_cache_stats() -> int[]", &output_cache_stats);
+  m.def("empty_output_cache() -> int", &empty_output_cache);
+  m.def("set_output_cache_limit(int limit_bytes) -> ()", &set_output_cache_limit);
 }
 
 TORCH_LIBRARY_IMPL(taskmoe, CPU, m) {
