@@ -56,7 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 class AnalysisError(ValueError):
-    pass
+    """Bad input to this tool; the message names the path or option (exit 2)."""
 
 
 def load_families(path: Path | None) -> dict | None:

@@ -40,7 +40,7 @@ BIBLE_LANGUAGES = ("de", "es", "fr", "hi", "it", "pl", "pt", "ro", "ru", "tr")
 
 
 class StageError(RuntimeError):
-    pass
+    """A stage (training, merging, scoring) failed; the message names its log."""
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -218,6 +218,11 @@ def plot_routing(stats: RoutingStats, path: str | Path, *, title: Optional[str] 
         ax.set_axis_off()
     fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="share of the task's assignments")
     fig.suptitle(title or "routing per task: experts per MoE layer, then adapters", fontsize=10)
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Write a matplotlib `Figure` as PNG atomically (a temporary sibling renamed when complete)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
     os.close(fd)

@@ -31,7 +31,7 @@ from typing import Literal, Mapping, Optional, Sequence
 
 import numpy as np
 
-from megatron_taskmoe.analysis.routing import RoutingStats
+from megatron_taskmoe.analysis.routing import RoutingStats, save_figure
 
 Metric = Literal["js", "cosine"]
 METRIC_NAMES = {"js": "1 - Jensen-Shannon distance (log2)", "cosine": "cosine similarity"}
@@ -286,8 +286,6 @@ def _draw_dendrogram(ax, Z: np.ndarray, names: Sequence[str]) -> list[int]:
 def plot_similarity(sims: dict, clustering: dict, path, *, title: Optional[str] = None):
     """One PNG: the dendrogram of `clustering`, then the overall / experts / adapters similarity heatmaps with the
     tasks in dendrogram order; written to a temporary file and renamed."""
-    import os
-    import tempfile
     from pathlib import Path
 
     import matplotlib
@@ -324,14 +322,4 @@ def plot_similarity(sims: dict, clustering: dict, path, *, title: Optional[str] 
                                 color="white" if m_GG[i, j] < 0.6 else "black")
     fig.colorbar(image, ax=list(axes[1:]), shrink=0.8, label=sims["metric"])
     fig.suptitle(title or "task similarity from routing", fontsize=10)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=110)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return save_figure(fig, path)

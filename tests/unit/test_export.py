@@ -27,7 +27,7 @@ import pytest
 import torch
 
 from tests.helpers.corpus import run_tool
-from tests.unit import tiny_run
+import tiny_run  # as the other tool tests import it: one module, one cache of shared runs
 
 TOOL = "tools/checkpoint/export.py"
 TOL = 1e-5

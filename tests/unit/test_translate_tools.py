@@ -143,12 +143,12 @@ def test_evaluate_csv_markdown_and_direction_choice(run, tmp_path, capsys):
               "--directions", "en-de", "de-en", "--device", "cpu"]
     assert evaluate.main([*common, "--format", "csv", "--metric", "bleu"]) == 0
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
-    assert [r["metric"] for r in rows] == ["bleu"] and rows[0]["system"] == "run@30"
+    assert [r["metric"] for r in rows] == ["bleu"] and rows[0]["system"] == f"{run_dir.name}@30"
     assert list(rows[0]) == ["metric", "system", "de-en", "en-de", "avg xx-en", "avg en-xx", "avg"]
     assert evaluate.main([*common, "--format", "markdown"]) == 0
     text = capsys.readouterr().out
     assert "### BLEU" in text and "### chrF" in text
-    assert "| system | de-en | en-de | avg xx-en | avg en-xx | avg |" in text and "| run@30 |" in text
+    assert "| system | de-en | en-de | avg xx-en | avg en-xx | avg |" in text and f"| {run_dir.name}@30 |" in text
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -9,6 +9,7 @@ test modules of a session the same run.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -98,10 +99,13 @@ _CACHE: dict[tuple, Path] = {}
 
 def tiny_run(root: Path, **kwargs) -> Path:
     """The run directory of a tiny trained run under `root` (trained once per root and options)."""
-    key = (str(root), json.dumps(kwargs, sort_keys=True, default=str))
+    options = json.dumps(kwargs, sort_keys=True, default=str)
+    key = (str(root), options)
     if key not in _CACHE:
-        index = sum(k[0] == str(root) for k in _CACHE)
-        _CACHE[key] = train(root, root / ("run" if index == 0 else f"run{index}"), **kwargs)
+        # named by the options, so runs with other options never share a directory, even when this module is
+        # imported under two names (two caches)
+        name = "run-" + hashlib.sha256(options.encode()).hexdigest()[:12]
+        _CACHE[key] = train(root, root / name, **kwargs)
     return _CACHE[key]
 
 
