@@ -45,6 +45,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from megatron_taskmoe.fileio import save_figure, write_text_atomic  # noqa: E402
 
 LANGUAGES = ("fr", "es", "de", "ru", "pl")
 LOW_RESOURCE = ("es", "pl")
@@ -133,12 +134,6 @@ def sh(cmd: list[str], log: Path, env: Optional[dict] = None) -> float:
     return time.perf_counter() - start
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def subsample_low_resource(full: Path, out: Path, fraction: float, seed: int = 0) -> dict[str, int]:
     """Copy the bitext, keeping a seeded `fraction` of the training pairs of the low-resource languages."""
     tmp = out.with_name(out.name + ".partial")
@@ -175,7 +170,7 @@ def prepare(out: Path, scale: Scale, python: str) -> dict:
     manifest = json.loads((out / "data" / "manifest.json").read_text())
     info = {"low_resource_train_pairs": kept, "seconds": t,
             "train_split": {d: v["splits"].get("train") for d, v in manifest["directions"].items()}}
-    write_atomic(info_path, json.dumps(info, indent=2))
+    write_text_atomic(info_path, json.dumps(info, indent=2))
     return info
 
 
@@ -214,7 +209,7 @@ def execute(run: Run, scale: Scale, out: Path, python: str, threads: int, device
     else:
         shutil.rmtree(d / "run", ignore_errors=True)  # a half-finished earlier attempt restarts from scratch
         train_s = sh([python, "pretrain_mt.py", "--config", str(d / "config.yaml")], d / "train.log", env)
-        write_atomic(trained, json.dumps({"train_s": train_s, "config": cfg}))
+        write_text_atomic(trained, json.dumps({"train_s": train_s, "config": cfg}))
     cmd = [python, "tools/evaluate.py", "--checkpoint", str(d / "run"), "--system", run.label, "--data",
            str(out / "bible"), "--split", "test", "--max-sentences", str(scale.test_sentences), "--beam",
            str(scale.beam), "--format", "json", "--metric", "both", "--output", str(d / "scores.json"),
@@ -232,7 +227,7 @@ def execute(run: Run, scale: Scale, out: Path, python: str, threads: int, device
               "eval_s": round(eval_s, 1), "final_train_loss": losses[-1] if losses else None,
               "bleu": {k: v for k, v in scores["bleu"][0].items() if k != "system"},
               "chrf": {k: v for k, v in scores["chrf"][0].items() if k != "system"}}
-    write_atomic(record_path, json.dumps(record, indent=2))
+    write_text_atomic(record_path, json.dumps(record, indent=2))
     print(f"  done {run.name}: train {train_s:.0f}s eval {eval_s:.0f}s "
           f"avg BLEU xx-en {record['bleu'].get('avg xx-en')} en-xx {record['bleu'].get('avg en-xx')}", flush=True)
     return record
@@ -327,10 +322,8 @@ def plot_routing_check(check: dict, path: Path) -> None:
     ax.set_title("Do tasks of one language family share experts / adapters?")
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=120)
+    save_figure(fig, path)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def routing_markdown(check: dict) -> str:
@@ -443,8 +436,8 @@ def main(argv=None) -> int:
     doc["train_s_total"] = round(sum(r["train_s"] for r in records), 1)
     md += ["", f"Wall time of this invocation: {doc['wall_s']:.0f} s; training {doc['train_s_total']:.0f} s and "
            f"scoring {sum(r['eval_s'] for r in records):.0f} s summed over runs ({jobs} at a time)."]
-    write_atomic(out / "results.json", json.dumps(doc, indent=2))
-    write_atomic(out / "tables.md", "\n".join(md) + "\n")
+    write_text_atomic(out / "results.json", json.dumps(doc, indent=2))
+    write_text_atomic(out / "tables.md", "\n".join(md) + "\n")
     print("\n".join(md))
     print(f"\nwrote {out / 'tables.md'}, {out / 'results.json'}, {out / 'routing_families.png'}")
     return 0

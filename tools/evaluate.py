@@ -20,15 +20,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from translate import quiet_megatron  # noqa: E402
+
+from megatron_taskmoe.fileio import write_text_atomic  # noqa: E402
 
 FORMATS = ("markdown", "csv", "json")
 METRICS = ("bleu", "chrf")
@@ -107,17 +107,6 @@ def choose_directions(requested, available: dict, trained: list[str], where: str
     return list(requested)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def render(tables: dict, details: dict, fmt: str) -> str:
@@ -192,7 +181,7 @@ def main(argv=None) -> int:
                       f"{seconds:.1f}s)", file=sys.stderr)
                 if args.hypotheses_dir:
                     safe = re.sub(r"[^A-Za-z0-9_.@-]", "_", name)
-                    write_atomic(args.hypotheses_dir / f"{safe}.{args.split}.{d}.txt",
+                    write_text_atomic(args.hypotheses_dir / f"{safe}.{args.split}.{d}.txt",
                                  "".join(h.replace("\n", " ") + "\n" for h in hyps))
             for table in tables.values():
                 table.add(name, scores)
@@ -205,7 +194,7 @@ def main(argv=None) -> int:
         return fail(str(e))
     text = render(tables, details, args.format)
     if args.output:
-        write_atomic(args.output, text)
+        write_text_atomic(args.output, text)
     else:
         sys.stdout.write(text)
     return 0
@@ -219,7 +208,7 @@ def write_routing(args, translator, pairs) -> None:
     stats = collect_routing_stats(translator.loaded.model, bitext_batches(translator, pairs),
                                   task_names=translator.loaded.task_map["tasks"])
     if args.routing_json:
-        write_atomic(args.routing_json, stats.to_json())
+        write_text_atomic(args.routing_json, stats.to_json())
     if args.routing_png:
         plot_routing(stats, args.routing_png)
 

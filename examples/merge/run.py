@@ -30,12 +30,14 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "examples" / "configs" / "demo_bible.yaml"
+sys.path.insert(0, str(ROOT))
+from megatron_taskmoe.fileio import save_figure, write_text_atomic  # noqa: E402
+
 BIBLE_LANGUAGES = ("de", "es", "fr", "hi", "it", "pl", "pt", "ro", "ru", "tr")
 
 
@@ -104,16 +106,6 @@ def run(name: str, cmd: list, log_dir: Path) -> None:
     wait(start(name, cmd, log_dir))
 
 
-def write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def finished(run_dir: Path, steps: int) -> bool:
@@ -211,14 +203,7 @@ def plot_results(results: dict, path: Path) -> None:
     axes[0].legend(fontsize=8)
     fig.suptitle(f"merging task-MoE A ({', '.join(results['model_a']['tasks'])}) and B "
                  f"({', '.join(results['model_b']['tasks'])})", fontsize=10)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=110)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    save_figure(fig, path)
 
 
 # ------------------------------------------------------------------------------------------------ the experiment
@@ -289,7 +274,7 @@ def main(argv=None) -> int:
                   file=sys.stderr)
             return 2
     out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "settings.json", json.dumps(settings, indent=2) + "\n")
+    write_text_atomic(out / "settings.json", json.dumps(settings, indent=2) + "\n")
     logs = out / "logs"
     began = time.perf_counter()
     timings: dict[str, float] = {}
@@ -346,7 +331,7 @@ def main(argv=None) -> int:
                                           f"checkpoint.load={merged}", *merged_flags), logs)
         t = lap("train merged", t)
 
-        print(f"== evaluate the merged model after training; its routing (tools/analyze_routing.py)", flush=True)
+        print("== evaluate the merged model after training; its routing (tools/analyze_routing.py)", flush=True)
         if not evals[label].is_file():
             run("evaluate_merged", evaluate_cmd(args, [(label, run_merged)], out / "bible", evals[label]), logs)
         if not (out / "routing_run_merged" / "routing.json").is_file():
@@ -367,8 +352,8 @@ def main(argv=None) -> int:
             system: own_adapter_share(json.loads((out / f"routing_{name}" / "routing.json").read_text()), origin,
                                       args.group_a)
             for system, name in (("merged@0", "merged"), (label, "run_merged"))}
-    write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
-    write_atomic(out / "results.md", to_markdown(results))
+    write_text_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
+    write_text_atomic(out / "results.md", to_markdown(results))
     plot_results(results, out / "results.png")
     print((out / "results.md").read_text())
     print(f"results: {out / 'results.md'}, {out / 'results.json'}, {out / 'results.png'}")

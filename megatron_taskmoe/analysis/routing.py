@@ -18,15 +18,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Literal, Optional, Sequence
 
 import numpy as np
 import torch
+
+from megatron_taskmoe.fileio import save_figure
 
 _BATCH_KEYS = ("src_tokens", "src_padding_mask", "tgt_input", "tgt_padding_mask", "labels", "task_ids",
                "src_lang_ids", "tgt_lang_ids")
@@ -219,18 +219,3 @@ def plot_routing(stats: RoutingStats, path: str | Path, *, title: Optional[str] 
     fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="share of the task's assignments")
     fig.suptitle(title or "routing per task: experts per MoE layer, then adapters", fontsize=10)
     return save_figure(fig, path)
-
-
-def save_figure(fig, path: Path) -> Path:
-    """Write a matplotlib `Figure` as PNG atomically (a temporary sibling renamed when complete)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=110)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path

@@ -31,7 +31,8 @@ from typing import Literal, Mapping, Optional, Sequence
 
 import numpy as np
 
-from megatron_taskmoe.analysis.routing import RoutingStats, save_figure
+from megatron_taskmoe.analysis.routing import RoutingStats
+from megatron_taskmoe.fileio import save_figure
 
 Metric = Literal["js", "cosine"]
 METRIC_NAMES = {"js": "1 - Jensen-Shannon distance (log2)", "cosine": "cosine similarity"}
