@@ -4,6 +4,7 @@ vector/scalar paths, determinism and 64-bit offsets. Needs a GPU and the extensi
 Legend: T tokens, H hidden size, E experts, K experts per token, N permuted rows.
 """
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -108,3 +109,34 @@ def test_64bit_offsets():
     restored_TH = unpermute(tokens_TH, torch.arange(num_tokens, device=DEVICE).flip(0), tokens_TH.shape,
                             backend="extension")
     assert torch.all(restored_TH[0] == 3.0)
+
+
+def test_inverse_index_equals_cpu_kernel():
+    ops = torch.ops.taskmoe
+    for num_tokens, topk, num_experts in ((1, 1, 1), (301, 2, 8), (4096, 4, 64)):
+        routing_map_TE, _ = topk_routing(num_tokens, num_experts, topk, seed=num_tokens)
+        sorted_indices_N, _ = ops.permute_index(routing_map_TE, -1)
+        row_ptr_cpu, slots_cpu = ops.inverse_index(sorted_indices_N, num_tokens + 3)  # tokens without slots too
+        row_ptr_gpu, slots_gpu = ops.inverse_index(sorted_indices_N.to(DEVICE), num_tokens + 3)
+        assert torch.equal(row_ptr_gpu.cpu(), row_ptr_cpu) and torch.equal(slots_gpu.cpu(), slots_cpu)
+
+
+@pytest.mark.parametrize("case", ["gather_rows", "gather_sum", "unpermute_backward"])
+def test_out_of_range_index_is_a_device_side_assert(case):
+    # A device-side assert leaves the CUDA context unusable, so each case runs in its own interpreter.
+    code = f"""
+import torch
+from megatron_taskmoe.ops import permute, unpermute
+bad = torch.tensor([0, 9, 1], device="cuda")
+if {case!r} == "gather_rows":
+    torch.ops.taskmoe.gather_rows(torch.randn(6, 8, device="cuda"), bad, None)
+elif {case!r} == "gather_sum":
+    unpermute(torch.randn(3, 8, device="cuda"), bad, (6, 8), backend="extension")
+else:
+    torch.ops.taskmoe.unpermute_backward(torch.randn(6, 8, device="cuda"), torch.randn(3, 8, device="cuda"), bad,
+                                         torch.rand(3, device="cuda"))
+torch.cuda.synchronize()
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "out of range" in proc.stdout + proc.stderr or "device-side assert" in proc.stderr, proc.stderr[-2000:]

@@ -47,9 +47,10 @@ int main() {
   const int64_t big[2] = {int64_t(1) << 40, (int64_t(1) << 40) + 4};
   EXPECT(can_vectorize(4, int64_t(1) << 33, aligned, big, 2));
   // Nothing to do: success without a device.
-  EXPECT(gather_rows(DType::kFloat32, buf, 4, buf, 4, nullptr, nullptr, 0, 4, nullptr) == cudaSuccess);
-  EXPECT(gather_sum(DType::kBFloat16, buf, 4, buf, 4, nullptr, nullptr, nullptr, 0, 4, nullptr) == cudaSuccess);
-  EXPECT(unpermute_backward(DType::kFloat16, buf, 4, buf, 4, buf, 4, nullptr, nullptr, nullptr, 0, 4, nullptr)
+  EXPECT(gather_rows(DType::kFloat32, buf, 1, 4, buf, 4, nullptr, nullptr, 0, 4, nullptr) == cudaSuccess);
+  EXPECT(gather_sum(DType::kBFloat16, buf, 1, 4, buf, 4, nullptr, nullptr, 0, nullptr, 0, 4, nullptr)
+         == cudaSuccess);
+  EXPECT(unpermute_backward(DType::kFloat16, buf, 1, 4, buf, 4, buf, 4, nullptr, nullptr, nullptr, 0, 4, nullptr)
          == cudaSuccess);
   if (failures == 0) std::printf("host checks passed\n");
   return failures;

@@ -2,6 +2,10 @@
 // the kernels of permute_cuda_kernels.cu; the index work on [T, E] booleans uses ATen ops in megatron-core's order
 // (masked_select / stable argsort), which is small next to the rows it places.
 //
+// Nothing here waits for the device: indices are range-checked inside the kernels (device-side asserts), and the
+// inverse index is a sort and a binary search, so the only host synchronisation is masked_select's in a dropless
+// permute_index (its output size depends on the routing map; megatron-core's permute has the same one).
+//
 // Legend: T tokens, H hidden size, E experts, N permuted rows.
 
 #include <ATen/ATen.h>
@@ -30,15 +34,6 @@ taskmoe_cuda::DType kernel_dtype(at::ScalarType t) {
 // The kernels need a dense last dimension; any row stride is fine.
 Tensor rows_dense(const Tensor& t) { return t.stride(1) == 1 ? t : t.contiguous(); }
 
-void check_index_range(const Tensor& idx, int64_t limit, const char* name) {
-  if (idx.numel() == 0) {
-    return;
-  }
-  const auto [lo, hi] = at::aminmax(idx);
-  TORCH_CHECK(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < limit, "taskmoe: ", name,
-              " has entries outside [0, ", limit, ")");
-}
-
 std::tuple<Tensor, Tensor> permute_index_cuda(const Tensor& routing_map, int64_t capacity) {
   TORCH_CHECK(routing_map.dim() == 2, "taskmoe: routing_map must be 2-D [tokens, experts], got shape ",
               routing_map.sizes());
@@ -65,11 +60,13 @@ std::tuple<Tensor, Tensor> permute_index_cuda(const Tensor& routing_map, int64_t
 std::tuple<Tensor, Tensor> inverse_index_cuda(const Tensor& sorted_indices, int64_t num_tokens) {
   TORCH_CHECK(sorted_indices.dim() == 1 && sorted_indices.scalar_type() == at::kLong,
               "taskmoe: sorted_indices must be a 1-D int64 tensor");
+  TORCH_CHECK(num_tokens >= 0, "taskmoe: num_tokens must be >= 0, got ", num_tokens);
   const c10::cuda::CUDAGuard guard(sorted_indices.device());
-  check_index_range(sorted_indices, num_tokens, "sorted_indices");
-  const Tensor counts = at::bincount(sorted_indices, /*weights=*/{}, num_tokens);
-  const Tensor row_ptr = at::cat({at::zeros({1}, counts.options()), counts.cumsum(0)});
-  const Tensor slots = std::get<1>(sorted_indices.sort(/*stable=*/true, /*dim=*/0, /*descending=*/false));
+  // slots: the slot numbers ordered by token (stably, so each token's slots ascend); row_ptr[t]: the number of
+  // entries < t. Entries outside [0, num_tokens) make row_ptr start above 0 or end below N, which gather_sum
+  // asserts on (no host-side check: it would synchronise).
+  const auto [tokens_sorted, slots] = sorted_indices.sort(/*stable=*/true, /*dim=*/0, /*descending=*/false);
+  const Tensor row_ptr = at::searchsorted(tokens_sorted, at::arange(num_tokens + 1, sorted_indices.options()));
   return {row_ptr, slots};
 }
 
@@ -87,12 +84,11 @@ Tensor gather_rows_cuda(const Tensor& src, const Tensor& indices, const std::opt
   const c10::cuda::CUDAGuard guard(src.device());
   const Tensor s = rows_dense(src);
   const Tensor idx = indices.contiguous();
-  check_index_range(idx, s.size(0), "indices");
   const int64_t N = idx.size(0);
   const int64_t H = s.size(1);
   const auto w = float_weights(weights, N);
   Tensor out = at::empty({N, H}, s.options());
-  C10_CUDA_CHECK(taskmoe_cuda::gather_rows(kernel_dtype(s.scalar_type()), s.data_ptr(), s.stride(0),
+  C10_CUDA_CHECK(taskmoe_cuda::gather_rows(kernel_dtype(s.scalar_type()), s.data_ptr(), s.size(0), s.stride(0),
                                            out.data_ptr(), out.stride(0), idx.data_ptr<int64_t>(),
                                            w ? w->data_ptr<float>() : nullptr, N, H,
                                            c10::cuda::getCurrentCUDAStream().stream()));
@@ -109,14 +105,13 @@ Tensor gather_sum_cuda(const Tensor& src, const Tensor& row_ptr, const Tensor& s
   const Tensor s = rows_dense(src);
   const Tensor ptr = row_ptr.contiguous();
   const Tensor sl = slots.contiguous();
-  check_index_range(sl, s.size(0), "slots");
   const int64_t H = s.size(1);
   const auto w = float_weights(weights, s.size(0));
   Tensor out = at::empty({num_tokens, H}, s.options());
-  C10_CUDA_CHECK(taskmoe_cuda::gather_sum(kernel_dtype(s.scalar_type()), s.data_ptr(), s.stride(0),
+  C10_CUDA_CHECK(taskmoe_cuda::gather_sum(kernel_dtype(s.scalar_type()), s.data_ptr(), s.size(0), s.stride(0),
                                           out.data_ptr(), out.stride(0), ptr.data_ptr<int64_t>(),
-                                          sl.data_ptr<int64_t>(), w ? w->data_ptr<float>() : nullptr, num_tokens,
-                                          H, c10::cuda::getCurrentCUDAStream().stream()));
+                                          sl.data_ptr<int64_t>(), sl.size(0), w ? w->data_ptr<float>() : nullptr,
+                                          num_tokens, H, c10::cuda::getCurrentCUDAStream().stream()));
   return out;
 }
 
@@ -131,16 +126,15 @@ std::tuple<Tensor, Tensor> unpermute_backward_cuda(const Tensor& grad_out, const
   const Tensor g = rows_dense(grad_out);
   const Tensor x = rows_dense(permuted);
   const Tensor idx = indices.contiguous();
-  check_index_range(idx, g.size(0), "indices");
   const int64_t N = x.size(0);
   const int64_t H = x.size(1);
   const auto w = float_weights(weights, N);
   Tensor grad_x = at::empty({N, H}, x.options());
   Tensor grad_w = at::empty({N}, x.options().dtype(at::kFloat));
   C10_CUDA_CHECK(taskmoe_cuda::unpermute_backward(
-      kernel_dtype(x.scalar_type()), g.data_ptr(), g.stride(0), x.data_ptr(), x.stride(0), grad_x.data_ptr(),
-      grad_x.stride(0), grad_w.data_ptr<float>(), idx.data_ptr<int64_t>(), w->data_ptr<float>(), N, H,
-      c10::cuda::getCurrentCUDAStream().stream()));
+      kernel_dtype(x.scalar_type()), g.data_ptr(), g.size(0), g.stride(0), x.data_ptr(), x.stride(0),
+      grad_x.data_ptr(), grad_x.stride(0), grad_w.data_ptr<float>(), idx.data_ptr<int64_t>(), w->data_ptr<float>(),
+      N, H, c10::cuda::getCurrentCUDAStream().stream()));
   return {grad_x, grad_w};
 }
 

@@ -7,6 +7,16 @@
 // row in 16-byte vectors when every pointer and row stride allows it, else element by element. Reductions (the
 // sum over a token's slots, the dot product for the probability gradient) run in a fixed order with fp32
 // accumulators and no atomics, so results are bitwise reproducible. Row offsets are int64.
+//
+// Index checks run inside the kernels, as device-side asserts (what torch's own index kernels do): a bad index
+// stops the kernel with a message naming the check instead of reading or writing out of bounds, and the host
+// never waits for the device to validate indices (a host-side check would cost a synchronisation per call).
+
+// The asserts stay on in release builds (the extension may be compiled with -DNDEBUG).
+#ifdef NDEBUG
+#undef NDEBUG
+#endif
+#include <cassert>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -52,14 +62,16 @@ struct Pack {
 };
 
 template <typename T, bool kVec, bool kWeighted>
-__global__ void gather_rows_kernel(const T* __restrict__ src, int64_t src_stride, T* __restrict__ dst,
-                                   int64_t dst_stride, const int64_t* __restrict__ indices,
+__global__ void gather_rows_kernel(const T* __restrict__ src, int64_t src_rows, int64_t src_stride,
+                                   T* __restrict__ dst, int64_t dst_stride, const int64_t* __restrict__ indices,
                                    const float* __restrict__ weights, int64_t N, int64_t H) {
   using P = typename Pack<T, kVec>::Type;
   constexpr int V = Pack<T, kVec>::V;
   const int64_t HV = H / V;
   for (int64_t j = blockIdx.x; j < N; j += gridDim.x) {
-    const P* s = reinterpret_cast<const P*>(src + indices[j] * src_stride);
+    const int64_t row = indices[j];
+    assert(row >= 0 && row < src_rows && "taskmoe gather_rows: index out of range");
+    const P* s = reinterpret_cast<const P*>(src + row * src_stride);
     P* d = reinterpret_cast<P*>(dst + j * dst_stride);
     const float w = kWeighted ? weights[j] : 1.0f;
     for (int64_t c = threadIdx.x; c < HV; c += blockDim.x) {
@@ -76,13 +88,17 @@ __global__ void gather_rows_kernel(const T* __restrict__ src, int64_t src_stride
 }
 
 template <typename T, bool kVec, bool kWeighted>
-__global__ void gather_sum_kernel(const T* __restrict__ src, int64_t src_stride, T* __restrict__ dst,
-                                  int64_t dst_stride, const int64_t* __restrict__ row_ptr,
-                                  const int64_t* __restrict__ slots, const float* __restrict__ weights, int64_t T_,
-                                  int64_t H) {
+__global__ void gather_sum_kernel(const T* __restrict__ src, int64_t src_rows, int64_t src_stride,
+                                  T* __restrict__ dst, int64_t dst_stride, const int64_t* __restrict__ row_ptr,
+                                  const int64_t* __restrict__ slots, int64_t num_slots,
+                                  const float* __restrict__ weights, int64_t T_, int64_t H) {
   using P = typename Pack<T, kVec>::Type;
   constexpr int V = Pack<T, kVec>::V;
   const int64_t HV = H / V;
+  // row_ptr covers every slot exactly when it runs from 0 to num_slots (an inverse index built from entries
+  // outside [0, T) does not: see inverse_index_cuda).
+  assert((blockIdx.x != 0 || threadIdx.x != 0 || (row_ptr[0] == 0 && row_ptr[T_] == num_slots)) &&
+         "taskmoe gather_sum: row_ptr must run from 0 to the number of slots (index out of range)");
   for (int64_t t = blockIdx.x; t < T_; t += gridDim.x) {
     const int64_t begin = row_ptr[t];
     const int64_t end = row_ptr[t + 1];
@@ -95,6 +111,7 @@ __global__ void gather_sum_kernel(const T* __restrict__ src, int64_t src_stride,
       }
       for (int64_t k = begin; k < end; ++k) {
         const int64_t slot = slots[k];
+        assert(slot >= 0 && slot < src_rows && "taskmoe gather_sum: slot out of range");
         const float w = kWeighted ? weights[slot] : 1.0f;
         const P x = reinterpret_cast<const P*>(src + slot * src_stride)[c];
 #pragma unroll
@@ -137,7 +154,8 @@ __device__ __forceinline__ float block_sum(float v, float* shared_warp) {
 }
 
 template <typename T, bool kVec>
-__global__ void unpermute_backward_kernel(const T* __restrict__ grad_out, int64_t grad_out_stride,
+__global__ void unpermute_backward_kernel(const T* __restrict__ grad_out, int64_t grad_out_rows,
+                                          int64_t grad_out_stride,
                                           const T* __restrict__ permuted, int64_t permuted_stride,
                                           T* __restrict__ grad_permuted, int64_t grad_permuted_stride,
                                           float* __restrict__ grad_weights, const int64_t* __restrict__ indices,
@@ -147,7 +165,9 @@ __global__ void unpermute_backward_kernel(const T* __restrict__ grad_out, int64_
   __shared__ float shared_warp[kMaxThreads / 32];
   const int64_t HV = H / V;
   for (int64_t j = blockIdx.x; j < N; j += gridDim.x) {
-    const P* g = reinterpret_cast<const P*>(grad_out + indices[j] * grad_out_stride);
+    const int64_t row = indices[j];
+    assert(row >= 0 && row < grad_out_rows && "taskmoe unpermute_backward: index out of range");
+    const P* g = reinterpret_cast<const P*>(grad_out + row * grad_out_stride);
     const P* x = reinterpret_cast<const P*>(permuted + j * permuted_stride);
     P* d = reinterpret_cast<P*>(grad_permuted + j * grad_permuted_stride);
     const float w = weights[j];
@@ -179,77 +199,51 @@ int threads_for(int64_t row_units) {
 
 int blocks_for(int64_t rows) { return static_cast<int>(std::min<int64_t>(rows, kMaxBlocks)); }
 
+// The launchers pick one of the kernel's instantiations (vector or scalar path, weighted or not) and launch it.
 template <typename T>
-cudaError_t gather_rows_typed(const void* src, int64_t src_stride, void* dst, int64_t dst_stride,
-                              const int64_t* indices, const float* weights, int64_t N, int64_t H,
+cudaError_t gather_rows_typed(const void* src, int64_t src_rows, int64_t src_stride, void* dst,
+                              int64_t dst_stride, const int64_t* indices, const float* weights, int64_t N, int64_t H,
                               cudaStream_t stream) {
   const void* ptrs[2] = {src, dst};
   const int64_t strides[2] = {src_stride, dst_stride};
   const bool vec = can_vectorize(sizeof(T), H, ptrs, strides, 2);
   const int64_t units = vec ? H / (kVecBytes / static_cast<int64_t>(sizeof(T))) : H;
-  const dim3 grid(blocks_for(N));
-  const dim3 block(threads_for(units));
-  const T* s = static_cast<const T*>(src);
-  T* d = static_cast<T*>(dst);
-  if (vec && weights) {
-    gather_rows_kernel<T, true, true><<<grid, block, 0, stream>>>(s, src_stride, d, dst_stride, indices, weights, N, H);
-  } else if (vec) {
-    gather_rows_kernel<T, true, false><<<grid, block, 0, stream>>>(s, src_stride, d, dst_stride, indices, weights, N, H);
-  } else if (weights) {
-    gather_rows_kernel<T, false, true><<<grid, block, 0, stream>>>(s, src_stride, d, dst_stride, indices, weights, N, H);
-  } else {
-    gather_rows_kernel<T, false, false><<<grid, block, 0, stream>>>(s, src_stride, d, dst_stride, indices, weights, N, H);
-  }
+  const auto kernel = vec ? (weights ? gather_rows_kernel<T, true, true> : gather_rows_kernel<T, true, false>)
+                          : (weights ? gather_rows_kernel<T, false, true> : gather_rows_kernel<T, false, false>);
+  kernel<<<blocks_for(N), threads_for(units), 0, stream>>>(static_cast<const T*>(src), src_rows, src_stride,
+                                                           static_cast<T*>(dst), dst_stride, indices, weights, N, H);
   return cudaGetLastError();
 }
 
 template <typename T>
-cudaError_t gather_sum_typed(const void* src, int64_t src_stride, void* dst, int64_t dst_stride,
-                             const int64_t* row_ptr, const int64_t* slots, const float* weights, int64_t T_,
-                             int64_t H, cudaStream_t stream) {
+cudaError_t gather_sum_typed(const void* src, int64_t src_rows, int64_t src_stride, void* dst, int64_t dst_stride,
+                             const int64_t* row_ptr, const int64_t* slots, int64_t num_slots, const float* weights,
+                             int64_t T_, int64_t H, cudaStream_t stream) {
   const void* ptrs[2] = {src, dst};
   const int64_t strides[2] = {src_stride, dst_stride};
   const bool vec = can_vectorize(sizeof(T), H, ptrs, strides, 2);
   const int64_t units = vec ? H / (kVecBytes / static_cast<int64_t>(sizeof(T))) : H;
-  const dim3 grid(blocks_for(T_));
-  const dim3 block(threads_for(units));
-  const T* s = static_cast<const T*>(src);
-  T* d = static_cast<T*>(dst);
-  if (vec && weights) {
-    gather_sum_kernel<T, true, true><<<grid, block, 0, stream>>>(s, src_stride, d, dst_stride, row_ptr, slots, weights, T_, H);
-  } else if (vec) {
-    gather_sum_kernel<T, true, false><<<grid, block, 0, stream>>>(s, src_stride, d, dst_stride, row_ptr, slots, weights, T_, H);
-  } else if (weights) {
-    gather_sum_kernel<T, false, true><<<grid, block, 0, stream>>>(s, src_stride, d, dst_stride, row_ptr, slots, weights, T_, H);
-  } else {
-    gather_sum_kernel<T, false, false><<<grid, block, 0, stream>>>(s, src_stride, d, dst_stride, row_ptr, slots, weights, T_, H);
-  }
+  const auto kernel = vec ? (weights ? gather_sum_kernel<T, true, true> : gather_sum_kernel<T, true, false>)
+                          : (weights ? gather_sum_kernel<T, false, true> : gather_sum_kernel<T, false, false>);
+  kernel<<<blocks_for(T_), threads_for(units), 0, stream>>>(static_cast<const T*>(src), src_rows, src_stride,
+                                                            static_cast<T*>(dst), dst_stride, row_ptr, slots,
+                                                            num_slots, weights, T_, H);
   return cudaGetLastError();
 }
 
 template <typename T>
-cudaError_t unpermute_backward_typed(const void* grad_out, int64_t grad_out_stride, const void* permuted,
-                                     int64_t permuted_stride, void* grad_permuted, int64_t grad_permuted_stride,
-                                     float* grad_weights, const int64_t* indices, const float* weights, int64_t N,
-                                     int64_t H, cudaStream_t stream) {
+cudaError_t unpermute_backward_typed(const void* grad_out, int64_t grad_out_rows, int64_t grad_out_stride,
+                                     const void* permuted, int64_t permuted_stride, void* grad_permuted,
+                                     int64_t grad_permuted_stride, float* grad_weights, const int64_t* indices,
+                                     const float* weights, int64_t N, int64_t H, cudaStream_t stream) {
   const void* ptrs[3] = {grad_out, permuted, grad_permuted};
   const int64_t strides[3] = {grad_out_stride, permuted_stride, grad_permuted_stride};
   const bool vec = can_vectorize(sizeof(T), H, ptrs, strides, 3);
   const int64_t units = vec ? H / (kVecBytes / static_cast<int64_t>(sizeof(T))) : H;
-  const dim3 grid(blocks_for(N));
-  const dim3 block(threads_for(units));
-  const T* g = static_cast<const T*>(grad_out);
-  const T* x = static_cast<const T*>(permuted);
-  T* d = static_cast<T*>(grad_permuted);
-  if (vec) {
-    unpermute_backward_kernel<T, true><<<grid, block, 0, stream>>>(g, grad_out_stride, x, permuted_stride, d,
-                                                                   grad_permuted_stride, grad_weights, indices,
-                                                                   weights, N, H);
-  } else {
-    unpermute_backward_kernel<T, false><<<grid, block, 0, stream>>>(g, grad_out_stride, x, permuted_stride, d,
-                                                                    grad_permuted_stride, grad_weights, indices,
-                                                                    weights, N, H);
-  }
+  const auto kernel = vec ? unpermute_backward_kernel<T, true> : unpermute_backward_kernel<T, false>;
+  kernel<<<blocks_for(N), threads_for(units), 0, stream>>>(
+      static_cast<const T*>(grad_out), grad_out_rows, grad_out_stride, static_cast<const T*>(permuted),
+      permuted_stride, static_cast<T*>(grad_permuted), grad_permuted_stride, grad_weights, indices, weights, N, H);
   return cudaGetLastError();
 }
 
@@ -271,58 +265,64 @@ bool can_vectorize(int64_t elem_size, int64_t H, const void* const* ptrs, const 
   return true;
 }
 
-cudaError_t gather_rows(DType dtype, const void* src, int64_t src_stride, void* dst, int64_t dst_stride,
-                        const int64_t* indices, const float* weights, int64_t N, int64_t H, cudaStream_t stream) {
+cudaError_t gather_rows(DType dtype, const void* src, int64_t src_rows, int64_t src_stride, void* dst,
+                        int64_t dst_stride, const int64_t* indices, const float* weights, int64_t N, int64_t H,
+                        cudaStream_t stream) {
   if (N == 0 || H == 0) {
     return cudaSuccess;
   }
   switch (dtype) {
     case DType::kFloat32:
-      return gather_rows_typed<float>(src, src_stride, dst, dst_stride, indices, weights, N, H, stream);
+      return gather_rows_typed<float>(src, src_rows, src_stride, dst, dst_stride, indices, weights, N, H, stream);
     case DType::kFloat16:
-      return gather_rows_typed<__half>(src, src_stride, dst, dst_stride, indices, weights, N, H, stream);
+      return gather_rows_typed<__half>(src, src_rows, src_stride, dst, dst_stride, indices, weights, N, H, stream);
     case DType::kBFloat16:
-      return gather_rows_typed<__nv_bfloat16>(src, src_stride, dst, dst_stride, indices, weights, N, H, stream);
+      return gather_rows_typed<__nv_bfloat16>(src, src_rows, src_stride, dst, dst_stride, indices, weights, N, H,
+                                              stream);
   }
   return cudaErrorInvalidValue;
 }
 
-cudaError_t gather_sum(DType dtype, const void* src, int64_t src_stride, void* dst, int64_t dst_stride,
-                       const int64_t* row_ptr, const int64_t* slots, const float* weights, int64_t T, int64_t H,
-                       cudaStream_t stream) {
+cudaError_t gather_sum(DType dtype, const void* src, int64_t src_rows, int64_t src_stride, void* dst,
+                       int64_t dst_stride, const int64_t* row_ptr, const int64_t* slots, int64_t num_slots,
+                       const float* weights, int64_t T, int64_t H, cudaStream_t stream) {
   if (T == 0 || H == 0) {
     return cudaSuccess;
   }
   switch (dtype) {
     case DType::kFloat32:
-      return gather_sum_typed<float>(src, src_stride, dst, dst_stride, row_ptr, slots, weights, T, H, stream);
+      return gather_sum_typed<float>(src, src_rows, src_stride, dst, dst_stride, row_ptr, slots, num_slots,
+                                     weights, T, H, stream);
     case DType::kFloat16:
-      return gather_sum_typed<__half>(src, src_stride, dst, dst_stride, row_ptr, slots, weights, T, H, stream);
+      return gather_sum_typed<__half>(src, src_rows, src_stride, dst, dst_stride, row_ptr, slots, num_slots,
+                                      weights, T, H, stream);
     case DType::kBFloat16:
-      return gather_sum_typed<__nv_bfloat16>(src, src_stride, dst, dst_stride, row_ptr, slots, weights, T, H,
-                                             stream);
+      return gather_sum_typed<__nv_bfloat16>(src, src_rows, src_stride, dst, dst_stride, row_ptr, slots,
+                                             num_slots, weights, T, H, stream);
   }
   return cudaErrorInvalidValue;
 }
 
-cudaError_t unpermute_backward(DType dtype, const void* grad_out, int64_t grad_out_stride, const void* permuted,
-                               int64_t permuted_stride, void* grad_permuted, int64_t grad_permuted_stride,
-                               float* grad_weights, const int64_t* indices, const float* weights, int64_t N,
-                               int64_t H, cudaStream_t stream) {
+cudaError_t unpermute_backward(DType dtype, const void* grad_out, int64_t grad_out_rows, int64_t grad_out_stride,
+                               const void* permuted, int64_t permuted_stride, void* grad_permuted,
+                               int64_t grad_permuted_stride, float* grad_weights, const int64_t* indices,
+                               const float* weights, int64_t N, int64_t H, cudaStream_t stream) {
   if (N == 0) {
     return cudaSuccess;
   }
   switch (dtype) {
     case DType::kFloat32:
-      return unpermute_backward_typed<float>(grad_out, grad_out_stride, permuted, permuted_stride, grad_permuted,
-                                             grad_permuted_stride, grad_weights, indices, weights, N, H, stream);
+      return unpermute_backward_typed<float>(grad_out, grad_out_rows, grad_out_stride, permuted, permuted_stride,
+                                             grad_permuted, grad_permuted_stride, grad_weights, indices, weights, N,
+                                             H, stream);
     case DType::kFloat16:
-      return unpermute_backward_typed<__half>(grad_out, grad_out_stride, permuted, permuted_stride, grad_permuted,
-                                              grad_permuted_stride, grad_weights, indices, weights, N, H, stream);
+      return unpermute_backward_typed<__half>(grad_out, grad_out_rows, grad_out_stride, permuted, permuted_stride,
+                                              grad_permuted, grad_permuted_stride, grad_weights, indices, weights,
+                                              N, H, stream);
     case DType::kBFloat16:
-      return unpermute_backward_typed<__nv_bfloat16>(grad_out, grad_out_stride, permuted, permuted_stride,
-                                                     grad_permuted, grad_permuted_stride, grad_weights, indices,
-                                                     weights, N, H, stream);
+      return unpermute_backward_typed<__nv_bfloat16>(grad_out, grad_out_rows, grad_out_stride, permuted,
+                                                     permuted_stride, grad_permuted, grad_permuted_stride,
+                                                     grad_weights, indices, weights, N, H, stream);
   }
   return cudaErrorInvalidValue;
 }
