@@ -27,7 +27,7 @@ gives torch's allocator huge pages too, MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRES
 the header prints which of these is set.
 
 Usage: python benchmarks/permute.py [--threads 1 2] [--dtype fp32] [--shapes 4096x512x8x2 ...] [--repeats 9]
-       [--clock wall|cpu] [--device cpu|cuda] [--skip-fallback] [--json out.json]
+       [--clock wall|cpu] [--device cpu|cuda] [--inner N] [--skip-fallback] [--json out.json]
 """
 
 import argparse
@@ -146,9 +146,12 @@ def cases(impl: str, tokens_TH, routing_map_TE, probs_TE) -> Dict[str, Case]:
 
 
 def timed_rotation(
-    fns: Dict[tuple, Case], repeats: int, device: str, clock: Callable[[], float]
+    fns: Dict[tuple, Case], repeats: int, device: str, clock: Callable[[], float], inner: int = 1
 ) -> Dict[tuple, List[float]]:
-    """Seconds per repeat for every case, after one untimed warm-up call each; the order rotates per repeat."""
+    """Seconds per call for every case, after one untimed warm-up call each; the order rotates per repeat.
+
+    Each repeat times `inner` back-to-back calls (their states prepared beforehand) and divides: on a GPU one
+    call of a few microseconds is shorter than the launch and synchronisation around it."""
     for case in fns.values():
         case.run(case.prepare())
     keys = list(fns)
@@ -156,15 +159,16 @@ def timed_rotation(
     for r in range(repeats):
         shift = r % len(keys)
         for key in keys[shift:] + keys[:shift]:
-            state = fns[key].prepare()
+            states = [fns[key].prepare() for _ in range(inner)]
             if device == "cuda":
                 torch.cuda.synchronize()
             start = clock()
-            fns[key].run(state)
+            for state in states:
+                fns[key].run(state)
             if device == "cuda":
                 torch.cuda.synchronize()
-            samples[key].append(clock() - start)
-            del state
+            samples[key].append((clock() - start) / inner)
+            del states
     return samples
 
 
@@ -228,7 +232,7 @@ def run(args) -> List[dict]:
                     continue
                 for op, case in cases(impl, tokens_TH, routing_map_TE, probs_TE).items():
                     fns[(impl, op)] = case
-            samples = timed_rotation(fns, args.repeats, args.device, clock)
+            samples = timed_rotation(fns, args.repeats, args.device, clock, inner=args.inner)
             block, copy_s, copy_gbs = summarize(samples, impls, shape, elem, 2 * src.numel() * elem)
             common = dict(threads=threads, shape=text, dtype=args.dtype, clock=args.clock, copy_gbs=copy_gbs)
             block = [dict(common, **row) for row in block]
@@ -240,7 +244,7 @@ def run(args) -> List[dict]:
 def print_block(rows: List[dict], threads: int, shape: str, copy_gbs: float, copy_s: float, args) -> None:
     env = " ".join(f"{k}={os.environ[k]}" for k in ENV_SETTINGS if k in os.environ) or "default allocator settings"
     print(f"\n== {shape} (TxHxExK), {args.dtype}, threads={threads}, {args.clock} clock, {env}: "
-          f"copy_ {copy_s * 1e3:.2f} ms, {copy_gbs:.1f} GB/s (medians of {args.repeats})")
+          f"copy_ {copy_s * 1e3:.2f} ms, {copy_gbs:.1f} GB/s (medians of {args.repeats} samples of {args.inner} call(s))")
     print(f"{'op':<14} {'impl':<10} {'ms':>9} {'GB/s':>7} {'%copy':>6} {'x megatron':>10}")
     for r in rows:
         print(f"{r['op']:<14} {r['impl']:<10} {r['ms']:>9.2f} {r['gbs']:>7.1f} {r['pct_copy']:>5.0f}% "
@@ -257,13 +261,17 @@ def main(argv=None) -> int:
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                         help="wall: elapsed time; cpu: the process's CPU time (for 1 thread on a busy machine)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--inner", type=int, default=None,
+                        help="calls per timed sample (default: 1 on CPU, 20 on CUDA, where one call is too short)")
     parser.add_argument("--skip-fallback", action="store_true", help="do not time the pure-torch fallback")
     parser.add_argument("--json", help="also write the rows here (written to a temporary file, then renamed)")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
-    if args.repeats < 1 or min(args.threads) < 1:
-        parser.error("--repeats and --threads must be >= 1")
+    if args.inner is None:
+        args.inner = 20 if args.device == "cuda" else 1
+    if args.repeats < 1 or min(args.threads) < 1 or args.inner < 1:
+        parser.error("--repeats, --threads and --inner must be >= 1")
     if args.device == "cuda" and args.clock == "cpu":
         parser.error("--clock cpu measures host CPU time; use --clock wall with --device cuda")
     rows = run(args)
