@@ -5,14 +5,17 @@ Model A learns en<->X (default fr), model B en<->Y (default de), each a tiny sha
 (`examples/configs/demo_bible.yaml`, one process each, trained side by side) on the Bible. They are merged with
 `tools/checkpoint/merge.py` (their dynamic adapters concatenated 2 + 2 = 4, task tables re-indexed into the union's
 ids, every other weight averaged), scored on all four directions, trained a few hundred steps on the union, and
-scored again. The table and the picture put, per direction: the model trained on it alone (A or B), the merged model
-before any training and after it.
+scored again. The control: A and B each trained the same number of extra steps on their own tasks, restarted the
+way the merged model is (weights only: fresh optimizer and LR schedule), so a gain of the merged model over the
+control is the merge's, not the extra steps'. The table and the picture put, per direction: the model trained on it
+alone (A or B), the merged model before any training and after it, and the control.
 
     python examples/merge/run.py merge_output            # ~15 min on 2 CPU cores
     python examples/merge/run.py merge_output --steps 2000 --merged-steps 500 --test-sentences 0
 
 Writes into OUTPUT: bible/, spm.model, data_{a,b,union}/ (shared data prep, as examples/demo.sh), run_a/, run_b/,
-merged/ (the merged checkpoint, step 0), run_merged/, eval_*.json (tools/evaluate.py), routing_merged/ and
+merged/ (the merged checkpoint, step 0), run_merged/, control_{a,b}/ (A and B restarted at step 0, as
+merged/) and run_control_{a,b}/, eval_*.json (tools/evaluate.py), routing_merged/ and
 routing_run_merged/ (tools/analyze_routing.py of the merged model before and after training: does each task still
 pick its own model's adapters?), logs/, and the results: results.json, results.md and results.png.
 
@@ -52,7 +55,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--group-a", default="fr", help="model A's language, trained as en-X and X-en")
     p.add_argument("--group-b", default="de", help="model B's language, trained as en-Y and Y-en")
     p.add_argument("--steps", type=int, default=400, help="training steps of A and of B")
-    p.add_argument("--merged-steps", type=int, default=200, help="training steps of the merged model on the union")
+    p.add_argument("--merged-steps", type=int, default=200,
+                   help="training steps of the merged model on the union (and of the control: A and B each)")
+    p.add_argument("--no-control", dest="control", action="store_false",
+                   help="skip the control (A and B trained --merged-steps more steps on their own tasks)")
     p.add_argument("--test-sentences", type=int, default=100, help="test pairs per direction; 0: all")
     p.add_argument("--beam", type=int, default=1, help="beam size of the evaluations (1: greedy)")
     p.add_argument("--config", type=Path, default=CONFIG, help="pretrain_mt.py config of all three trainings")
@@ -117,24 +123,43 @@ def finished(run_dir: Path, steps: int) -> bool:
 # ------------------------------------------------------------------------------------------------ results
 def build_results(args, details: dict, merged_label: str, timings: dict, seconds: float) -> dict:
     """{directions, systems, scores: {system: {direction: {bleu, chrf}}}, ...}; "alone" is, per direction, the
-    model (A or B) that was trained on it."""
+    model (A or B) that was trained on it, and the control (when `details` has "A+N" / "B+N") the same after N more
+    steps."""
     a, b = args.group_a, args.group_b
     directions = [f"{a}-en", f"en-{a}", f"{b}-en", f"en-{b}"]
     scores = {label: {d: {"bleu": v["bleu"], "chrf": v["chrf"]} for d, v in rec.items() if isinstance(v, dict)}
               for label, rec in details.items()}
-    alone = {d: {**scores["A" if a in d.split("-") else "B"][d], "model": "A" if a in d.split("-") else "B"}
-             for d in directions}
-    systems = {"alone": alone, "merged@0": scores["merged@0"], merged_label: scores[merged_label]}
+
+    def own_model(prefix_a: str, prefix_b: str) -> dict:
+        return {d: {**scores[prefix_a if a in d.split("-") else prefix_b][d],
+                    "model": prefix_a if a in d.split("-") else prefix_b} for d in directions}
+
+    systems = {"alone": own_model("A", "B"), "merged@0": scores["merged@0"], merged_label: scores[merged_label]}
+    control_a, control_b = f"A+{args.merged_steps}", f"B+{args.merged_steps}"
+    if control_a in scores and control_b in scores:
+        systems[control_label(args)] = own_model(control_a, control_b)
     averages = {name: {m: sum(s[d][m] for d in directions) / len(directions) for m in ("bleu", "chrf")}
                 for name, s in systems.items()}
     sentences = {d: details["merged@0"][d]["sentences"] for d in directions}
     return {"experiment": "Pham et al. 2023, 5.2.2 / Figure 3 at demo scale", "directions": directions,
             "model_a": {"tasks": [f"{a}-en", f"en-{a}"], "steps": args.steps},
             "model_b": {"tasks": [f"{b}-en", f"en-{b}"], "steps": args.steps},
-            "merged_steps": args.merged_steps, "beam": args.beam, "test_sentences": sentences,
+            "merged_steps": args.merged_steps, "control_steps": args.merged_steps if len(systems) > 3 else None,
+            "beam": args.beam, "test_sentences": sentences,
             "systems": list(systems), "scores": systems, "averages": averages,
             "signature": details["merged@0"][directions[0]]["signature"],
             "seconds": {**timings, "total": round(seconds, 1)}}
+
+
+def control_label(args) -> str:
+    return f"alone+{args.merged_steps}"
+
+
+def _system_names(results: dict) -> dict[str, str]:
+    names = {"alone": "A or B alone", **{s: s for s in results["systems"][1:]}}
+    if results.get("control_steps"):
+        names[f"alone+{results['control_steps']}"] = f"A or B +{results['control_steps']} steps (control)"
+    return names
 
 
 def own_adapter_share(doc: dict, origin: dict, group_a: str) -> dict[str, float]:
@@ -154,7 +179,7 @@ def own_adapter_share(doc: dict, origin: dict, group_a: str) -> dict[str, float]
 
 def to_markdown(results: dict) -> str:
     directions, systems = results["directions"], results["systems"]
-    names = {"alone": "A or B alone", **{s: s for s in systems[1:]}}
+    names = _system_names(results)
     lines = []
     for metric, title in (("bleu", "BLEU"), ("chrf", "chrF")):
         lines += [f"### {title}", "", "| system | " + " | ".join(directions) + " | avg |",
@@ -174,7 +199,10 @@ def to_markdown(results: dict) -> str:
     n = sorted(set(results["test_sentences"].values()))
     lines.append(f"A: {', '.join(results['model_a']['tasks'])}, B: {', '.join(results['model_b']['tasks'])}, "
                  f"{results['model_a']['steps']} steps each; merged model trained {results['merged_steps']} steps on "
-                 f"the union; test pairs per direction: {'/'.join(map(str, n))}, beam {results['beam']}; "
+                 f"the union" + (f"; control: A and B each trained {results['control_steps']} more steps on their own "
+                                 "tasks, restarted like the merged model (fresh optimizer and LR schedule)"
+                                 if results.get("control_steps") else "")
+                 + f"; test pairs per direction: {'/'.join(map(str, n))}, beam {results['beam']}; "
                  f"{results['seconds']['total'] / 60:.1f} min (this invocation).")
     return "\n".join(lines) + "\n"
 
@@ -191,7 +219,7 @@ def plot_results(results: dict, path: Path) -> None:
     axes = fig.subplots(1, 2)
     x = np.arange(len(directions))
     width = 0.8 / len(systems)
-    labels = {"alone": "A or B alone", **{s: s for s in systems[1:]}}
+    labels = _system_names(results)
     for ax, (metric, title) in zip(axes, (("bleu", "BLEU"), ("chrf", "chrF"))):
         for i, s in enumerate(systems):
             values = [results["scores"][s][d][metric] for d in directions]
@@ -253,6 +281,15 @@ def evaluate_cmd(args, systems: list[tuple[str, Path]], data: Path, output: Path
     return cmd
 
 
+def restart_cmds(args, checkpoint: Path, restarted: Path) -> list[list]:
+    """`checkpoint`'s weights as a trainer checkpoint at step 0 with a fresh optimizer and the LR schedule of an
+    --merged-steps run, as tools/checkpoint/merge.py writes the merged model: through one parallelism-free file."""
+    single = restarted.with_suffix(".safetensors")
+    convert = [sys.executable, "tools/checkpoint/convert.py"]
+    return [[*convert, checkpoint, single, "--overwrite"],
+            [*convert, single, restarted, "--config", args.config, "--set", f"train.steps={args.merged_steps}"]]
+
+
 def analyze_cmd(args, checkpoint: Path, out: Path) -> list:
     return [sys.executable, "tools/analyze_routing.py", "--checkpoint", checkpoint, "--data", out / "bible",
             "--split", "test", "--max-sentences", args.test_sentences, "--out", out / f"routing_{checkpoint.name}",
@@ -282,6 +319,8 @@ def main(argv=None) -> int:
     merged, run_merged, label = out / "merged", out / "run_merged", f"merged@{args.merged_steps}"
     evals = {"alone": out / "eval_alone.json", "merged@0": out / "eval_merged_0.json",
              label: out / f"eval_merged_{args.merged_steps}.json"}
+    if args.control:
+        evals["control"] = out / f"eval_control_{args.merged_steps}.json"
 
     def lap(stage: str, since: float) -> float:
         timings[stage] = round(time.perf_counter() - since, 1)
@@ -336,8 +375,31 @@ def main(argv=None) -> int:
             run("evaluate_merged", evaluate_cmd(args, [(label, run_merged)], out / "bible", evals[label]), logs)
         if not (out / "routing_run_merged" / "routing.json").is_file():
             run("analyze_run_merged", analyze_cmd(args, run_merged, out), logs)
+        t = lap(f"evaluate {label}", t)
+
+        if args.control:
+            print(f"== control: A and B restarted like the merged model, {args.merged_steps} more steps each on "
+                  "their own tasks", flush=True)
+            jobs = []
+            for key in ("a", "b"):
+                restarted, run_dir = out / f"control_{key}", out / f"run_control_{key}"
+                if not (restarted / "checkpoint.json").is_file():
+                    for i, cmd in enumerate(restart_cmds(args, out / f"run_{key}" / "checkpoints", restarted)):
+                        run(f"restart_{key}_{i}", cmd, logs)
+                if not finished(run_dir, args.merged_steps):
+                    jobs.append(start(f"train_control_{key}", train_cmd(args, data[key], run_dir, args.merged_steps,
+                                                                        f"checkpoint.load={restarted}"), logs))
+                    if args.sequential:
+                        wait(jobs.pop())
+            wait(*jobs)
+            if not evals["control"].is_file():
+                n = args.merged_steps
+                run("evaluate_control", evaluate_cmd(args, [(f"A+{n}", out / "run_control_a"),
+                                                            (f"B+{n}", out / "run_control_b")],
+                                                     out / "bible", evals["control"]), logs)
+            t = lap("control", t)
         wait(*background)
-        lap(f"evaluate {label} (and wait for the background jobs)", t)
+        lap("wait for the background jobs", t)
     except StageError as e:
         for _, proc, _ in background:
             proc.kill()

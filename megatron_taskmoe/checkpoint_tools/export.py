@@ -63,7 +63,8 @@ def arch_config(cfg: ModelConfig) -> rc.ArchConfig:
             r = m.side(side)
             sides[side] = rc.RoutingSpec(mode=r.mode, task_source=r.task_source, task_embed_dim=r.task_embed_dim,
                                          moe_layers=[i for i, p in enumerate(cfg.moe_pattern(side)) if p],
-                                         num_experts=_side_experts(cfg, side))
+                                         num_experts=_side_experts(cfg, side),
+                                         capacity_num_experts=r.capacity_num_experts)
         a = m.adapters
         rows = m.num_task_rows(a.task_source)
         num_adapters = {"none": 0, "static": rows}.get(a.mode) if not a.is_dynamic else a.resolved_num_adapters(rows)

@@ -21,8 +21,12 @@ report its size as "Serving" next to "Train" (their Table 1). Here, for the kept
     directions and refuses the others. The model can be fine-tuned on a corpus whose manifest has these ids.
   * dynamic and shared-dynamic adapters are chosen per token (a gate over concat(token, task embedding)): all of
     them are kept (their number is pinned in the config, since the default derives it from the task count).
-  * token dropping (`capacity_factor`) depends on the number of experts of a layer, so only dropless models are
-    extracted.
+  * token dropping (`capacity_factor`): an expert's capacity is ceil(tokens * k / E * factor), so a task-routed
+    side keeps the full model's E for that formula (`RoutingConfig.capacity_num_experts`): every kept expert
+    accepts as many tokens as before, and on the same batch exactly the same tokens are dropped (within a task all
+    tokens carry the same weights, so the drop order is the same too). Models with `pad_to_capacity` are refused:
+    megatron-core's all-to-all dispatcher pads every expert to a capacity it computes from the layer's own E, which
+    can exceed the batch once E shrinks.
 
 Legend: G task-table rows, C task embedding dim, E experts, U kept experts, K top-k, D model dim.
 """
@@ -205,11 +209,11 @@ def check_extractable(cfg: ModelConfig, where: str) -> None:
             f"{where}: nothing to extract: its MoE layers route by {modes}, a choice that depends on each token, "
             "so every expert serves every task; only task-routed layers (RoutingConfig.mode='task', e.g. the "
             "token_enc_task_dec system) or static task adapters have a per-task subset")
-    if task_sides and moe.capacity_factor is not None:
+    if task_sides and moe.pad_to_capacity:
         raise CheckpointToolError(
-            f"{where}: MoEConfig.capacity_factor={moe.capacity_factor}: token dropping depends on a layer's number "
-            "of experts (capacity = ceil(tokens * k / E * factor)), so a sub-network would drop other tokens; only "
-            "dropless models (capacity_factor None) are extracted")
+            f"{where}: MoEConfig.pad_to_capacity=True: megatron-core's all-to-all dispatcher pads every expert to a "
+            "capacity computed from the layer's own number of experts, which a sub-network changes; only models "
+            "without padding to capacity are extracted (token dropping by capacity_factor is fine)")
 
 
 def extract(ckpt: FullCheckpoint, *, tasks: Sequence[str] = (), target_langs: Sequence[str] = ()
@@ -249,7 +253,12 @@ def extract(ckpt: FullCheckpoint, *, tasks: Sequence[str] = (), target_langs: Se
     sides = {}
     for side in SIDES:
         side_plans = [p for p in plans if p.side == side and p.mode == "task"]
-        sides[side] = replace(moe.side(side), num_experts=len(side_plans[0].kept)) if side_plans else moe.side(side)
+        if not side_plans:
+            sides[side] = moe.side(side)
+            continue
+        capacity_num_experts = moe.side_capacity_experts(side) if moe.capacity_factor is not None else None
+        sides[side] = replace(moe.side(side), num_experts=len(side_plans[0].kept),
+                              capacity_num_experts=capacity_num_experts)
     new_adapters = adapters
     if adapters.is_dynamic:
         new_adapters = replace(adapters, num_adapters=adapters.resolved_num_adapters(

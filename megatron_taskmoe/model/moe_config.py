@@ -65,6 +65,10 @@ class RoutingConfig:
     # task-routed side (checkpoint_tools/extract.py) keeps only the experts its tasks route to, so its two sides
     # can differ (e.g. a token-routed encoder keeps all 8 experts, the target-routed decoder 2).
     num_experts: int | None = None
+    # E in this side's capacity formula (capacity = ceil(tokens * topk / E * capacity_factor)); None means the
+    # side's experts. A sub-network extracted from a task-routed side keeps the full model's E here, so each kept
+    # expert accepts as many tokens as before and exactly the same tokens are dropped.
+    capacity_num_experts: int | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -77,6 +81,8 @@ class RoutingConfig:
             raise ValueError(f"RoutingConfig.layer_freq={self.layer_freq!r} must be an integer >= 0")
         if self.num_experts is not None:
             _check_positive_int("RoutingConfig", "num_experts", self.num_experts)
+        if self.capacity_num_experts is not None:
+            _check_positive_int("RoutingConfig", "capacity_num_experts", self.capacity_num_experts)
 
     @property
     def uses_task_ids(self) -> bool:
@@ -258,6 +264,11 @@ class MoEConfig:
         """E of `side`'s MoE layers: its `RoutingConfig.num_experts` override, else `num_experts`."""
         override = self.side(side).num_experts
         return self.num_experts if override is None else override
+
+    def side_capacity_experts(self, side: str) -> int:
+        """E of `side`'s capacity formula: its `RoutingConfig.capacity_num_experts`, else its expert count."""
+        override = self.side(side).capacity_num_experts
+        return self.side_num_experts(side) if override is None else override
 
     def num_task_rows(self, task_source: str) -> int:
         """G, the rows of a task table indexed by `task_source`."""

@@ -189,7 +189,10 @@ class TaskTopKRouter(TopKRouter):
         probs_TE, routing_map_TE = R.topk_routing(logits_TE, self.topk, renormalize=not self.config.moe_router_pre_softmax)
         if self.config.moe_expert_capacity_factor is not None:
             capacity = R.expert_capacity(
-                logits_TE.shape[0], self.num_experts, self.topk, self.config.moe_expert_capacity_factor
+                logits_TE.shape[0],
+                self.routing_config.capacity_num_experts or self.num_experts,
+                self.topk,
+                self.config.moe_expert_capacity_factor,
             )
             probs_TE, routing_map_TE = R.drop_over_capacity(
                 probs_TE,

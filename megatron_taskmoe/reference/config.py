@@ -42,6 +42,8 @@ class RoutingSpec:
     moe_layers: list[int] = field(default_factory=list)
     """0-based indexes of this side's layers whose FFN is an MoE layer."""
     num_experts: int = 0
+    capacity_num_experts: Optional[int] = None
+    """E in the capacity formula when it is not num_experts (a sub-network extracted from a larger model)."""
 
 
 @dataclass(kw_only=True)
@@ -171,6 +173,9 @@ def parse_config(data: dict, where: str = CONFIG_FILE) -> ExportConfig:
             _check(spec.mode in ROUTING_MODES, where, f"model.moe.{side}.mode={spec.mode!r} not in {ROUTING_MODES}")
             _check(spec.task_source in TASK_SOURCES, where, f"model.moe.{side}.task_source={spec.task_source!r}")
             _check(not spec.moe_layers or spec.num_experts >= 1, where, f"model.moe.{side}.num_experts must be >= 1")
+            _check(spec.capacity_num_experts is None or (isinstance(spec.capacity_num_experts, int)
+                                                         and spec.capacity_num_experts >= 1),
+                   where, f"model.moe.{side}.capacity_num_experts must be null or >= 1")
         moe["adapters"] = _build(AdapterSpec, moe.get("adapters"), f"{where}: model.moe.adapters")
         _check(moe["adapters"].mode in ADAPTER_MODES, where, f"model.moe.adapters.mode={moe['adapters'].mode!r}")
         moe = _build(MoESpec, moe, f"{where}: model.moe")

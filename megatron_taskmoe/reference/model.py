@@ -223,6 +223,7 @@ class MoEFFN(nn.Module):
         super().__init__()
         moe = arch.moe
         self.spec = moe
+        self.capacity_num_experts = moe.side(side).capacity_num_experts
         self.router = Router(moe, side, arch.hidden_size)
         self.experts = Experts(moe.side(side).num_experts, arch.hidden_size, moe.expert_ffn_hidden_size,
                                arch.activation)
@@ -234,7 +235,8 @@ class MoEFFN(nn.Module):
         logits_TE = self.router(x_SBD, padding_SB, ids)
         probs_TE, map_TE = R.topk_routing(logits_TE, spec.topk, renormalize=spec.renormalize)
         if spec.capacity_factor is not None:
-            capacity = R.expert_capacity(logits_TE.shape[0], logits_TE.shape[1], spec.topk, spec.capacity_factor)
+            capacity = R.expert_capacity(logits_TE.shape[0], self.capacity_num_experts or logits_TE.shape[1],
+                                         spec.topk, spec.capacity_factor)
             probs_TE, map_TE = R.drop_over_capacity(probs_TE, map_TE, capacity, drop_policy=spec.drop_policy,
                                                     pad_to_capacity=spec.pad_to_capacity,
                                                     valid_T=~padding_SB.reshape(-1))

@@ -59,6 +59,9 @@ def matrix_configs(vocab: int, tasks: int, languages: int) -> dict:
     }
     if "num_experts" in RoutingConfig.__dataclass_fields__:  # per-side expert counts (task sub-networks)
         out["per_side_experts"] = side(get("token_enc_task_dec"), "decoder", num_experts=2)
+    if "capacity_num_experts" in RoutingConfig.__dataclass_fields__:  # an extracted sub-network with dropping
+        out["per_side_experts_capacity"] = side(moe(get("token_enc_task_dec"), capacity_factor=1.0), "decoder",
+                                                num_experts=2, capacity_num_experts=4)
     if "dense_task_static" in presets.SYSTEMS:  # one expert, top-1: MoE layers as plain FFNs with adapters
         out["one_expert_static_adapters"] = get("dense_task_static")
     return out

@@ -209,6 +209,35 @@ def test_other_routing_cases_keep_the_logits(case, extracted):
         assert max_logit_difference(full, two) <= 1e-5
 
 
+@pytest.mark.parametrize("drop_policy", ["probs", "position"])
+def test_capacity_models_drop_the_same_tokens(drop_policy):
+    from megatron_taskmoe.checkpoint_tools.extract import extract, max_logit_difference
+    from megatron_taskmoe.checkpoint_tools.io import CheckpointToolError, FullCheckpoint
+    from megatron_taskmoe.config_io import to_dict
+    from megatron_taskmoe.model import presets
+
+    cfg = presets.get("token_enc_task_dec", "tiny", num_tasks=4, num_languages=3)
+    moe = replace(cfg.moe, decoder=replace(cfg.moe.decoder, layer_freq=1), capacity_factor=1.0,
+                  drop_policy=drop_policy)
+    full = _random(replace(cfg, moe=moe))
+    for tasks in (["en-fr", "de-en"], ["en-fr"]):
+        sub, report = extract(full, tasks=tasks)
+        sub_cfg = sub.model_config()
+        assert sub_cfg.moe.decoder.capacity_num_experts == moe.num_experts
+        assert sub_cfg.moe.decoder.num_experts == 2 or len(tasks) > 1
+        assert sub_cfg.moe.encoder.capacity_num_experts is None  # token-routed: all experts kept
+        assert max_logit_difference(full, sub) <= 1e-5
+    # The capacity binds on this batch (task routing sends every token to the same k experts): computed from the
+    # sub-network's own expert count it would drop fewer tokens and change the logits.
+    own_count = replace(sub_cfg, moe=replace(sub_cfg.moe, decoder=replace(sub_cfg.moe.decoder,
+                                                                          capacity_num_experts=None)))
+    wrong = FullCheckpoint(state=sub.state, meta={**sub.meta, "model_config": to_dict(own_count)}, source="wrong")
+    assert max_logit_difference(full, wrong) > 1e-3
+    padded = _random(replace(cfg, moe=replace(moe, pad_to_capacity=True)))
+    with pytest.raises(CheckpointToolError, match="pad_to_capacity=True"):
+        extract(padded, tasks=["en-fr"])
+
+
 def test_per_side_expert_count_is_validated_and_reaches_megatron():
     from megatron_taskmoe.model import presets
     from megatron_taskmoe.model.config import ParallelConfig, side_transformer_config, to_transformer_config

@@ -52,6 +52,32 @@ def test_results_table_and_picture(example, tmp_path):
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG" and len(list(tmp_path.iterdir())) == 1
 
 
+def test_results_with_the_control(example, tmp_path):
+    import argparse
+
+    args = argparse.Namespace(group_a="fr", group_b="de", steps=10, merged_steps=5, beam=1)
+    score = lambda b, c: {"bleu": b, "chrf": c, "sentences": 3, "signature": "sig"}  # noqa: E731
+    four = ("fr-en", "en-fr", "de-en", "en-de")
+    details = {"A": {"fr-en": score(2, 20), "en-fr": score(1, 10)}, "B": {"de-en": score(3, 30), "en-de": score(4, 40)},
+               "merged@0": {d: score(0.5, 5) for d in four}, "merged@5": {d: score(1.5, 15) for d in four},
+               "A+5": {"fr-en": score(2.5, 21), "en-fr": score(1.5, 11)},
+               "B+5": {"de-en": score(3.5, 31), "en-de": score(4.5, 41)}}
+    results = example.build_results(args, details, "merged@5", {}, 60.0)
+    assert results["systems"] == ["alone", "merged@0", "merged@5", "alone+5"] and results["control_steps"] == 5
+    assert results["scores"]["alone+5"]["en-de"] == {"bleu": 4.5, "chrf": 41, "model": "B+5"}
+    assert results["averages"]["alone+5"] == {"bleu": 3.0, "chrf": 26.0}
+    table = example.to_markdown(results)
+    assert "| A or B +5 steps (control) | 21.0 | 11.0 | 31.0 | 41.0 | 26.0 |" in table
+    assert "control: A and B each trained 5 more steps" in table
+    example.plot_results(results, tmp_path / "r.png")
+    assert (tmp_path / "r.png").is_file()
+    # Without the control's scores (--no-control) there is no control row.
+    del details["A+5"], details["B+5"]
+    results = example.build_results(args, details, "merged@5", {}, 60.0)
+    assert "alone+5" not in results["systems"] and results["control_steps"] is None
+    assert "(control)" not in example.to_markdown(results)
+
+
 def test_own_adapter_share(example):
     doc = {"routing": {"tasks": ["de-en", "fr-en", "en-fr"], "layers": [
         {"kind": "experts", "counts": [[5, 5], [5, 5], [5, 5]]},
