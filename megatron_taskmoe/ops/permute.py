@@ -13,6 +13,7 @@ directions have autograd. Differences that are on purpose:
 Legend: T tokens, H hidden size, E experts, K experts per token, N permuted rows.
 """
 
+import weakref
 from typing import Optional, Tuple
 
 import torch
@@ -142,14 +143,26 @@ def _permute_uniform(
     k = experts_K.numel()
     permuted_NH = tokens_TH.view_as(tokens_TH) if k == 1 else tokens_TH.repeat(k, 1)
     sorted_indices_N = torch.arange(num_tokens, device=tokens_TH.device).repeat(k)
+    if k == 1:
+        _IDENTITY_INDICES[id(sorted_indices_N)] = sorted_indices_N
     permuted_probs_N = None
     if probs_TE is not None:
         permuted_probs_N = probs_TE.index_select(1, experts_K.to(probs_TE.device)).T.contiguous().view(-1)
     return permuted_NH, permuted_probs_N, sorted_indices_N
 
 
+# Index tensors the top-1 fast path made (arange(T)), by id: unpermute recognises them without looking at their
+# values, which on a GPU would cost a device-to-host synchronisation per call.
+_IDENTITY_INDICES: "weakref.WeakValueDictionary[int, torch.Tensor]" = weakref.WeakValueDictionary()
+
+
 def _is_identity(sorted_indices_N: torch.Tensor, num_tokens: int) -> bool:
-    return sorted_indices_N.numel() == num_tokens and torch.equal(
+    if sorted_indices_N.numel() != num_tokens:
+        return False
+    if _IDENTITY_INDICES.get(id(sorted_indices_N)) is sorted_indices_N:
+        return True
+    # Any other identity order (e.g. tokens already grouped by expert) is found by a scan where that is cheap.
+    return sorted_indices_N.device.type == "cpu" and torch.equal(
         sorted_indices_N, torch.arange(num_tokens, device=sorted_indices_N.device)
     )
 

@@ -79,6 +79,24 @@ def test_uniform_routing_fast_path(backend, topk):
         assert torch.equal(permuted_NH.view(topk, num_tokens, hidden), tokens_TH.expand(topk, -1, -1))
 
 
+def test_fast_path_index_is_recognised_without_reading_it(monkeypatch):
+    # On a GPU, reading the index to find out that it is arange(T) would synchronise with the host; the index the
+    # top-1 fast path made is known by construction.
+    routing_map_TE = torch.zeros(10, 4, dtype=torch.bool)
+    routing_map_TE[:, 1] = True
+    tokens_TH = torch.randn(10, 8)
+    permuted_NH, _, sorted_indices_N = permute(tokens_TH, routing_map_TE)
+
+    def no_scan(*args):
+        raise AssertionError("unpermute read the index values")
+
+    monkeypatch.setattr(torch, "equal", no_scan)
+    restored_TH = unpermute(permuted_NH, sorted_indices_N, tokens_TH.shape)
+    assert restored_TH.data_ptr() == tokens_TH.data_ptr()
+    with pytest.raises(AssertionError, match="read the index values"):  # any other index is scanned (on CPU)
+        unpermute(permuted_NH, torch.arange(10), tokens_TH.shape)
+
+
 def test_fast_path_off_gives_same_result():
     routing_map_TE = torch.zeros(10, 4, dtype=torch.bool)
     routing_map_TE[:, 2] = True
