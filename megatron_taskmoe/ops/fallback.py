@@ -30,10 +30,9 @@ def permute_index(routing_map_TE: torch.Tensor, capacity: int) -> Tuple[torch.Te
     num_tokens, num_experts = routing_map_TE.shape
     device = routing_map_TE.device
     if capacity < 0:
-        map_ET = routing_map_TE.bool().T.contiguous()
-        token_ET = torch.arange(num_tokens, device=device).unsqueeze(0).expand(num_experts, -1)
-        expert_ET = torch.arange(num_experts, device=device).unsqueeze(1).expand(-1, num_tokens)
-        return token_ET.masked_select(map_ET), expert_ET.masked_select(map_ET)
+        # (expert, token) pairs of the [E, T] map in row-major order: expert-major, tokens ascending.
+        pairs_N2 = routing_map_TE.bool().T.nonzero()
+        return pairs_N2[:, 1].contiguous(), pairs_N2[:, 0].contiguous()
     cap = min(capacity, num_tokens)
     map_ET = routing_map_TE.to(torch.int8).T.contiguous()
     sorted_EC = map_ET.argsort(dim=-1, descending=True, stable=True)[:, :cap]

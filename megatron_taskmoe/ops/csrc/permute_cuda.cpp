@@ -3,8 +3,8 @@
 // (masked_select / stable argsort), which is small next to the rows it places.
 //
 // Nothing here waits for the device: indices are range-checked inside the kernels (device-side asserts), and the
-// inverse index is a sort and a binary search, so the only host synchronisation is masked_select's in a dropless
-// permute_index (its output size depends on the routing map; megatron-core's permute has the same one).
+// inverse index is a sort and a binary search, so the only host synchronisation is nonzero's in a dropless
+// permute_index (its output size depends on the routing map; megatron-core's masked_select has the same one).
 //
 // Legend: T tokens, H hidden size, E experts, N permuted rows.
 
@@ -42,10 +42,10 @@ std::tuple<Tensor, Tensor> permute_index_cuda(const Tensor& routing_map, int64_t
   const int64_t E = routing_map.size(1);
   const auto long_opts = routing_map.options().dtype(at::kLong);
   if (capacity < 0) {
-    const Tensor map_ET = routing_map.to(at::kBool).t().contiguous();
-    const Tensor sorted = at::arange(T, long_opts).unsqueeze(0).expand({E, T}).masked_select(map_ET);
-    const Tensor expert = at::arange(E, long_opts).unsqueeze(1).expand({E, T}).masked_select(map_ET);
-    return {sorted, expert};
+    // nonzero lists the (expert, token) pairs of the [E, T] map in row-major order: expert-major, tokens
+    // ascending, megatron's order. One pass and one host synchronisation (for N).
+    const Tensor pairs_N2 = routing_map.to(at::kBool).t().nonzero();
+    return {pairs_N2.select(1, 1).contiguous(), pairs_N2.select(1, 0).contiguous()};
   }
   const int64_t cap = std::min(capacity, T);
   const Tensor map_ET = routing_map.to(at::kChar).t().contiguous();
