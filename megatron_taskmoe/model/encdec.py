@@ -131,7 +131,9 @@ class EncoderDecoderModel(LanguageModule):
         self.tp_size = pg_collection.tp.size()
         self.vocab_size = model_config.vocab_size
         self.padded_vocab_size = model_config.padded_vocab_size(self.tp_size)
-        self.task_context = TaskContext()
+        moe = model_config.moe
+        self.task_context = TaskContext(id_limits=None if moe is None else {
+            "task": moe.num_tasks, "target_language": moe.num_languages, "source_language": moe.num_languages})
         self.encoder_hidden_state: Optional[torch.Tensor] = None  # set by set_input_tensor on decoder stages
 
         if pre_process:

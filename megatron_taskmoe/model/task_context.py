@@ -11,7 +11,8 @@ micro-batch around its forward:
         output = model(...)
 
 The ids are cleared when the block exits, also on error, so a later micro-batch can never see stale ids: a router
-that runs outside a micro-batch raises instead of guessing. Under pipelining each stage's forward step sets the
+that runs outside a micro-batch raises instead of guessing. Given `id_limits`, the ids are range-checked here, once
+per micro-batch, so the layers need not check them again (on a GPU each check would be a host synchronisation). Under pipelining each stage's forward step sets the
 context for the micro-batch it runs; the backward pass needs no ids (they live in the autograd graph).
 
 Megatron flattens [S, B, D] into tokens s-major (t = s*B + b), and under sequence parallelism a router sees
@@ -41,13 +42,16 @@ class _MicroBatchIds:
     tgt_padding_mask_BT: torch.Tensor | None
 
 
-def _check_ids(name: str, ids, batch_size: int | None) -> torch.Tensor | None:
+def _check_ids(name: str, ids, batch_size: int | None, limit: int | None = None) -> torch.Tensor | None:
     if ids is None:
         return None
     if not isinstance(ids, torch.Tensor) or ids.dim() != 1 or ids.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"TaskContext.micro_batch: {name} must be a 1-D integer tensor [B], got {ids!r:.80}")
     if batch_size is not None and ids.shape[0] != batch_size:
         raise ValueError(f"TaskContext.micro_batch: {name} has {ids.shape[0]} entries, the batch has {batch_size}")
+    if limit is not None and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= limit):
+        raise ValueError(f"TaskContext.micro_batch: {name} has ids in [{int(ids.min())}, {int(ids.max())}], outside "
+                         f"the model's {limit} rows (check MoEConfig.num_tasks / num_languages)")
     return ids.long()
 
 
@@ -64,8 +68,14 @@ def _check_mask(name: str, mask, batch_size: int | None) -> torch.Tensor | None:
 class TaskContext:
     """Per-micro-batch sequence ids, read by routers and adapters; one object per model (per pipeline stage)."""
 
-    def __init__(self) -> None:
+    def __init__(self, id_limits: dict[str, int] | None = None) -> None:
+        """`id_limits`: the number of rows per id source ("task", "target_language", "source_language") that
+        micro-batch ids must stay below."""
         self._ids: _MicroBatchIds | None = None
+        self.id_limits = dict(id_limits or {})
+        unknown = set(self.id_limits) - set(ID_SOURCES)
+        if unknown:
+            raise ValueError(f"TaskContext: id_limits has unknown sources {sorted(unknown)}; known: {list(ID_SOURCES)}")
 
     @property
     def active(self) -> bool:
@@ -92,9 +102,11 @@ class TaskContext:
                 batch_size = tensor.shape[0]
                 break
         self._ids = _MicroBatchIds(
-            task_ids_B=_check_ids("task_ids_B", task_ids_B, batch_size),
-            tgt_lang_ids_B=_check_ids("tgt_lang_ids_B", tgt_lang_ids_B, batch_size),
-            src_lang_ids_B=_check_ids("src_lang_ids_B", src_lang_ids_B, batch_size),
+            task_ids_B=_check_ids("task_ids_B", task_ids_B, batch_size, self.id_limits.get("task")),
+            tgt_lang_ids_B=_check_ids("tgt_lang_ids_B", tgt_lang_ids_B, batch_size,
+                                      self.id_limits.get("target_language")),
+            src_lang_ids_B=_check_ids("src_lang_ids_B", src_lang_ids_B, batch_size,
+                                      self.id_limits.get("source_language")),
             src_padding_mask_BS=_check_mask("src_padding_mask_BS", src_padding_mask_BS, batch_size),
             tgt_padding_mask_BT=_check_mask("tgt_padding_mask_BT", tgt_padding_mask_BT, batch_size),
         )

@@ -68,6 +68,23 @@ def test_bad_inputs_are_named():
     assert not ctx.active
 
 
+def test_ids_are_range_checked_once_per_micro_batch():
+    ctx = TaskContext(id_limits={"task": 3, "target_language": 2})
+    with ctx.micro_batch(task_ids_B=torch.tensor([0, 2]), tgt_lang_ids_B=torch.tensor([1, 0])):
+        assert ctx.ids("task").tolist() == [0, 2]
+    with pytest.raises(ValueError, match=r"task_ids_B has ids in \[0, 3\], outside the model's 3 rows"):
+        with ctx.micro_batch(task_ids_B=torch.tensor([0, 3])):
+            pass
+    with pytest.raises(ValueError, match=r"tgt_lang_ids_B has ids in \[-1, 0\]"):
+        with ctx.micro_batch(task_ids_B=torch.tensor([0, 1]), tgt_lang_ids_B=torch.tensor([-1, 0])):
+            pass
+    assert not ctx.active
+    with ctx.micro_batch(src_lang_ids_B=torch.tensor([7])):  # no limit given for this source
+        pass
+    with pytest.raises(ValueError, match="unknown sources"):
+        TaskContext(id_limits={"domain": 2})
+
+
 def test_padding_mask_per_side_and_sequence_parallel_slices():
     ctx = TaskContext()
     src_BS = torch.tensor([[False, False, False, True], [False, True, True, True]])
