@@ -47,14 +47,17 @@ def moe_mlp_spec(model: ModelConfig, side: str, task_context: TaskContext) -> Mo
     """The MoE FFN of `side`: megatron's MoELayer with our router/adapters (routing module's spec).
 
     Token permutation: `MoEConfig.permute_backend` "auto"/"extension" use our dispatchers (ops/, the compiled
-    kernels where built, the task-level fast path); "torch" keeps megatron-core's own dispatcher unchanged."""
+    kernels where built, the task-level fast path where the side routes by task or has one expert per token
+    choice); "torch" keeps megatron-core's own dispatcher unchanged."""
     from megatron_taskmoe.model.moe import get_moe_mlp_spec
     from megatron_taskmoe.ops.dispatcher import token_dispatcher_builder
 
     if model.moe is None:
         raise ValueError("moe_mlp_spec: ModelConfig.moe is None (a dense model has no MoE layers)")
     backend = model.moe.permute_backend
-    builder = None if backend == "torch" else token_dispatcher_builder(backend)
+    uniform_routing_possible = (model.moe.side(side).mode == "task"
+                                or model.moe.side_num_experts(side) == model.moe.topk)
+    builder = None if backend == "torch" else token_dispatcher_builder(backend, fast_path=uniform_routing_possible)
     return get_moe_mlp_spec(moe_config=model.moe, side=side, task_context=task_context,
                             token_dispatcher_builder=builder)
 

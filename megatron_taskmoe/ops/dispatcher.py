@@ -7,9 +7,11 @@ follow megatron-core 0.16.1 line for line with our functions in place (and, in t
 the permuted probabilities taken from our permute instead of a second masked_select). Communication, CUDA-stream
 synchronization points and everything else stay megatron's (on CPU the platform layer handles the latter).
 
-`build_token_dispatcher(num_local_experts, local_expert_indices, config, pg_collection, backend=...)` picks the
-class from `config.moe_token_dispatcher_type`; `token_dispatcher_builder(backend)` returns it as the callable that
-`megatron_taskmoe.model.moe` takes as `token_dispatcher_builder`.
+`build_token_dispatcher(num_local_experts, local_expert_indices, config, pg_collection, backend=..., fast_path=...)`
+picks the class from `config.moe_token_dispatcher_type`; `token_dispatcher_builder(backend, fast_path)` returns it
+as the callable that `megatron_taskmoe.model.moe` takes as `token_dispatcher_builder`. `fast_path` says whether the
+layer's routing can be the same for every token (task routing, or one expert per layer): only then does permute
+look for it (on a GPU the check is a host synchronisation).
 
 Legend: T tokens (local, or gathered over TP*EP for the all-gather dispatcher), H hidden size, E experts.
 """
@@ -48,9 +50,11 @@ class TaskMoEAllGatherTokenDispatcher(MoEAllGatherTokenDispatcher):
         pg_collection=None,
         *,
         permute_backend: str = "auto",
+        fast_path: bool = True,
     ) -> None:
         super().__init__(num_local_experts, local_expert_indices, config=config, pg_collection=pg_collection)
         self.permute_backend = _check_backend(permute_backend)
+        self.fast_path = fast_path
 
     def dispatch_postprocess(self, hidden_states, probs):
         """Select the local experts' columns and group the gathered tokens by local expert."""
@@ -65,6 +69,7 @@ class TaskMoEAllGatherTokenDispatcher(MoEAllGatherTokenDispatcher):
             probs=local_probs_TE,
             num_out_tokens=tokens_per_expert.sum(),
             backend=self.permute_backend,
+            fast_path=self.fast_path,
         )
         self.routing_map = None
         return permuted_hidden, tokens_per_expert, self.local_probs
@@ -91,9 +96,11 @@ class TaskMoEAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         pg_collection=None,
         *,
         permute_backend: str = "auto",
+        fast_path: bool = True,
     ) -> None:
         super().__init__(num_local_experts, local_expert_indices, config=config, pg_collection=pg_collection)
         self.permute_backend = _check_backend(permute_backend)
+        self.fast_path = fast_path
 
     def dispatch_preprocess(self, hidden_states: torch.Tensor, routing_map: torch.Tensor, probs: torch.Tensor):
         """Communication metadata, then tokens and probabilities grouped by destination expert."""
@@ -124,6 +131,7 @@ class TaskMoEAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
             num_out_tokens=self.num_out_tokens,
             drop_and_pad=self.drop_and_pad,
             backend=self.permute_backend,
+            fast_path=self.fast_path,
         )
         return permuted_tokens, permuted_probs
 
@@ -157,6 +165,7 @@ def build_token_dispatcher(
     pg_collection=None,
     *,
     backend: str = "auto",
+    fast_path: bool = True,
 ):
     """Our dispatcher for `config.moe_token_dispatcher_type` ("allgather" or "alltoall")."""
     kind = config.moe_token_dispatcher_type
@@ -167,11 +176,12 @@ def build_token_dispatcher(
         )
     return DISPATCHER_CLASSES[kind](
         num_local_experts, local_expert_indices, config=config, pg_collection=pg_collection,
-        permute_backend=_check_backend(backend),
+        permute_backend=_check_backend(backend), fast_path=fast_path,
     )
 
 
-def token_dispatcher_builder(backend: str = "auto") -> Callable[..., object]:
-    """`build_token_dispatcher` with `backend` bound: the `token_dispatcher_builder` of model/moe.py."""
-    return functools.partial(build_token_dispatcher, backend=_check_backend(backend))
+def token_dispatcher_builder(backend: str = "auto", fast_path: bool = True) -> Callable[..., object]:
+    """`build_token_dispatcher` with `backend` and `fast_path` bound: the `token_dispatcher_builder` of
+    model/moe.py."""
+    return functools.partial(build_token_dispatcher, backend=_check_backend(backend), fast_path=fast_path)
 
