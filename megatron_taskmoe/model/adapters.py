@@ -164,8 +164,11 @@ class TaskAdapters(MegatronModule):
             )
         weights_TA, map_TA = self.choose(h_TD, ids_T)
         out_TD = h_TD
-        for a in range(self.num_adapters):
-            idx_N = map_TA[:, a].nonzero().squeeze(-1)
+        # The (adapter, token) pairs grouped by adapter, tokens ascending, with a single host synchronisation (for
+        # the group sizes) however many adapters there are: static adapters are one per task.
+        counts_A = map_TA.sum(dim=0).tolist()
+        tokens_N = torch.nonzero_static(map_TA.T, size=sum(counts_A))[:, 1]
+        for a, idx_N in enumerate(tokens_N.split(counts_A)):
             if idx_N.numel() == 0:
                 continue
             delta_ND = bottleneck(
