@@ -126,7 +126,8 @@ def test_out_of_range_index_is_a_device_side_assert(case):
     # A device-side assert leaves the CUDA context unusable, so each case runs in its own interpreter.
     code = f"""
 import torch
-from megatron_taskmoe.ops import permute, unpermute
+from megatron_taskmoe.ops import extension_has_cuda, unpermute
+assert extension_has_cuda()  # also loads the extension, so torch.ops.taskmoe.* exist
 bad = torch.tensor([0, 9, 1], device="cuda")
 if {case!r} == "gather_rows":
     torch.ops.taskmoe.gather_rows(torch.randn(6, 8, device="cuda"), bad, None)
