@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 
 def _umask() -> int:
@@ -14,12 +15,16 @@ def _umask() -> int:
     return mask
 
 
-def _replace_atomically(path: Path, write, suffix: str = "") -> Path:
+def write_atomic(path: str | os.PathLike, write_to: Callable[[str], None], *, suffix: str = "") -> Path:
+    """Have `write_to(tmp)` write a temporary sibling of `path`, then rename it to `path`; on any error the
+    temporary file is removed and `path` is untouched. The result gets the usual (umask) permissions."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
     try:
-        write(fd, tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the result the usual permissions
+        write_to(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -30,19 +35,9 @@ def _replace_atomically(path: Path, write, suffix: str = "") -> Path:
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     """Write `text` (UTF-8) to `path` atomically."""
-
-    def write(fd, _tmp):
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-
-    return _replace_atomically(Path(path), write)
+    return write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def save_figure(fig, path: str | os.PathLike, *, dpi: int = 110) -> Path:
     """Write a matplotlib figure as PNG to `path` atomically."""
-
-    def write(fd, tmp):
-        os.close(fd)
-        fig.savefig(tmp, format="png", dpi=dpi)
-
-    return _replace_atomically(Path(path), write, suffix=".png")
+    return write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi), suffix=".png")

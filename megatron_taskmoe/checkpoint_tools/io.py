@@ -37,6 +37,7 @@ from typing import Any, Iterator, Optional
 import torch
 
 from megatron_taskmoe.config_io import ConfigError, from_dict, to_dict
+from megatron_taskmoe.fileio import write_atomic
 from megatron_taskmoe.model.config import ModelConfig, ParallelConfig
 
 log = logging.getLogger(__name__)
@@ -244,16 +245,8 @@ def write_single_file(ckpt: FullCheckpoint, path: str | os.PathLike, overwrite: 
     tensors = {k: v.detach().contiguous().clone() for k, v in ckpt.state.items()}
     if ckpt.tokenizer is not None:
         tensors[TOKENIZER_KEY] = torch.frombuffer(bytearray(ckpt.tokenizer), dtype=torch.uint8).clone()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"format": FORMAT, "meta": json.dumps(ckpt.meta, sort_keys=True)})
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    metadata = {"format": FORMAT, "meta": json.dumps(ckpt.meta, sort_keys=True)}
+    return write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata), suffix=".tmp")
 
 
 def write_record(directory: Path, meta: dict, tokenizer: Optional[bytes]) -> None:
