@@ -12,8 +12,9 @@ micro-batch around its forward:
 
 The ids are cleared when the block exits, also on error, so a later micro-batch can never see stale ids: a router
 that runs outside a micro-batch raises instead of guessing. Given `id_limits`, the ids are range-checked here, once
-per micro-batch, so the layers need not check them again (on a GPU each check would be a host synchronisation). Under pipelining each stage's forward step sets the
-context for the micro-batch it runs; the backward pass needs no ids (they live in the autograd graph).
+per micro-batch, so the layers need not check them again (on a GPU each check would be a host synchronisation).
+Under pipelining each stage's forward step sets the context for the micro-batch it runs; the backward pass needs no
+ids (they live in the autograd graph).
 
 Megatron flattens [S, B, D] into tokens s-major (t = s*B + b), and under sequence parallelism a router sees
 [S/TP, B, D]; ids are per sequence, so `token_ids` expands them to however many local tokens there are. Activation
