@@ -244,7 +244,8 @@ def run(args) -> List[dict]:
 def print_block(rows: List[dict], threads: int, shape: str, copy_gbs: float, copy_s: float, args) -> None:
     env = " ".join(f"{k}={os.environ[k]}" for k in ENV_SETTINGS if k in os.environ) or "default allocator settings"
     print(f"\n== {shape} (TxHxExK), {args.dtype}, threads={threads}, {args.clock} clock, {env}: "
-          f"copy_ {copy_s * 1e3:.2f} ms, {copy_gbs:.1f} GB/s (medians of {args.repeats} samples of {args.inner} call(s))")
+          f"copy_ {copy_s * 1e3:.2f} ms, {copy_gbs:.1f} GB/s "
+          f"(medians of {args.repeats} samples of {args.inner} call(s))")
     print(f"{'op':<14} {'impl':<10} {'ms':>9} {'GB/s':>7} {'%copy':>6} {'x megatron':>10}")
     for r in rows:
         print(f"{r['op']:<14} {r['impl']:<10} {r['ms']:>9.2f} {r['gbs']:>7.1f} {r['pct_copy']:>5.0f}% "
