@@ -74,13 +74,13 @@ def test_ids_are_range_checked_once_per_micro_batch():
         assert ctx.ids("task").tolist() == [0, 2]
     with pytest.raises(ValueError, match=r"task_ids_B has ids in \[0, 3\], outside the model's 3 rows"):
         with ctx.micro_batch(task_ids_B=torch.tensor([0, 3])):
-            pass
+            pytest.fail("micro_batch accepted a task id beyond the model's rows")
     with pytest.raises(ValueError, match=r"tgt_lang_ids_B has ids in \[-1, 0\]"):
         with ctx.micro_batch(task_ids_B=torch.tensor([0, 1]), tgt_lang_ids_B=torch.tensor([-1, 0])):
-            pass
+            pytest.fail("micro_batch accepted a negative language id")
     assert not ctx.active
     with ctx.micro_batch(src_lang_ids_B=torch.tensor([7])):  # no limit given for this source
-        pass
+        assert ctx.ids("source_language").tolist() == [7]
     with pytest.raises(ValueError, match="unknown sources"):
         TaskContext(id_limits={"domain": 2})
 
