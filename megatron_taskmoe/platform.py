@@ -40,10 +40,17 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from megatron_taskmoe.mcore_compat import (  # noqa: F401 (the version gate, re-exported)
+    ALLOW_UNVERIFIED_ENV,
+    SUPPORTED_MCORE,
+    TESTED_MCORE,
+    VersionRange,
+    check_mcore_version,
+    mcore_version,
+)
+
 logger = logging.getLogger(__name__)
 
-VERIFIED_MCORE_VERSION = "0.16.1"
-ALLOW_UNVERIFIED_ENV = "MEGATRON_TASKMOE_ALLOW_UNVERIFIED_MCORE"
 
 # megatron-core modules whose `torch` global is replaced by `_CpuTorch` on CPU, with what each needs it for.
 PROXIED_MODULES: dict[str, str] = {
@@ -301,28 +308,18 @@ def _make_cpu_rng_tracker_class(base: type) -> type:
 # ---------------------------------------------------------------------------------------------------------------
 # Installing.
 # ---------------------------------------------------------------------------------------------------------------
-def mcore_version() -> str:
-    from megatron.core import package_info
+@dataclass(frozen=True, kw_only=True)
+class Fix:
+    """One change `apply()` makes to megatron-core, and the releases it applies to."""
 
-    return package_info.__version__
-
-
-def check_mcore_version() -> None:
-    """Refuse megatron-core versions other than the verified one, unless the user opts in explicitly."""
-    version = mcore_version()
-    if version == VERIFIED_MCORE_VERSION:
-        return
-    if os.environ.get(ALLOW_UNVERIFIED_ENV, "") == "1":
-        logger.warning(
-            "megatron-core %s is not the verified %s; running anyway because %s=1",
-            version, VERIFIED_MCORE_VERSION, ALLOW_UNVERIFIED_ENV,
-        )
-        return
-    raise RuntimeError(
-        f"megatron_taskmoe was verified against megatron-core=={VERIFIED_MCORE_VERSION}, found {version}. "
-        f"Install megatron-core=={VERIFIED_MCORE_VERSION} (see setup.py), or set {ALLOW_UNVERIFIED_ENV}=1 to "
-        "run anyway (the CPU patches in megatron_taskmoe/platform.py may then miss or break things)."
-    )
+    name: str
+    """What it is, as `describe_patches()` lists it."""
+    versions: VersionRange
+    """The megatron-core releases whose code needs it (read in each release's source; run on `TESTED_MCORE`)."""
+    cpu_only: bool
+    """True: a CPU stand-in, installed only without CUDA. False: a bug fix, on CPU and GPU."""
+    install: Callable[[], None]
+    """Installs it (and records each patch in `PATCHES`)."""
 
 
 def _record(name: str, where: str, why: str) -> None:
@@ -330,6 +327,8 @@ def _record(name: str, where: str, why: str) -> None:
 
 
 def _install_te_name_fix() -> None:
+    """Bug fix, CPU and GPU: megatron-core 0.16's `router_gating_linear` tests `te_general_gemm` for None, but the
+    name is bound only when Transformer Engine imports (0.17 binds it to None without TE)."""
     moe_utils = importlib.import_module("megatron.core.transformer.moe.moe_utils")
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
@@ -339,15 +338,17 @@ def _install_te_name_fix() -> None:
         )
 
 
-def _install_cpu_patches() -> None:
+def _install_torch_proxies() -> None:
     proxy = _CpuTorch()
-    for module_name, why in PROXIED_MODULES.items():
+    for module_name, why in {**PROXIED_MODULES, **TRAINING_PROXIED_MODULES}.items():
         module = importlib.import_module(module_name)
         if getattr(module, "torch", None) is not torch:
             raise RuntimeError(f"{module_name}.torch is not torch; refusing to patch an unexpected layout")
         module.torch = proxy
         _record("torch -> _CpuTorch", module_name, why)
 
+
+def _install_cpu_rng() -> None:
     random = importlib.import_module("megatron.core.tensor_parallel.random")
     random._get_cuda_rng_state = _cpu_get_rng_state
     random._set_cuda_rng_state = _cpu_set_rng_state
@@ -357,6 +358,8 @@ def _install_cpu_patches() -> None:
     random.initialize_rng_tracker(force_reset=True)
     _record("CudaRNGStatesTracker", random.__name__, "fork over the CPU generator without a spurious warning")
 
+
+def _install_gloo_uneven_collectives() -> None:
     mappings = importlib.import_module("megatron.core.tensor_parallel.mappings")
     mappings._gather_along_first_dim, mappings._reduce_scatter_along_first_dim = _padded_uneven_collectives(
         mappings._gather_along_first_dim, mappings._reduce_scatter_along_first_dim
@@ -366,6 +369,8 @@ def _install_cpu_patches() -> None:
         "uneven splits (MoE under TP x EP) padded to even ones: gloo has no uneven all-gather/reduce-scatter",
     )
 
+
+def _install_alltoall_host_splits() -> None:
     dispatcher = importlib.import_module("megatron.core.transformer.moe.token_dispatcher")
     cls = dispatcher.MoEAlltoAllTokenDispatcher
     cls._maybe_dtoh_and_synchronize = _cpu_maybe_dtoh_and_synchronize
@@ -373,8 +378,6 @@ def _install_cpu_patches() -> None:
         "MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize", dispatcher.__name__,
         "split sizes as host numpy arrays (as on GPU) for gloo all_to_all_single; no CUDA side stream",
     )
-
-    _install_optimizer_patches(proxy)
 
 
 # megatron-core's optimizers check parameter types with `tensor.type() == 'torch.cuda.FloatTensor'` (and Half/
@@ -503,13 +506,7 @@ def _install_torch_adam_step_fix() -> None:
             "tell each chained distributed optimizer the chain's Adam step (for one without parameters here)")
 
 
-def _install_optimizer_patches(proxy: "_CpuTorch") -> None:
-    for module_name, why in TRAINING_PROXIED_MODULES.items():
-        module = importlib.import_module(module_name)
-        if getattr(module, "torch", None) is not torch:
-            raise RuntimeError(f"{module_name}.torch is not torch; refusing to patch an unexpected layout")
-        module.torch = proxy
-        _record("torch -> _CpuTorch", module_name, why)
+def _install_optimizer_type_checks() -> None:
     for module_name, targets in OPTIMIZER_TYPE_CHECKS.items():
         module = importlib.import_module(module_name)
         for target in targets:
@@ -524,6 +521,29 @@ def _install_optimizer_patches(proxy: "_CpuTorch") -> None:
     optimizer.clip_grad_by_total_norm_fp32 = clip_grads.clip_grad_by_total_norm_fp32
 
 
+# Every fix, in the order apply() installs them. `versions` were read off each release's source (0.16.1, 0.17.0,
+# 0.17.1, 0.18.0, 0.18.2, 0.19.0, 0.19.2); a range without an end still holds in 0.19.2.
+_FROM_0_16_1 = VersionRange(first="0.16.1")
+FIXES: tuple[Fix, ...] = (
+    Fix(name="te_general_gemm bound to None without Transformer Engine", cpu_only=False, install=_install_te_name_fix,
+        versions=VersionRange(first="0.16.1", end="0.17")),
+    Fix(name="torch Adam `step` in distributed-optimizer checkpoints", cpu_only=False,
+        install=_install_torch_adam_step_fix, versions=_FROM_0_16_1),
+    Fix(name="CUDA devices, streams and sync map to the CPU (_CpuTorch)", cpu_only=True,
+        install=_install_torch_proxies, versions=_FROM_0_16_1),
+    Fix(name="RNG tracker over the CPU generator", cpu_only=True, install=_install_cpu_rng, versions=_FROM_0_16_1),
+    Fix(name="uneven first-dim gather / reduce-scatter on gloo", cpu_only=True,
+        install=_install_gloo_uneven_collectives, versions=_FROM_0_16_1),
+    Fix(name="all-to-all split sizes as host arrays for gloo", cpu_only=True, install=_install_alltoall_host_splits,
+        versions=_FROM_0_16_1),
+    Fix(name="optimizer parameter-type checks accept CPU tensors", cpu_only=True,
+        install=_install_optimizer_type_checks, versions=_FROM_0_16_1),
+)
+
+# The fixes apply() installed, in order.
+APPLIED: list[Fix] = []
+
+
 def apply() -> bool:
     """Make megatron-core usable on this machine. Returns True when CPU patches are (or already were) active.
 
@@ -531,11 +551,12 @@ def apply() -> bool:
     if _STATE["applied"]:
         return bool(_STATE["cpu"])
     check_mcore_version()
-    _install_te_name_fix()
-    _install_torch_adam_step_fix()
+    version = mcore_version()
     cpu = not torch.cuda.is_available()
-    if cpu:
-        _install_cpu_patches()
+    for fix in FIXES:
+        if version in fix.versions and (cpu or not fix.cpu_only):
+            fix.install()
+            APPLIED.append(fix)
     _STATE["applied"], _STATE["cpu"] = True, cpu
     return cpu
 
@@ -553,8 +574,12 @@ def device() -> torch.device:
 
 
 def describe_patches() -> str:
-    """One line per installed patch (empty on a CUDA machine with Transformer Engine)."""
-    return "\n".join(f"{name:55s} {where:50s} {why}" for name, where, why in PATCHES)
+    """The fixes `apply()` installed for this megatron-core release (with the releases each applies to), then one
+    line per installed patch."""
+    lines = [f"megatron-core {mcore_version()}; fixes applied:"]
+    lines += [f"  {fix.name} (megatron-core {fix.versions}{', CPU only' if fix.cpu_only else ''})" for fix in APPLIED]
+    lines += [f"{name:55s} {where:50s} {why}" for name, where, why in PATCHES]
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------------------------
