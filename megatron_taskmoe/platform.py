@@ -1,16 +1,19 @@
-"""Run megatron-core 0.16.1 on CPU (gloo) when CUDA is absent; process-group set-up for CPU and GPU.
+"""Run megatron-core (0.16.1 to 0.19.x) on CPU (gloo) when CUDA is absent; process-group set-up for CPU and GPU.
 
 megatron-core assumes CUDA in a handful of places that our own layer specs cannot reach (see
 `/work/shared/notes/megatron-core-on-cpu.md` and issue 3). This module is the one place that deals with them:
 
-* `apply()` installs every patch listed in `PATCHES` — only when `torch.cuda.is_available()` is false, only
-  against the megatron-core version it was verified with (`VERIFIED_MCORE_VERSION`; set the environment variable
-  `MEGATRON_TASKMOE_ALLOW_UNVERIFIED_MCORE=1` to run another version at your own risk), and only once
-  (idempotent). On a CUDA machine it changes nothing but plain megatron-core bug fixes:
-  `moe_utils.te_general_gemm` is defined as `None` when Transformer Engine is absent, because megatron's
-  `router_gating_linear` tests that name for `None` but never binds it without TE (`NameError` on CPU and GPU);
-  and, only without Apex/TE (torch's Adam), the distributed optimizer's checkpoint paths: Adam's `step` on load,
-  and the state of an expert optimizer that holds no parameters on a pipeline stage without MoE layers.
+* `apply()` installs the fixes of `FIXES`, each only on the megatron-core releases it states (`Fix.versions`, read
+  off each release's source), the CPU stand-ins only when `torch.cuda.is_available()` is false, after checking
+  that the installed release is in the supported range (`mcore_compat.SUPPORTED_MCORE`; set the environment
+  variable `MEGATRON_TASKMOE_ALLOW_UNVERIFIED_MCORE=1` to run another release at your own risk), and only once
+  (idempotent). `APPLIED` lists the fixes installed, `PATCHES` every patch they made, `describe_patches()` both.
+  On a CUDA machine it changes nothing but plain megatron-core bug fixes: on 0.16, `moe_utils.te_general_gemm`
+  is defined as `None` when Transformer Engine is absent, because megatron's `router_gating_linear` tests that
+  name for `None` but never binds it without TE (`NameError` on CPU and GPU; 0.17 binds it itself); and, only
+  without Apex/TE (torch's Adam), on every supported release, the distributed optimizer's checkpoint paths:
+  Adam's `step` on load, and the state of an expert optimizer that holds no parameters on a pipeline stage
+  without MoE layers.
 * What we can do through specs we do there instead (`model/specs.py`): an SDPA core attention (no global memory
   buffer, no CUDA causal mask), a LayerNorm/RMSNorm that supports sequence parallelism.
 * `init_distributed`, `initialize_model_parallel`, `model_parallel_manual_seed` and `destroy` set up and tear

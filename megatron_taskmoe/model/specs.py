@@ -11,6 +11,7 @@ pipeline split (a stage builds the slice of layers it owns) are decided here, no
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence
 
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
@@ -37,11 +38,15 @@ from megatron_taskmoe.model.task_context import TaskContext
 SIDES = ("encoder", "decoder")
 
 
-def dense_mlp_spec() -> ModuleSpec:
-    """megatron's MLP on column/row-parallel linears (fc1 split by columns, fc2 by rows under TP)."""
-    return ModuleSpec(
-        module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
-    )
+def dense_mlp_spec() -> ModuleSpec | functools.partial:
+    """megatron's MLP on column/row-parallel linears (fc1 split by columns, fc2 by rows under TP).
+
+    From megatron-core 0.18 `TransformerLayer` builds its mlp through `MLP.as_mlp_submodule` (a `ModuleSpec` of
+    `MLP` still works there, rewrapped with a warning per layer); before 0.18 it takes the `ModuleSpec`."""
+    submodules = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
+    if hasattr(MLP, "as_mlp_submodule"):
+        return functools.partial(MLP.as_mlp_submodule, submodules=submodules)
+    return ModuleSpec(module=MLP, submodules=submodules)
 
 
 def moe_mlp_spec(model: ModelConfig, side: str, task_context: TaskContext) -> ModuleSpec:
