@@ -1,10 +1,12 @@
-"""Logits of a trainer checkpoint on the tools' fixed batch, computed with the megatron-core of the interpreter
-that runs this script (test_checkpoint_cross_version.py runs it with two).
+"""Logits of trainer checkpoints on the tools' fixed batch, computed with the megatron-core of the interpreter that
+runs this script (test_checkpoint_cross_version.py runs it with two).
 
-Usage: python cross_version_logits.py CHECKPOINT_OR_RUN_DIR OUT.npy   (prints the megatron-core release)
+Usage: python cross_version_logits.py OUT_DIR CHECKPOINT_OR_RUN_DIR...
+writes OUT_DIR/0.npy, OUT_DIR/1.npy, ... (one per checkpoint, [B, T, V]) and prints the megatron-core release.
 """
 
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -15,10 +17,12 @@ from megatron_taskmoe.mcore_compat import mcore_version
 
 
 def main(argv: list[str]) -> int:
-    checkpoint, out = argv
-    ckpt = read_checkpoint(find_checkpoint(checkpoint).path)
-    logits_BTV = checkpoint_logits(ckpt, fixed_batch(ckpt.model_config()))
-    np.save(out, logits_BTV.numpy())
+    out_dir, checkpoints = Path(argv[0]), argv[1:]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for i, checkpoint in enumerate(checkpoints):
+        ckpt = read_checkpoint(find_checkpoint(checkpoint).path)
+        logits_BTV = checkpoint_logits(ckpt, fixed_batch(ckpt.model_config()))
+        np.save(out_dir / f"{i}.npy", logits_BTV.numpy())
     print(mcore_version())
     return 0
 

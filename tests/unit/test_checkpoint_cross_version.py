@@ -34,11 +34,11 @@ def other_python() -> Path:
     return tiny_run.ROOT / venv / "bin" / "python"
 
 
-def logits(python, checkpoint: Path, out: Path) -> tuple[str, np.ndarray]:
-    """(megatron-core release, logits [B, T, V]) of `checkpoint` computed by `python`."""
-    result = tiny_run.run([str(python), str(HELPER), str(checkpoint), str(out)], env_extra={"PYTHONPATH": str(
-        tiny_run.ROOT)}, timeout=600)
-    return result.stdout.strip().splitlines()[-1], np.load(out)
+def logits(python, out_dir: Path, *checkpoints: Path) -> tuple[str, list[np.ndarray]]:
+    """(megatron-core release, logits [B, T, V] of each checkpoint) computed by `python` in one process."""
+    result = tiny_run.run([str(python), str(HELPER), str(out_dir), *map(str, checkpoints)],
+                          env_extra={"PYTHONPATH": str(tiny_run.ROOT)}, timeout=600)
+    return result.stdout.strip().splitlines()[-1], [np.load(out_dir / f"{i}.npy") for i in range(len(checkpoints))]
 
 
 @pytest.mark.slow
@@ -46,28 +46,26 @@ def test_checkpoints_load_and_resume_across_megatron_core_releases(tmp_path_fact
     other = other_python()
     if not other.exists():
         pytest.skip(f"no other megatron-core release to cross with ({other} is absent; set {OTHER_PYTHON_ENV})")
-    root, run_dir = tiny_run.shared_run(tmp_path_factory)
+    root, written_here = tiny_run.shared_run(tmp_path_factory)
     mine = mcore_version()
 
-    # 1. Written here, loaded there: the same function.
-    release, theirs_BTV = logits(other, run_dir, tmp_path / "theirs.npy")
+    # The other release resumes from this release's checkpoint (model, distributed optimizer, scheduler, RNG and
+    # data position) for two steps and writes its own.
+    written_there = tmp_path / "resumed_there"
+    shutil.copytree(written_here, written_there)
+    tiny_run.train(root, written_there, steps=STEPS + 2, python=str(other))
+    assert find_checkpoint(written_there).step == STEPS + 2
+
+    # Both checkpoints compute the same function under both releases.
+    release, theirs = logits(other, tmp_path / "there", written_here, written_there)
     assert release != mine, f"{other} has the same megatron-core ({mine}): nothing crosses"
-    _, mine_BTV = logits(sys.executable, run_dir, tmp_path / "mine.npy")
-    np.testing.assert_allclose(theirs_BTV, mine_BTV, rtol=0, atol=1e-5)
+    _, ours = logits(sys.executable, tmp_path / "here", written_here, written_there)
+    for a_BTV, b_BTV in zip(theirs, ours):
+        np.testing.assert_allclose(a_BTV, b_BTV, rtol=0, atol=1e-5)
+    assert np.abs(ours[1] - ours[0]).max() > 0, "two more steps changed the model"
 
-    # 2. The other release resumes from it (model, distributed optimizer, scheduler, RNG and data position) and
-    #    writes a checkpoint that this release reads with the same logits there and here.
-    there = tmp_path / "resumed_there"
-    shutil.copytree(run_dir, there)
-    tiny_run.train(root, there, steps=STEPS + 2, python=str(other))
-    assert find_checkpoint(there).step == STEPS + 2
-    _, theirs_BTV = logits(other, there, tmp_path / "theirs2.npy")
-    _, mine_BTV = logits(sys.executable, there, tmp_path / "mine2.npy")
-    np.testing.assert_allclose(theirs_BTV, mine_BTV, rtol=0, atol=1e-5)
-    assert np.abs(mine_BTV - np.load(tmp_path / "mine.npy")).max() > 0, "two more steps changed the model"
-
-    # 3. This release resumes from what the other wrote.
-    here = tmp_path / "resumed_here"
-    shutil.copytree(there, here)
-    tiny_run.train(root, here, steps=STEPS + 4)
-    assert find_checkpoint(here).step == STEPS + 4
+    # This release resumes from what the other wrote.
+    resumed_here = tmp_path / "resumed_here"
+    shutil.copytree(written_there, resumed_here)
+    tiny_run.train(root, resumed_here, steps=STEPS + 4)
+    assert find_checkpoint(resumed_here).step == STEPS + 4
