@@ -509,6 +509,48 @@ def _install_torch_adam_step_fix() -> None:
             "tell each chained distributed optimizer the chain's Adam step (for one without parameters here)")
 
 
+# How megatron-core < 0.19 matched a checkpoint's optimizer param groups to the optimizer's own when loading.
+_STRUCTURAL_GROUP_KEYS = ("wd_mult", "lr_mult", "is_expert_parallel", "is_decoupled_lr")
+
+
+def _install_param_group_schedule_fix() -> None:
+    """Compatibility fix, CPU and GPU, megatron-core 0.19+: `DistributedOptimizer.load_state_dict` pairs the
+    checkpoint's param groups with the optimizer's by their schedule values too (`max_lr`, `min_lr`, `start_wd`,
+    `end_wd`, ...: `param_group_identifier_keys`), so a checkpoint no longer loads into an optimizer built with
+    another learning rate (KeyError) - a resume with a changed `optim.lr`, or the checkpoint tools, which rebuild
+    the optimizer from default settings and load the state into it. Before 0.19 the groups were paired by
+    structure (`_STRUCTURAL_GROUP_KEYS`) and took the checkpoint's schedule values; this restores that: each of
+    the optimizer's groups takes the schedule values of the one checkpoint group with its structure, then megatron
+    pairs them as usual (several checkpoint groups of one structure, e.g. per-group LR overrides, stay megatron's
+    business)."""
+    module = importlib.import_module("megatron.core.optimizer.distrib_optimizer")
+    schedule_keys = [k for k in module.param_group_identifier_keys if k not in _STRUCTURAL_GROUP_KEYS]
+    cls = module.DistributedOptimizer
+    original_load = cls.load_state_dict
+
+    def structure(group: dict) -> tuple:
+        return tuple(group.get(k) for k in _STRUCTURAL_GROUP_KEYS)
+
+    @functools.wraps(original_load)
+    def load_state_dict(self, state_dict):
+        saved: dict[tuple, list[dict]] = {}
+        for group in state_dict["optimizer"]["param_groups"]:
+            saved.setdefault(structure(group), []).append(group)
+        for group in self.optimizer.param_groups:
+            matches = saved.get(structure(group), [])
+            if len(matches) == 1:
+                for key in schedule_keys:
+                    if key in matches[0]:
+                        group[key] = matches[0][key]
+                    else:
+                        group.pop(key, None)
+        return original_load(self, state_dict)
+
+    cls.load_state_dict = load_state_dict
+    _record("DistributedOptimizer.load_state_dict", module.__name__,
+            "pair checkpoint param groups by structure and take their LR/WD schedule values (as before 0.19)")
+
+
 def _install_optimizer_type_checks() -> None:
     for module_name, targets in OPTIMIZER_TYPE_CHECKS.items():
         module = importlib.import_module(module_name)
@@ -532,6 +574,8 @@ FIXES: tuple[Fix, ...] = (
         versions=VersionRange(first="0.16.1", end="0.17")),
     Fix(name="torch Adam `step` in distributed-optimizer checkpoints", cpu_only=False,
         install=_install_torch_adam_step_fix, versions=_FROM_0_16_1),
+    Fix(name="optimizer checkpoints load under other LR/WD schedule settings", cpu_only=False,
+        install=_install_param_group_schedule_fix, versions=VersionRange(first="0.19.0")),
     Fix(name="CUDA devices, streams and sync map to the CPU (_CpuTorch)", cpu_only=True,
         install=_install_torch_proxies, versions=_FROM_0_16_1),
     Fix(name="RNG tracker over the CPU generator", cpu_only=True, install=_install_cpu_rng, versions=_FROM_0_16_1),
