@@ -26,6 +26,7 @@ What differs, and how this module hides it:
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import os
@@ -128,13 +129,19 @@ class AuxLossEntry:
     """Whether the values are averaged over the data-parallel ranks after the other reductions."""
 
 
-def _metrics_tracker():
-    """megatron's `MoEMetricsTracker` (0.18 and later), else None."""
+@functools.lru_cache(maxsize=None)
+def _moe_logging_module():
+    """megatron's `moe_logging` module (0.18 and later), else None (looked up once: the router logs often)."""
     try:
-        module = importlib.import_module("megatron.core.transformer.moe.moe_logging")
+        return importlib.import_module("megatron.core.transformer.moe.moe_logging")
     except ImportError:
         return None
-    return module.get_moe_metrics_tracker()
+
+
+def _metrics_tracker():
+    """megatron's `MoEMetricsTracker` (0.18 and later), else None."""
+    module = _moe_logging_module()
+    return None if module is None else module.get_moe_metrics_tracker()
 
 
 def _legacy_tracker() -> dict:
