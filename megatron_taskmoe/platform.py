@@ -551,6 +551,34 @@ def _install_param_group_schedule_fix() -> None:
             "pair checkpoint param groups by structure and take their LR/WD schedule values (as before 0.19)")
 
 
+def _install_legacy_common_state_file() -> None:
+    """Compatibility fix, CPU and GPU, megatron-core 0.19+: a torch_dist checkpoint keeps its common (non-tensor)
+    state - scheduler, counters, optimizer param groups - inside its DCP files, where releases before 0.19 look for
+    a `common.pt` beside them (and fail without it). After every synchronous `dist_checkpointing.save`, rank 0 also
+    writes that `common.pt` (the same state, read back from the checkpoint), so a checkpoint written here loads on
+    every supported release; 0.19 itself reads `common.pt` first when it is there."""
+    package = importlib.import_module("megatron.core.dist_checkpointing")
+    serialization = importlib.import_module("megatron.core.dist_checkpointing.serialization")
+    common = importlib.import_module("megatron.core.dist_checkpointing.strategies.common")
+    original_save = serialization.save
+
+    @functools.wraps(original_save)
+    def save(sharded_state_dict, checkpoint_dir, *args, **kwargs):
+        result = original_save(sharded_state_dict, checkpoint_dir, *args, **kwargs)
+        if result is None:  # saved (an async save returns its request; this project saves synchronously)
+            if torch.distributed.get_rank() == 0:
+                state = serialization.load_common_state_dict(str(checkpoint_dir))
+                path = os.path.join(str(checkpoint_dir), common.COMMON_STATE_FNAME)
+                torch.save(state, path + ".partial")
+                os.replace(path + ".partial", path)
+            torch.distributed.barrier()
+        return result
+
+    serialization.save = package.save = save
+    _record("dist_checkpointing.save", package.__name__,
+            "also write common.pt, the common state as megatron-core 0.16-0.18 read it")
+
+
 def _install_optimizer_type_checks() -> None:
     for module_name, targets in OPTIMIZER_TYPE_CHECKS.items():
         module = importlib.import_module(module_name)
@@ -576,6 +604,8 @@ FIXES: tuple[Fix, ...] = (
         install=_install_torch_adam_step_fix, versions=_FROM_0_16_1),
     Fix(name="optimizer checkpoints load under other LR/WD schedule settings", cpu_only=False,
         install=_install_param_group_schedule_fix, versions=VersionRange(first="0.19.0")),
+    Fix(name="checkpoints keep common.pt for megatron-core 0.16-0.18", cpu_only=False,
+        install=_install_legacy_common_state_file, versions=VersionRange(first="0.19.0")),
     Fix(name="CUDA devices, streams and sync map to the CPU (_CpuTorch)", cpu_only=True,
         install=_install_torch_proxies, versions=_FROM_0_16_1),
     Fix(name="RNG tracker over the CPU generator", cpu_only=True, install=_install_cpu_rng, versions=_FROM_0_16_1),
