@@ -556,11 +556,12 @@ def _install_legacy_common_state_file() -> None:
     state - scheduler, counters, optimizer param groups - inside its DCP files, where releases before 0.19 look for
     a `common.pt` beside them (and fail without it). After every synchronous `dist_checkpointing.save`, rank 0 also
     writes that `common.pt` (the same state, read back from the checkpoint), so a checkpoint written here loads on
-    every supported release; 0.19 itself reads `common.pt` first when it is there."""
+    every supported release; 0.19 itself reads `common.pt` first when it is there. `dist_checkpointing.save` (the
+    name the project saves through) is wrapped as it is at `apply()`, wrappers of its callers included."""
     package = importlib.import_module("megatron.core.dist_checkpointing")
     serialization = importlib.import_module("megatron.core.dist_checkpointing.serialization")
     common = importlib.import_module("megatron.core.dist_checkpointing.strategies.common")
-    original_save = serialization.save
+    original_save = package.save  # what `dist_checkpointing.save` is now (a caller may have wrapped it already)
 
     @functools.wraps(original_save)
     def save(sharded_state_dict, checkpoint_dir, *args, **kwargs):
@@ -574,7 +575,7 @@ def _install_legacy_common_state_file() -> None:
             torch.distributed.barrier()
         return result
 
-    serialization.save = package.save = save
+    package.save = save
     _record("dist_checkpointing.save", package.__name__,
             "also write common.pt, the common state as megatron-core 0.16-0.18 read it")
 
