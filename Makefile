@@ -20,7 +20,7 @@ PY312 := $(VENV312)/bin/python
 TORCH312_SPEC ?= torch==2.14.1
 MCORE312_SPEC ?= megatron-core==0.19.2
 
-.PHONY: install test test-unit test-distributed test-gpu install-py312 test-py312 demo bench clean
+.PHONY: install test test-unit test-distributed test-learning test-gpu install-py312 test-py312 demo bench clean
 
 $(VENV)/.installed: setup.py $(wildcard megatron_taskmoe/ops/csrc/*)
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,9 @@ test-unit: install
 
 test-distributed: install
 	$(PY) -m pytest tests/distributed $(PYTEST_ARGS)
+
+test-learning: install
+	$(PY) -m pytest tests/learning $(PYTEST_ARGS)
 
 test-gpu: install
 	$(PY) -m pytest tests/gpu -m gpu $(PYTEST_ARGS)
