@@ -139,6 +139,7 @@ def train(args, system: str, out: Path) -> dict:
 def serving_forms(args, out: Path) -> dict:
     """The extracted task sub-network, its CTranslate2 models, and (reference decoder) export directories."""
     logs = out / "logs"
+    logs.mkdir(exist_ok=True)
     sub = out / "task" / f"extracted_{args.target_lang}"
     paths = {"extracted": sub}
     if not sub.exists():

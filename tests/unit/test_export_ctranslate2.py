@@ -96,7 +96,13 @@ def random_source(tokenizer: Path, kind: str, seed: int = 0):
     from megatron_taskmoe.serving.source import ReferenceSource
 
     vocab = spm.SentencePieceProcessor(model_file=str(tokenizer)).get_piece_size()
+    scaled = kind.endswith("+scaled")
+    kind = kind.removesuffix("+scaled")
     arch = arch_config(model_config(kind, vocab))
+    if scaled:  # token embeddings times sqrt(D) before the positions (CTranslate2's scale_embeddings)
+        if "scale_embedding" not in type(arch).__dataclass_fields__:
+            pytest.skip("this reference model has no scale_embedding option")
+        arch = replace(arch, scale_embedding=True)
     g = torch.Generator().manual_seed(seed)
     state = {}
     for name, p in ReferenceModel(arch).state_dict().items():
@@ -149,6 +155,7 @@ def test_fixed_gate_moe_layer_equals_one_dense_ffn(tokenizer, kind):
     ("task_by_pair_relu_layernorm", {"tasks": ["en-de"]}, "int8"),
     ("task_by_target_swiglu_rmsnorm_top1_raw", {"target_langs": ["en"]}, "float32"),  # de-en, fr-en share gates
     ("dense_gelu_bias", {}, "float32"),
+    ("task_by_pair_relu_layernorm+scaled", {"tasks": ["fr-en"]}, "float32"),
 ])
 def test_ctranslate2_reproduces_the_reference_model(tokenizer, tmp_path, kind, directions, quantization):
     from megatron_taskmoe.serving.export import export_source
@@ -172,9 +179,10 @@ def test_ctranslate2_reproduces_the_reference_model(tokenizer, tmp_path, kind, d
                                                      "taskmoe_serving.json", "tokenizer.model"]
     assert not list(tmp_path.glob(".*"))
     record = json.loads((out / "taskmoe_serving.json").read_text())
-    want = ["en-de"] if "tasks" in directions else ["de-en", "fr-en"] if directions else TASKS
+    want = directions["tasks"] if "tasks" in directions else ["de-en", "fr-en"] if directions else TASKS
     assert sorted(record["directions"]) == want == summary["directions"]
     assert all(v["source_prefix"] == [f"<2{d.split('-')[1]}>"] for d, v in record["directions"].items())
+    assert record["scale_embedding"] is kind.endswith("+scaled")
     ct2_config = json.loads((out / "config.json").read_text())
     assert ct2_config["add_source_eos"] is True and ct2_config["decoder_start_token"] == "<s>"
     assert ct2_config["layer_norm_epsilon"] == source.config.model.layernorm_epsilon
