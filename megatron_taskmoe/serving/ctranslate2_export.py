@@ -95,7 +95,8 @@ def _set_self_attention(spec, state: dict, layer: str) -> None:
 
 def _set_cross_attention(spec, state: dict, layer: str) -> None:
     _set_norm(spec.layer_norm, state, f"{layer}.cross_attn_norm")
-    _set_linear(spec.linear[0], state[f"{layer}.cross_attn.q_proj.weight"], state.get(f"{layer}.cross_attn.q_proj.bias"))
+    _set_linear(spec.linear[0], state[f"{layer}.cross_attn.q_proj.weight"],
+                state.get(f"{layer}.cross_attn.q_proj.bias"))
     _set_linear(spec.linear[1], *_fused(state, f"{layer}.cross_attn", ("k_proj", "v_proj")))
     _set_linear(spec.linear[2], state[f"{layer}.cross_attn.out_proj.weight"],
                 state.get(f"{layer}.cross_attn.out_proj.bias"))

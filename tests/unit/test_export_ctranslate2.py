@@ -196,12 +196,15 @@ def test_ctranslate2_reproduces_the_reference_model(tokenizer, tmp_path, kind, d
 
 
 def test_directions_whose_gates_differ_are_refused(tokenizer, tmp_path):
+    from megatron_taskmoe.checkpoint_tools.io import CheckpointToolError
     from megatron_taskmoe.serving.dense import NotDenseError
     from megatron_taskmoe.serving.export import export_source
 
     source = random_source(tokenizer, "task_by_pair_relu_layernorm")
     with pytest.raises(NotDenseError, match=r"encoder\.layers\.\d: directions de-en and fr-en route to different "):
         export_source(source, tmp_path / "out", target_langs=["en"])
+    with pytest.raises(CheckpointToolError, match="--task xx-yy: not a task or direction of random:.* en-de"):
+        export_source(source, tmp_path / "out", tasks=["xx-yy"])
     assert not list(tmp_path.iterdir())
 
 
@@ -287,24 +290,42 @@ def test_export_directory_serves_as_the_reference_translator(trained, tmp_path):
         Ct2Translator(out).translate(SENTENCES, "de", "en")
 
 
-def test_cli_bad_inputs_exit_2_and_write_nothing(tmp_path, tmp_path_factory):
-    r = run_tool(TOOL, "--help")
-    assert r.returncode == 0 and "--verify" in r.stdout and "--quantization" in r.stdout
+def _tool(argv, capsys) -> tuple[int, str, str]:
+    """The CLI's main in process (for inputs refused before any checkpoint is read): exit code, stdout, stderr."""
+    import importlib.util
+
+    from megatron_taskmoe.checkpoint_tools.cli import run
+
+    spec = importlib.util.spec_from_file_location("export_ctranslate2", Path(tiny_run.ROOT, TOOL))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    try:
+        code = run(lambda: module.main([str(a) for a in argv]), "export_ctranslate2.py")
+    except SystemExit as e:  # argparse: --help (0) and invalid choices (2)
+        code = e.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_cli_bad_inputs_exit_2_and_write_nothing(tmp_path, tmp_path_factory, capsys):
+    code, out, _ = _tool(["--help"], capsys)
+    assert code == 0 and "--verify" in out and "--quantization" in out
     missing = tmp_path / "no_such_run"
-    r = run_tool(TOOL, str(missing), str(tmp_path / "a"))
-    assert r.returncode == 2 and f"{missing}: no such file or directory" in r.stderr, r.stderr[-2000:]
+    code, _, err = _tool([missing, tmp_path / "a"], capsys)
+    assert code == 2 and f"{missing}: no such file or directory" in err, err
     (tmp_path / "exists").mkdir()
-    r = run_tool(TOOL, str(missing), str(tmp_path / "exists"))
-    assert r.returncode == 2 and "already exists" in r.stderr
-    r = run_tool(TOOL, str(missing), str(tmp_path / "b"), "--verify-sentences", "0")
-    assert r.returncode == 2 and "--verify-sentences 0 must be >= 1" in r.stderr
-    r = run_tool(TOOL, str(missing), str(tmp_path / "b"), "--quantization", "int4")
-    assert r.returncode == 2 and "invalid choice: 'int4'" in r.stderr
-    # the session's shared-dynamic run: token+task routing and adapters, refused by name from the checkpoint
+    code, _, err = _tool([missing, tmp_path / "exists"], capsys)
+    assert code == 2 and "already exists" in err
+    code, _, err = _tool([missing, tmp_path / "b", "--verify-sentences", "0"], capsys)
+    assert code == 2 and "--verify-sentences 0 must be >= 1" in err
+    code, _, err = _tool([missing, tmp_path / "b", "--verify-data", tmp_path / "nowhere"], capsys)
+    assert code == 2 and f"--verify-data {tmp_path / 'nowhere'}: no such directory" in err
+    code, _, err = _tool([missing, tmp_path / "b", "--quantization", "int4"], capsys)
+    assert code == 2 and "invalid choice: 'int4'" in err
+    # the session's shared-dynamic run: token+task routing and adapters, refused by name from the checkpoint (a
+    # subprocess: reading a trainer checkpoint makes a process group)
     _, shared = tiny_run.shared_run(tmp_path_factory)
     r = run_tool(TOOL, str(shared), str(tmp_path / "c"), "--task", "en-de")
     assert r.returncode == 2 and "cannot be served as a dense Transformer exactly" in r.stderr, r.stderr[-2000:]
     assert "encoder.layers.0" in r.stderr and "shared_dynamic task adapters" in r.stderr
-    r = run_tool(TOOL, str(shared), str(tmp_path / "c"), "--task", "xx-yy")
-    assert r.returncode == 2 and "--task xx-yy: not a task or direction" in r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exists"]
