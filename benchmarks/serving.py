@@ -211,16 +211,28 @@ def translators(args, paths: dict, out: Path) -> tuple[dict[str, Callable], dict
     return fns, params, decoder
 
 
-def measure(args, fns: dict[str, Callable], tests: dict, detokenize: Callable[[list[int]], str]) -> dict:
-    """Interleaved timing of every system on the same sources; outputs, seconds and tokens per repeat."""
+PEER = "token-MoE (whole)"
+SAME_OUTPUTS = ("task-MoE (whole)", "task-MoE (extracted)")
+"""These two give identical translations, so their ratio compares equal work (the other pairs differ in output
+length, which a decoder's cost per token depends on)."""
+
+
+def _median_ratio(a: list[float], b: list[float]) -> float:
+    return statistics.median(x / y for x, y in zip(a, b))
+
+
+def measure(args, fns: dict[str, Callable], tests: dict, detokenize: Callable[[list[int]], str],
+            clock: Callable[[], float] = time.perf_counter) -> dict:
+    """Interleaved timing of every system on the same sources: seconds, target tokens and sentences per second
+    per repeat, medians of the per-repeat ratios, and BLEU/chrF of the first repeat's outputs."""
     from megatron_taskmoe.evaluation import score_corpus
 
     results = {name: {"seconds": [], "tokens": None, "scores": {}} for name in fns}
     for repeat in range(args.repeats):
         for name, fn in fns.items():
-            start = time.perf_counter()
+            start = clock()
             outputs = {d: fn(src, *d.split("-")) for d, (src, _) in tests.items()}
-            seconds = time.perf_counter() - start
+            seconds = clock() - start
             results[name]["seconds"].append(seconds)
             if repeat == 0:
                 results[name]["tokens"] = sum(len(h) for hyps in outputs.values() for h in hyps)
@@ -229,18 +241,22 @@ def measure(args, fns: dict[str, Callable], tests: dict, detokenize: Callable[[l
                 results[name]["sample"] = {d: text[d][:2] for d in tests}
             print(f"  repeat {repeat + 1}/{args.repeats} {name:32s} {seconds:8.1f}s "
                   f"{results[name]['tokens'] / seconds:8.1f} target tokens/s", flush=True)
-    peer = "token-MoE (whole)"
+    sentences = sum(len(src) for src, _ in tests.values())
     for name, r in results.items():
         r["tokens_per_s"] = [r["tokens"] / s for s in r["seconds"]]
+        r["sentences_per_s"] = [sentences / s for s in r["seconds"]]
         r["median_tokens_per_s"] = statistics.median(r["tokens_per_s"])
-        r["ratio_to_token_moe"] = statistics.median(
-            a / b for a, b in zip(r["tokens_per_s"], results[peer]["tokens_per_s"]))
+        r["median_sentences_per_s"] = statistics.median(r["sentences_per_s"])
+        r["ratio_to_token_moe"] = _median_ratio(r["tokens_per_s"], results[PEER]["tokens_per_s"])
         r["bleu"] = statistics.mean(s["bleu"] for s in r["scores"].values())
         r["chrf"] = statistics.mean(s["chrf"] for s in r["scores"].values())
-    ours = results["task-MoE (extracted)"]["tokens_per_s"]
+    whole, extracted = SAME_OUTPUTS
+    if whole in results and extracted in results:
+        results[extracted]["ratio_to_task_moe_whole"] = _median_ratio(results[extracted]["tokens_per_s"],
+                                                                      results[whole]["tokens_per_s"])
     for name in [n for n in results if "CTranslate2" in n]:
-        results[name]["ratio_to_extracted_ours"] = statistics.median(
-            a / b for a, b in zip(results[name]["tokens_per_s"], ours))
+        results[name]["ratio_to_extracted_ours"] = _median_ratio(results[name]["tokens_per_s"],
+                                                                 results[extracted]["tokens_per_s"])
     return results
 
 
@@ -250,12 +266,17 @@ def markdown(args, results: dict, params: dict, decoder: str, load: str, directi
              f"training steps of <= {args.max_tokens} tokens; test sources: the first {args.sentences} of "
              f"{', '.join(directions)}; beam {args.beam}, batches of {args.batch}, {args.threads} thread(s); "
              f"{args.repeats} interleaved repeats. Our decoder: `{decoder}`. Load at start: {load}.", "",
-             "| system | parameters served | target tokens/s | x token-MoE | BLEU | chrF |",
-             "|---|---:|---:|---:|---:|---:|"]
+             "| system | parameters served | target tokens/s | sentences/s | x token-MoE | BLEU | chrF |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for name, r in results.items():
         lines.append(f"| {name} | {params.get(name, 0):,} | {r['median_tokens_per_s']:.1f} | "
-                     f"{r['ratio_to_token_moe']:.2f} | {r['bleu']:.1f} | {r['chrf']:.1f} |")
+                     f"{r['median_sentences_per_s']:.2f} | {r['ratio_to_token_moe']:.2f} | {r['bleu']:.1f} | "
+                     f"{r['chrf']:.1f} |")
     lines.append("")
+    whole, extracted = SAME_OUTPUTS
+    if "ratio_to_task_moe_whole" in results.get(extracted, {}):
+        lines.append(f"- {extracted}: {results[extracted]['ratio_to_task_moe_whole']:.2f}x {whole} (the same "
+                     "translations, so equal work)")
     for name in [n for n in results if "CTranslate2" in n]:
         lines.append(f"- {name}: {results[name]['ratio_to_extracted_ours']:.2f}x the extracted sub-network through "
                      "our decoder")
