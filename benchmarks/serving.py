@@ -9,9 +9,9 @@ serves at 1.9x (32 experts) to 2.6x (128 experts) the throughput of a token-leve
 be served whole. In order (each step is skipped when its output exists, so an interrupted run continues):
   1. data     the Bible en <-> --languages (examples/bible/prepare_data.py, as examples/demo.sh), a joint
               sentencepiece tokenizer and megatron indexed datasets;
-  2. train    two models with the same sizes, experts, data order, token budget and seed: token-MoE (every token
-              routed by its representation, GShard top-2) and task-MoE (both sides routed by target language,
-              top-2), `--steps` steps of pretrain_mt.py each;
+  2. train    two models with the same sizes, experts, data order, token budget and seed: the presets
+              `kudugunta_token` (every token routed by its representation, top-2) and `kudugunta_target` (both sides
+              routed by target language, top-2), `--steps` steps of pretrain_mt.py each;
   3. serve    the task-MoE's sub-network for `--target-lang` (tools/checkpoint/extract_task.py --verify), and that
               sub-network as a dense CTranslate2 model in float32 and int8 (tools/checkpoint/export_ctranslate2.py,
               --verify on the float32 conversion);
@@ -98,14 +98,17 @@ def prepare(args, out: Path) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ 2. train
+PRESETS = {"token": "kudugunta_token", "task": "kudugunta_target"}
+"""Kudugunta et al.'s token-level and task-level (target language, both sides) systems: top-2, MoE every other
+layer; only the routing differs."""
+
+
 def run_config(args, system: str, out: Path) -> dict:
-    side = {"mode": "token"} if system == "token" else {"mode": "task", "task_source": "target_language",
-                                                        "task_embed_dim": 64}
-    side["layer_freq"] = args.layer_freq
+    side = {"layer_freq": args.layer_freq}
     overrides = {**SIZES[args.size], "max_source_positions": 96, "max_target_positions": 96,
-                 "moe": {"num_experts": args.experts, "topk": 2, "encoder": dict(side), "decoder": dict(side)}}
+                 "moe": {"num_experts": args.experts, "encoder": dict(side), "decoder": dict(side)}}
     return {
-        "model": {"system": "moe_token", "size": "tiny", "overrides": overrides},
+        "model": {"system": PRESETS[system], "size": "tiny", "overrides": overrides},
         "parallel": {"tensor": 1, "pipeline": 1, "expert": 1},
         "data": {"data_dir": str(out / "data"), "temperature": 5.0, "max_tokens": args.max_tokens},
         "optim": {"lr": args.lr, "warmup_steps": args.warmup_steps, "decay_style": "inverse-square-root",

@@ -15,9 +15,9 @@ The mapping (reference names on the left, `reference/model.py`):
     relu -> RELU, gelu -> GELU (exact erf form, as torch's default);
   * one embedding table for source, target and output projection (CTranslate2 aliases identical arrays), only the
     tokenizer's real pieces (the trainer's padding rows are dropped by the reference export); learned absolute
-    positions 0..n-1 on each side from the one shared table (`position_encodings`); `scale_embeddings` as the
-    model's `scale_embedding` (token embeddings times sqrt(D) before the positions are added; False for models
-    without the field);
+    positions 0..n-1 on each side from the one shared table (`position_encodings`); `scale_embeddings` set to the
+    model's `embedding_scale` (token embeddings times sqrt(D) before the positions are added, or no scaling for
+    models trained without it);
   * vocabulary: sentencepiece pieces in id order, so CTranslate2's ids are ours (pad/unk/bos/eos = 0/1/2/3);
     decoder start token bos (`<s>`), eos appended to the source by CTranslate2 (`add_source_eos`); the caller
     prepends the `<2xx>` target tag (`serving/ctranslate2_translator.py` does), as the trainer's data does.
@@ -58,9 +58,9 @@ ACTIVATIONS = {"relu": common_spec.Activation.RELU, "gelu": common_spec.Activati
                "swiglu": common_spec.Activation.SWISH}
 
 
-def scale_embedding(source: ReferenceSource) -> bool:
-    """Whether the model multiplies token embeddings by sqrt(D) (absent from older exports: False)."""
-    return bool(getattr(source.config.model, "scale_embedding", False))
+def embedding_scale(source: ReferenceSource) -> float:
+    """The factor token embeddings are multiplied by before the positions are added (sqrt(D) or 1)."""
+    return float(source.config.model.embedding_scale)
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -124,12 +124,12 @@ def transformer_spec_of(source: ReferenceSource, dense: DenseModel) -> transform
         rms_norm=arch.normalization == "RMSNorm")
     state = dense.state
     embed, positions = _np(state["embed_tokens.weight"]), _np(state["embed_positions.weight"])
-    scale = scale_embedding(source)
+    scale = embedding_scale(source)
     spec.encoder.embeddings[0].weight = embed
     spec.decoder.embeddings.weight = embed
     spec.decoder.projection.weight = embed
     for side in (spec.encoder, spec.decoder):
-        side.scale_embeddings = scale
+        side.scale_embeddings = scale if scale != 1.0 else False  # CTranslate2 takes the factor or a flag
         side.position_encodings.encodings = positions
     for name, side_spec in zip(SIDES, (spec.encoder, spec.decoder)):
         _set_norm(side_spec.layer_norm, state, f"{name}.final_norm")
@@ -184,7 +184,7 @@ def serving_record(source: ReferenceSource, dense: DenseModel, directions: Seque
         "max_source_positions": arch.max_source_positions,
         "max_target_positions": arch.max_target_positions,
         "vocab_size": arch.vocab_size,
-        "scale_embedding": scale_embedding(source),
+        "embedding_scale": embedding_scale(source),
         "quantization": quantization,
         "ctranslate2_version": ctranslate2.__version__,
         "tokenizer_sha256": hashlib.sha256(source.tokenizer).hexdigest(),
@@ -217,5 +217,5 @@ def check_directory(path: str | os.PathLike) -> Path:
     return path
 
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "SERVING_FILE", "TOKENIZER_FILE", "QUANTIZATIONS", "scale_embedding",
+__all__ = ["FORMAT", "FORMAT_VERSION", "SERVING_FILE", "TOKENIZER_FILE", "QUANTIZATIONS", "embedding_scale",
            "transformer_spec_of", "TaskSubnetworkConverter", "serving_record", "write_model", "check_directory"]

@@ -4,7 +4,9 @@
 `<2tgt>` tag, the sentencepiece pieces truncated to the model's positions; CTranslate2 appends eos itself), batches
 them in length order and decodes with CTranslate2's beam search. The output length limit is
 `max_len_a * source length + max_len_b` capped by the learned positions, as ours; CTranslate2 takes one limit per
-call, so a batch uses its longest sentence's limit (per-sentence limits would split the batches).
+call, so a batch runs to its longest sentence's limit (per-sentence limits would split the batches) and greedy
+outputs are then cut at each sentence's own limit, which makes them exactly what a per-sentence limit gives; beam
+outputs keep the batch's limit.
 
 `verify` runs the reference model (`reference/model.py`, the MoE model itself, whose outputs equal the trained
 model's) and a float32 CTranslate2 model on the same sources:
@@ -97,18 +99,22 @@ class Ct2Translator:
         return self.translator.translate_batch(
             [list(t) for t in tokens], beam_size=beam_size or self.search.beam_size,
             length_penalty=self.search.length_penalty, max_decoding_length=max_length, return_scores=return_scores,
-            max_batch_size=0)
+            min_decoding_length=0, max_batch_size=0)  # ours may end at once (CTranslate2's default minimum is 1)
 
     def translate_piece_ids(self, piece_ids: Sequence[Sequence[int]], src_lang: str, tgt_lang: str
                             ) -> list[list[int]]:
         tokens = self.source_tokens(piece_ids, src_lang, tgt_lang)
         order = sorted(range(len(tokens)), key=lambda i: (len(tokens[i]), i))
         out: list[Optional[list[int]]] = [None] * len(tokens)
+        limits = self.limits(tokens)
         for start in range(0, len(order), self.batch_size):
             chunk = order[start : start + self.batch_size]
             results = self.translate_tokens([tokens[i] for i in chunk])
             for pos, result in zip(chunk, results):
-                out[pos] = self._ids(result.hypotheses[0])
+                ids = self._ids(result.hypotheses[0])
+                # greedy: the first L tokens do not depend on the limit, so cutting at the sentence's own limit
+                # gives exactly what a search with that limit gives
+                out[pos] = ids[: limits[pos]] if self.search.beam_size == 1 else ids
         return out
 
     def translate_ids(self, sentences: Sequence[str], src_lang: str, tgt_lang: str) -> list[list[int]]:

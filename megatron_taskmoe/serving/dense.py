@@ -13,10 +13,11 @@ every mode and is a dense FFN too. Dense layers stay as they are.
 
 What cannot be expressed as a dense Transformer, and is refused with the layers named: experts chosen per token
 (`token`, `task_token`) or per sentence (`sentence`); task adapters (a LayerNorm -> down -> relu -> up residual
-bottleneck after the experts, per task or chosen per token); token dropping at a capacity (`capacity_factor`: which
-tokens are dropped depends on the batch). Directions served together must share every layer's gates exactly (e.g.
-all directions into one target language of a model routed by target language), otherwise they are different dense
-networks and are refused with the first layer where they differ.
+bottleneck after the experts, per task or chosen per token); token dropping at inference (`eval_capacity_factor`
+or `pad_to_capacity`: which tokens are dropped depends on the batch; a capacity used only in training is fine).
+Directions served together must share every layer's gates exactly (e.g. all directions into one target language
+of a model routed by target language), otherwise they are different dense networks and are refused with the first
+layer where they differ.
 
 The gate weights are computed with the reference model's own routing functions (`model/routing.py`), on the whole
 task table as the reference router does, so they are the values the trained model uses.
@@ -112,8 +113,9 @@ def refusals(arch: ArchConfig) -> list[str]:
         problems.append(f"{names}: {moe.adapters.mode} task adapters (a LayerNorm -> down -> relu -> up residual "
                         "bottleneck after the experts), which a Transformer layer has no place for")
     if moe.capacity_factor is not None and _moe_layers(arch):
-        problems.append(f"capacity_factor={moe.capacity_factor}: experts drop tokens beyond their capacity, and "
-                        "which tokens are dropped depends on the whole batch")
+        problems.append(f"a capacity factor of {moe.capacity_factor} at inference (eval_capacity_factor, or "
+                        "pad_to_capacity): experts drop tokens beyond their capacity, and which tokens are dropped "
+                        "depends on the whole batch")
     return problems
 
 

@@ -61,8 +61,8 @@ def model_config(kind: str, vocab: int):
     if kind == "task_by_target_swiglu_rmsnorm_top1_raw":
         cfg = replace(base, activation="swiglu", normalization="RMSNorm")  # MoE models have no biases
         side = dict(task, task_source="target_language", layer_freq=1)
-        return moe(cfg, topk=1, renormalize_topk=False, encoder=replace(base.moe.encoder, **side),
-                   decoder=replace(base.moe.decoder, **side))
+        return moe(cfg, topk=1, renormalize_topk=False, capacity_factor=1.0,  # capacity in training only
+                   encoder=replace(base.moe.encoder, **side), decoder=replace(base.moe.decoder, **side))
     if kind == "dense_gelu_bias":
         return presets.get("dense", "tiny", vocab_size=vocab, max_source_positions=40, max_target_positions=40,
                            activation="gelu", bias=True, num_tasks=len(TASKS), num_languages=len(LANGUAGES))
@@ -73,9 +73,9 @@ def model_config(kind: str, vocab: int):
     if kind == "task_token":
         return presets.get("moe_task_shared_dynamic", "tiny", num_tasks=len(TASKS), num_languages=len(LANGUAGES),
                            vocab_size=vocab)
-    if kind == "task_capacity":
+    if kind == "task_capacity_at_inference":
         cfg = model_config("task_by_pair_relu_layernorm", vocab)
-        return moe(cfg, capacity_factor=1.0)
+        return moe(cfg, capacity_factor=1.0, eval_capacity_factor=1.0)
     if kind == "task_static_adapters":
         from megatron_taskmoe.model.moe_config import AdapterConfig
 
@@ -98,11 +98,8 @@ def random_source(tokenizer: Path, kind: str, seed: int = 0):
     vocab = spm.SentencePieceProcessor(model_file=str(tokenizer)).get_piece_size()
     scaled = kind.endswith("+scaled")
     kind = kind.removesuffix("+scaled")
-    arch = arch_config(model_config(kind, vocab))
-    if scaled:  # token embeddings times sqrt(D) before the positions (CTranslate2's scale_embeddings)
-        if "scale_embedding" not in type(arch).__dataclass_fields__:
-            pytest.skip("this reference model has no scale_embedding option")
-        arch = replace(arch, scale_embedding=True)
+    cfg = model_config(kind, vocab)
+    arch = arch_config(replace(cfg, scale_embedding=scaled))  # token embeddings x sqrt(D) before the positions
     g = torch.Generator().manual_seed(seed)
     state = {}
     for name, p in ReferenceModel(arch).state_dict().items():
@@ -182,7 +179,8 @@ def test_ctranslate2_reproduces_the_reference_model(tokenizer, tmp_path, kind, d
     want = directions["tasks"] if "tasks" in directions else ["de-en", "fr-en"] if directions else TASKS
     assert sorted(record["directions"]) == want == summary["directions"]
     assert all(v["source_prefix"] == [f"<2{d.split('-')[1]}>"] for d, v in record["directions"].items())
-    assert record["scale_embedding"] is kind.endswith("+scaled")
+    scale = source.config.model.hidden_size ** 0.5 if kind.endswith("+scaled") else 1.0
+    assert record["embedding_scale"] == pytest.approx(scale)
     ct2_config = json.loads((out / "config.json").read_text())
     assert ct2_config["add_source_eos"] is True and ct2_config["decoder_start_token"] == "<s>"
     assert ct2_config["layer_norm_epsilon"] == source.config.model.layernorm_epsilon
@@ -209,11 +207,13 @@ def test_directions_whose_gates_differ_are_refused(tokenizer, tmp_path):
 
 
 @pytest.mark.parametrize("kind,message", [
-    ("token", r"encoder\.layers\.0: 4 experts that route each token by its own representation.*decoder\.layers\.0"),
-    ("sentence_decoder", r"decoder\.layers\.0: 4 experts that route each sentence"),
+    ("token", r"encoder\.layers\.0, encoder\.layers\.1: 4 experts that route each token by its own representation"
+              r".*decoder\.layers\.0, decoder\.layers\.1: 4 experts"),
+    ("sentence_decoder", r"decoder\.layers\.0, decoder\.layers\.1: 4 experts that route each sentence"),
     ("task_token", r"representation concatenated with the task embedding.*shared_dynamic task adapters"),
-    ("task_capacity", r"capacity_factor=1\.0: experts drop tokens"),
-    ("task_static_adapters", r"encoder\.layers\.0, decoder\.layers\.0: static task adapters"),
+    ("task_capacity_at_inference", r"a capacity factor of 1\.0 at inference .*experts drop tokens"),
+    ("task_static_adapters", r"encoder\.layers\.0, encoder\.layers\.1, decoder\.layers\.0, decoder\.layers\.1: "
+                             r"static task adapters"),
 ])
 def test_layers_without_a_dense_form_are_refused_by_name(tokenizer, tmp_path, kind, message):
     from megatron_taskmoe.serving.dense import NotDenseError

@@ -22,13 +22,23 @@ def bench():
 def test_token_and_task_models_differ_only_in_routing(bench):
     args = bench.parse_args(["--out", "x", "--size", "small", "--experts", "8"])
     token, task = (bench.run_config(args, s, Path("o")) for s in bench.SYSTEMS)
-    moe_token, moe_task = token["model"]["overrides"].pop("moe"), task["model"]["overrides"].pop("moe")
+    assert (token["model"].pop("system"), task["model"].pop("system")) == ("kudugunta_token", "kudugunta_target")
     assert {**token, "train": None} == {**task, "train": None}
     assert token["train"]["seed"] == task["train"]["seed"] and token["train"]["steps"] == task["train"]["steps"]
-    assert moe_token["num_experts"] == moe_task["num_experts"] == 8
-    assert moe_token["decoder"]["mode"] == "token"
-    assert moe_task["encoder"] == moe_task["decoder"] == {"mode": "task", "task_source": "target_language",
-                                                          "task_embed_dim": 64, "layer_freq": 2}
+    assert token["model"]["overrides"]["moe"] == {"num_experts": 8, "encoder": {"layer_freq": 2},
+                                                  "decoder": {"layer_freq": 2}}
+    from megatron_taskmoe.training.config import ModelSection
+
+    built = {name: ModelSection(system=bench.PRESETS[name], **{k: v for k, v in cfg["model"].items()
+                                                               if k != "system"}).build(
+        vocab_size=100, num_tasks=4, num_languages=3) for name, cfg in (("token", token), ("task", task))}
+    for name, model in built.items():  # what pretrain_mt.py builds: same sizes and experts, routing apart
+        assert (model.hidden_size, model.moe.num_experts, model.moe.topk, model.moe.encoder.layer_freq) == (
+            256, 8, 2, 2), name
+        assert model.moe.adapters.mode == "none"
+    assert (built["token"].moe.encoder.mode, built["token"].moe.decoder.mode) == ("token", "token")
+    for side in (built["task"].moe.encoder, built["task"].moe.decoder):
+        assert (side.mode, side.task_source) == ("task", "target_language")
     with pytest.raises(SystemExit):
         bench.parse_args(["--out", "x", "--target-lang", "ru"])
 
