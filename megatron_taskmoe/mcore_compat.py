@@ -236,9 +236,14 @@ def reset_aux_losses() -> None:
 # Permutation.
 # ---------------------------------------------------------------------------------------------------------------
 def mcore_permute(tokens: torch.Tensor, routing_map: torch.Tensor, **kwargs):
-    """megatron's `moe_utils.permute`: (permuted tokens, permuted probs or None, sorted indices) on every release."""
+    """megatron's `moe_utils.permute`: (permuted tokens, permuted probs or None, sorted indices) on every release.
+
+    Without `num_out_tokens` megatron permutes every routed pair (its drop-and-pad path needs the count), which
+    0.19's argsort-based permute does only when given that count: it is passed explicitly."""
     from megatron.core.transformer.moe import moe_utils
 
+    if kwargs.get("num_out_tokens") is None:
+        kwargs.update(num_out_tokens=int(routing_map.sum()), drop_and_pad=False)
     return tuple(moe_utils.permute(tokens, routing_map, **kwargs)[:3])
 
 
