@@ -43,6 +43,7 @@ import torch
 
 from megatron.core.transformer.moe import moe_utils
 
+from megatron_taskmoe.mcore_compat import mcore_permute
 from megatron_taskmoe.ops import permute, resolved_backend, unpermute
 
 # This project's MoE layers (hidden 1024, 8 experts, top-2; micro-batches of a few thousand tokens) and larger.
@@ -97,7 +98,7 @@ def make_inputs(shape: Shape, dtype: torch.dtype, device: str, seed: int = 0):
 def cases(impl: str, tokens_TH, routing_map_TE, probs_TE) -> Dict[str, Case]:
     """The timed operations for one implementation ('megatron', 'extension' or 'torch')."""
     if impl == "megatron":
-        perm, unperm = moe_utils.permute, moe_utils.unpermute
+        perm, unperm = mcore_permute, moe_utils.unpermute
     else:
         perm = lambda *a, **k: permute(*a, backend=impl, **k)  # noqa: E731
         unperm = lambda *a, **k: unpermute(*a, backend=impl, **k)  # noqa: E731

@@ -1,16 +1,19 @@
-"""Run megatron-core 0.16.1 on CPU (gloo) when CUDA is absent; process-group set-up for CPU and GPU.
+"""Run megatron-core (0.16.1 to 0.19.x) on CPU (gloo) when CUDA is absent; process-group set-up for CPU and GPU.
 
 megatron-core assumes CUDA in a handful of places that our own layer specs cannot reach (see
 `/work/shared/notes/megatron-core-on-cpu.md` and issue 3). This module is the one place that deals with them:
 
-* `apply()` installs every patch listed in `PATCHES` — only when `torch.cuda.is_available()` is false, only
-  against the megatron-core version it was verified with (`VERIFIED_MCORE_VERSION`; set the environment variable
-  `MEGATRON_TASKMOE_ALLOW_UNVERIFIED_MCORE=1` to run another version at your own risk), and only once
-  (idempotent). On a CUDA machine it changes nothing but plain megatron-core bug fixes:
-  `moe_utils.te_general_gemm` is defined as `None` when Transformer Engine is absent, because megatron's
-  `router_gating_linear` tests that name for `None` but never binds it without TE (`NameError` on CPU and GPU);
-  and, only without Apex/TE (torch's Adam), the distributed optimizer's checkpoint paths: Adam's `step` on load,
-  and the state of an expert optimizer that holds no parameters on a pipeline stage without MoE layers.
+* `apply()` installs the fixes of `FIXES`, each only on the megatron-core releases it states (`Fix.versions`, read
+  off each release's source), the CPU stand-ins only when `torch.cuda.is_available()` is false, after checking
+  that the installed release is in the supported range (`mcore_compat.SUPPORTED_MCORE`; set the environment
+  variable `MEGATRON_TASKMOE_ALLOW_UNVERIFIED_MCORE=1` to run another release at your own risk), and only once
+  (idempotent). `APPLIED` lists the fixes installed, `PATCHES` every patch they made, `describe_patches()` both.
+  On a CUDA machine it changes nothing but plain megatron-core bug fixes: on 0.16, `moe_utils.te_general_gemm`
+  is defined as `None` when Transformer Engine is absent, because megatron's `router_gating_linear` tests that
+  name for `None` but never binds it without TE (`NameError` on CPU and GPU; 0.17 binds it itself); and, only
+  without Apex/TE (torch's Adam), on every supported release, the distributed optimizer's checkpoint paths:
+  Adam's `step` on load, and the state of an expert optimizer that holds no parameters on a pipeline stage
+  without MoE layers.
 * What we can do through specs we do there instead (`model/specs.py`): an SDPA core attention (no global memory
   buffer, no CUDA causal mask), a LayerNorm/RMSNorm that supports sequence parallelism.
 * `init_distributed`, `initialize_model_parallel`, `model_parallel_manual_seed` and `destroy` set up and tear
@@ -40,10 +43,17 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from megatron_taskmoe.mcore_compat import (  # noqa: F401 (the version gate, re-exported)
+    ALLOW_UNVERIFIED_ENV,
+    SUPPORTED_MCORE,
+    TESTED_MCORE,
+    VersionRange,
+    check_mcore_version,
+    mcore_version,
+)
+
 logger = logging.getLogger(__name__)
 
-VERIFIED_MCORE_VERSION = "0.16.1"
-ALLOW_UNVERIFIED_ENV = "MEGATRON_TASKMOE_ALLOW_UNVERIFIED_MCORE"
 
 # megatron-core modules whose `torch` global is replaced by `_CpuTorch` on CPU, with what each needs it for.
 PROXIED_MODULES: dict[str, str] = {
@@ -301,28 +311,18 @@ def _make_cpu_rng_tracker_class(base: type) -> type:
 # ---------------------------------------------------------------------------------------------------------------
 # Installing.
 # ---------------------------------------------------------------------------------------------------------------
-def mcore_version() -> str:
-    from megatron.core import package_info
+@dataclass(frozen=True, kw_only=True)
+class Fix:
+    """One change `apply()` makes to megatron-core, and the releases it applies to."""
 
-    return package_info.__version__
-
-
-def check_mcore_version() -> None:
-    """Refuse megatron-core versions other than the verified one, unless the user opts in explicitly."""
-    version = mcore_version()
-    if version == VERIFIED_MCORE_VERSION:
-        return
-    if os.environ.get(ALLOW_UNVERIFIED_ENV, "") == "1":
-        logger.warning(
-            "megatron-core %s is not the verified %s; running anyway because %s=1",
-            version, VERIFIED_MCORE_VERSION, ALLOW_UNVERIFIED_ENV,
-        )
-        return
-    raise RuntimeError(
-        f"megatron_taskmoe was verified against megatron-core=={VERIFIED_MCORE_VERSION}, found {version}. "
-        f"Install megatron-core=={VERIFIED_MCORE_VERSION} (see setup.py), or set {ALLOW_UNVERIFIED_ENV}=1 to "
-        "run anyway (the CPU patches in megatron_taskmoe/platform.py may then miss or break things)."
-    )
+    name: str
+    """What it is, as `describe_patches()` lists it."""
+    versions: VersionRange
+    """The megatron-core releases whose code needs it (read in each release's source; run on `TESTED_MCORE`)."""
+    cpu_only: bool
+    """True: a CPU stand-in, installed only without CUDA. False: a bug fix, on CPU and GPU."""
+    install: Callable[[], None]
+    """Installs it (and records each patch in `PATCHES`)."""
 
 
 def _record(name: str, where: str, why: str) -> None:
@@ -330,6 +330,8 @@ def _record(name: str, where: str, why: str) -> None:
 
 
 def _install_te_name_fix() -> None:
+    """Bug fix, CPU and GPU: megatron-core 0.16's `router_gating_linear` tests `te_general_gemm` for None, but the
+    name is bound only when Transformer Engine imports (0.17 binds it to None without TE)."""
     moe_utils = importlib.import_module("megatron.core.transformer.moe.moe_utils")
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
@@ -339,15 +341,17 @@ def _install_te_name_fix() -> None:
         )
 
 
-def _install_cpu_patches() -> None:
+def _install_torch_proxies() -> None:
     proxy = _CpuTorch()
-    for module_name, why in PROXIED_MODULES.items():
+    for module_name, why in {**PROXIED_MODULES, **TRAINING_PROXIED_MODULES}.items():
         module = importlib.import_module(module_name)
         if getattr(module, "torch", None) is not torch:
             raise RuntimeError(f"{module_name}.torch is not torch; refusing to patch an unexpected layout")
         module.torch = proxy
         _record("torch -> _CpuTorch", module_name, why)
 
+
+def _install_cpu_rng() -> None:
     random = importlib.import_module("megatron.core.tensor_parallel.random")
     random._get_cuda_rng_state = _cpu_get_rng_state
     random._set_cuda_rng_state = _cpu_set_rng_state
@@ -357,6 +361,8 @@ def _install_cpu_patches() -> None:
     random.initialize_rng_tracker(force_reset=True)
     _record("CudaRNGStatesTracker", random.__name__, "fork over the CPU generator without a spurious warning")
 
+
+def _install_gloo_uneven_collectives() -> None:
     mappings = importlib.import_module("megatron.core.tensor_parallel.mappings")
     mappings._gather_along_first_dim, mappings._reduce_scatter_along_first_dim = _padded_uneven_collectives(
         mappings._gather_along_first_dim, mappings._reduce_scatter_along_first_dim
@@ -366,6 +372,8 @@ def _install_cpu_patches() -> None:
         "uneven splits (MoE under TP x EP) padded to even ones: gloo has no uneven all-gather/reduce-scatter",
     )
 
+
+def _install_alltoall_host_splits() -> None:
     dispatcher = importlib.import_module("megatron.core.transformer.moe.token_dispatcher")
     cls = dispatcher.MoEAlltoAllTokenDispatcher
     cls._maybe_dtoh_and_synchronize = _cpu_maybe_dtoh_and_synchronize
@@ -373,8 +381,6 @@ def _install_cpu_patches() -> None:
         "MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize", dispatcher.__name__,
         "split sizes as host numpy arrays (as on GPU) for gloo all_to_all_single; no CUDA side stream",
     )
-
-    _install_optimizer_patches(proxy)
 
 
 # megatron-core's optimizers check parameter types with `tensor.type() == 'torch.cuda.FloatTensor'` (and Half/
@@ -503,13 +509,78 @@ def _install_torch_adam_step_fix() -> None:
             "tell each chained distributed optimizer the chain's Adam step (for one without parameters here)")
 
 
-def _install_optimizer_patches(proxy: "_CpuTorch") -> None:
-    for module_name, why in TRAINING_PROXIED_MODULES.items():
-        module = importlib.import_module(module_name)
-        if getattr(module, "torch", None) is not torch:
-            raise RuntimeError(f"{module_name}.torch is not torch; refusing to patch an unexpected layout")
-        module.torch = proxy
-        _record("torch -> _CpuTorch", module_name, why)
+# How megatron-core < 0.19 matched a checkpoint's optimizer param groups to the optimizer's own when loading.
+_STRUCTURAL_GROUP_KEYS = ("wd_mult", "lr_mult", "is_expert_parallel", "is_decoupled_lr")
+
+
+def _install_param_group_schedule_fix() -> None:
+    """Compatibility fix, CPU and GPU, megatron-core 0.19+: `DistributedOptimizer.load_state_dict` pairs the
+    checkpoint's param groups with the optimizer's by their schedule values too (`max_lr`, `min_lr`, `start_wd`,
+    `end_wd`, ...: `param_group_identifier_keys`), so a checkpoint no longer loads into an optimizer built with
+    another learning rate (KeyError) - a resume with a changed `optim.lr`, or the checkpoint tools, which rebuild
+    the optimizer from default settings and load the state into it. Before 0.19 the groups were paired by
+    structure (`_STRUCTURAL_GROUP_KEYS`) and took the checkpoint's schedule values; this restores that: each of
+    the optimizer's groups takes the schedule values of the one checkpoint group with its structure, then megatron
+    pairs them as usual (several checkpoint groups of one structure, e.g. per-group LR overrides, stay megatron's
+    business)."""
+    module = importlib.import_module("megatron.core.optimizer.distrib_optimizer")
+    schedule_keys = [k for k in module.param_group_identifier_keys if k not in _STRUCTURAL_GROUP_KEYS]
+    cls = module.DistributedOptimizer
+    original_load = cls.load_state_dict
+
+    def structure(group: dict) -> tuple:
+        return tuple(group.get(k) for k in _STRUCTURAL_GROUP_KEYS)
+
+    @functools.wraps(original_load)
+    def load_state_dict(self, state_dict):
+        saved: dict[tuple, list[dict]] = {}
+        for group in state_dict["optimizer"]["param_groups"]:
+            saved.setdefault(structure(group), []).append(group)
+        for group in self.optimizer.param_groups:
+            matches = saved.get(structure(group), [])
+            if len(matches) == 1:
+                for key in schedule_keys:
+                    if key in matches[0]:
+                        group[key] = matches[0][key]
+                    else:
+                        group.pop(key, None)
+        return original_load(self, state_dict)
+
+    cls.load_state_dict = load_state_dict
+    _record("DistributedOptimizer.load_state_dict", module.__name__,
+            "pair checkpoint param groups by structure and take their LR/WD schedule values (as before 0.19)")
+
+
+def _install_legacy_common_state_file() -> None:
+    """Compatibility fix, CPU and GPU, megatron-core 0.19+: a torch_dist checkpoint keeps its common (non-tensor)
+    state - scheduler, counters, optimizer param groups - inside its DCP files, where releases before 0.19 look for
+    a `common.pt` beside them (and fail without it). After every synchronous `dist_checkpointing.save`, rank 0 also
+    writes that `common.pt` (the same state, read back from the checkpoint), so a checkpoint written here loads on
+    every supported release; 0.19 itself reads `common.pt` first when it is there. `dist_checkpointing.save` (the
+    name the project saves through) is wrapped as it is at `apply()`, wrappers of its callers included."""
+    package = importlib.import_module("megatron.core.dist_checkpointing")
+    serialization = importlib.import_module("megatron.core.dist_checkpointing.serialization")
+    common = importlib.import_module("megatron.core.dist_checkpointing.strategies.common")
+    original_save = package.save  # what `dist_checkpointing.save` is now (a caller may have wrapped it already)
+
+    @functools.wraps(original_save)
+    def save(sharded_state_dict, checkpoint_dir, *args, **kwargs):
+        result = original_save(sharded_state_dict, checkpoint_dir, *args, **kwargs)
+        if result is None:  # saved (an async save returns its request; this project saves synchronously)
+            if torch.distributed.get_rank() == 0:
+                state = serialization.load_common_state_dict(str(checkpoint_dir))
+                path = os.path.join(str(checkpoint_dir), common.COMMON_STATE_FNAME)
+                torch.save(state, path + ".partial")
+                os.replace(path + ".partial", path)
+            torch.distributed.barrier()
+        return result
+
+    package.save = save
+    _record("dist_checkpointing.save", package.__name__,
+            "also write common.pt, the common state as megatron-core 0.16-0.18 read it")
+
+
+def _install_optimizer_type_checks() -> None:
     for module_name, targets in OPTIMIZER_TYPE_CHECKS.items():
         module = importlib.import_module(module_name)
         for target in targets:
@@ -524,6 +595,33 @@ def _install_optimizer_patches(proxy: "_CpuTorch") -> None:
     optimizer.clip_grad_by_total_norm_fp32 = clip_grads.clip_grad_by_total_norm_fp32
 
 
+# Every fix, in the order apply() installs them. `versions` were read off each release's source (0.16.1, 0.17.0,
+# 0.17.1, 0.18.0, 0.18.2, 0.19.0, 0.19.2); a range without an end still holds in 0.19.2.
+_FROM_0_16_1 = VersionRange(first="0.16.1")
+FIXES: tuple[Fix, ...] = (
+    Fix(name="te_general_gemm bound to None without Transformer Engine", cpu_only=False, install=_install_te_name_fix,
+        versions=VersionRange(first="0.16.1", end="0.17")),
+    Fix(name="torch Adam `step` in distributed-optimizer checkpoints", cpu_only=False,
+        install=_install_torch_adam_step_fix, versions=_FROM_0_16_1),
+    Fix(name="optimizer checkpoints load under other LR/WD schedule settings", cpu_only=False,
+        install=_install_param_group_schedule_fix, versions=VersionRange(first="0.19.0")),
+    Fix(name="checkpoints keep common.pt for megatron-core 0.16-0.18", cpu_only=False,
+        install=_install_legacy_common_state_file, versions=VersionRange(first="0.19.0")),
+    Fix(name="CUDA devices, streams and sync map to the CPU (_CpuTorch)", cpu_only=True,
+        install=_install_torch_proxies, versions=_FROM_0_16_1),
+    Fix(name="RNG tracker over the CPU generator", cpu_only=True, install=_install_cpu_rng, versions=_FROM_0_16_1),
+    Fix(name="uneven first-dim gather / reduce-scatter on gloo", cpu_only=True,
+        install=_install_gloo_uneven_collectives, versions=_FROM_0_16_1),
+    Fix(name="all-to-all split sizes as host arrays for gloo", cpu_only=True, install=_install_alltoall_host_splits,
+        versions=_FROM_0_16_1),
+    Fix(name="optimizer parameter-type checks accept CPU tensors", cpu_only=True,
+        install=_install_optimizer_type_checks, versions=_FROM_0_16_1),
+)
+
+# The fixes apply() installed, in order.
+APPLIED: list[Fix] = []
+
+
 def apply() -> bool:
     """Make megatron-core usable on this machine. Returns True when CPU patches are (or already were) active.
 
@@ -531,11 +629,12 @@ def apply() -> bool:
     if _STATE["applied"]:
         return bool(_STATE["cpu"])
     check_mcore_version()
-    _install_te_name_fix()
-    _install_torch_adam_step_fix()
+    version = mcore_version()
     cpu = not torch.cuda.is_available()
-    if cpu:
-        _install_cpu_patches()
+    for fix in FIXES:
+        if version in fix.versions and (cpu or not fix.cpu_only):
+            fix.install()
+            APPLIED.append(fix)
     _STATE["applied"], _STATE["cpu"] = True, cpu
     return cpu
 
@@ -553,8 +652,12 @@ def device() -> torch.device:
 
 
 def describe_patches() -> str:
-    """One line per installed patch (empty on a CUDA machine with Transformer Engine)."""
-    return "\n".join(f"{name:55s} {where:50s} {why}" for name, where, why in PATCHES)
+    """The fixes `apply()` installed for this megatron-core release (with the releases each applies to), then one
+    line per installed patch."""
+    lines = [f"megatron-core {mcore_version()}; fixes applied:"]
+    lines += [f"  {fix.name} (megatron-core {fix.versions}{', CPU only' if fix.cpu_only else ''})" for fix in APPLIED]
+    lines += [f"{name:55s} {where:50s} {why}" for name, where, why in PATCHES]
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from typing import Literal, Optional
 import torch
 import torch.nn.functional as F
 
+from megatron_taskmoe.mcore_compat import use_megatron_permute_fusion
 from megatron_taskmoe.model.moe_config import MoEConfig
 
 ACTIVATIONS = ("relu", "gelu", "swiglu")
@@ -269,7 +270,8 @@ def init_methods(model: ModelConfig) -> dict:
 def to_transformer_config(model: ModelConfig, parallel: Optional[ParallelConfig] = None, **overrides):
     """The megatron-core `TransformerConfig` for `model` laid out as `parallel` (the only conversion).
 
-    CPU-safe settings are always used (CPU initialization, no fused kernels): megatron's fusions need CUDA or
+    CPU-safe settings are always used (CPU initialization, no fused kernels but the MoE permutation's where
+    `MoEConfig.permute_backend="auto"` finds Transformer Engine's on a GPU): megatron's fusions need CUDA or
     Apex/TE, and CPU initialization builds the full weight on every rank before slicing it, so every layout starts
     from the same numbers for the same seed. `overrides` go to `TransformerConfig` last (for experiments)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -311,6 +313,8 @@ def to_transformer_config(model: ModelConfig, parallel: Optional[ParallelConfig]
     )
     if model.moe is not None and model.num_moe_layers() > 0:
         kwargs.update(model.moe.megatron_kwargs())
+        # megatron's fused permutation (GPU, Transformer Engine) where "auto" takes it; see model/specs.py.
+        kwargs["moe_permute_fusion"] = use_megatron_permute_fusion(model.moe.permute_backend)
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
 

@@ -54,8 +54,12 @@ class TaskMoEMLP(MoELayer):
         side: str,
         task_context: TaskContext | None,
         token_dispatcher_builder: DispatcherBuilder | None = None,
+        **megatron_kwargs,
     ) -> None:
-        super().__init__(config=config, submodules=submodules, layer_number=layer_number, pg_collection=pg_collection)
+        # megatron_kwargs: what this megatron-core release's TransformerLayer passes on (from 0.17: is_mtp_layer;
+        # from 0.18: name), handed to MoELayer unchanged.
+        super().__init__(config=config, submodules=submodules, layer_number=layer_number, pg_collection=pg_collection,
+                         **megatron_kwargs)
         if token_dispatcher_builder is not None:
             self.token_dispatcher = token_dispatcher_builder(
                 self.num_local_experts,

@@ -27,11 +27,12 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
-from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, save_to_aux_losses_tracker
+from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import get_pg_rank, get_pg_size
 
+from megatron_taskmoe import mcore_compat
 from megatron_taskmoe.model import routing as R
 from megatron_taskmoe.model.moe_config import MoEConfig
 from megatron_taskmoe.model.task_context import TaskContext
@@ -48,7 +49,10 @@ class TaskTopKRouter(TopKRouter):
         moe_config: MoEConfig,
         side: str,
         task_context: TaskContext | None,
+        **megatron_kwargs,
     ) -> None:
+        # megatron_kwargs: what this megatron-core release's MoELayer passes on (from 0.17: is_mtp_layer), handed
+        # to TopKRouter unchanged.
         if config.moe_router_enable_expert_bias:
             raise ValueError("TaskTopKRouter: moe_router_enable_expert_bias is not supported (GShard aux loss instead)")
         if config.moe_router_load_balancing_type not in ("aux_loss", "none"):
@@ -60,7 +64,7 @@ class TaskTopKRouter(TopKRouter):
             raise ValueError("TaskTopKRouter: only the softmax score function is supported (GShard routing)")
         if config.moe_router_num_groups or config.moe_router_group_topk or config.moe_router_topk_scaling_factor:
             raise ValueError("TaskTopKRouter: group-limited routing and top-k scaling are not supported")
-        super().__init__(config=config, pg_collection=pg_collection)
+        super().__init__(config=config, pg_collection=pg_collection, **megatron_kwargs)
         self.moe_config = moe_config
         self.side = side
         self.routing_config = moe_config.side(side)
@@ -171,7 +175,7 @@ class TaskTopKRouter(TopKRouter):
         Under sequence parallelism `value` is this rank's share: the tracker sums it over the TP group."""
         if self.layer_number is not None and self.layer_number <= self.config.num_layers:
             group = self.tp_group if self._sequence_parallel else None
-            save_to_aux_losses_tracker(
+            mcore_compat.record_aux_loss(
                 f"{self.side}_{name}", value, self.layer_number, self.config.num_layers, reduce_group=group
             )
 

@@ -11,6 +11,7 @@ pipeline split (a stage builds the slice of layers it owns) are decided here, no
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence
 
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
@@ -28,6 +29,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
+from megatron_taskmoe.mcore_compat import use_megatron_permute_fusion
 from megatron_taskmoe.model.attention import SDPAttention
 from megatron_taskmoe.model.config import ModelConfig
 from megatron_taskmoe.model.norm import SequenceParallelNorm
@@ -36,11 +38,15 @@ from megatron_taskmoe.model.task_context import TaskContext
 SIDES = ("encoder", "decoder")
 
 
-def dense_mlp_spec() -> ModuleSpec:
-    """megatron's MLP on column/row-parallel linears (fc1 split by columns, fc2 by rows under TP)."""
-    return ModuleSpec(
-        module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
-    )
+def dense_mlp_spec() -> ModuleSpec | functools.partial:
+    """megatron's MLP on column/row-parallel linears (fc1 split by columns, fc2 by rows under TP).
+
+    From megatron-core 0.18 `TransformerLayer` builds its mlp through `MLP.as_mlp_submodule` (a `ModuleSpec` of
+    `MLP` still works there, rewrapped with a warning per layer); before 0.18 it takes the `ModuleSpec`."""
+    submodules = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
+    if hasattr(MLP, "as_mlp_submodule"):
+        return functools.partial(MLP.as_mlp_submodule, submodules=submodules)
+    return ModuleSpec(module=MLP, submodules=submodules)
 
 
 def moe_mlp_spec(model: ModelConfig, side: str, task_context: TaskContext) -> ModuleSpec:
@@ -48,7 +54,9 @@ def moe_mlp_spec(model: ModelConfig, side: str, task_context: TaskContext) -> Mo
 
     Token permutation: `MoEConfig.permute_backend` "auto"/"extension" use our dispatchers (ops/, the compiled
     kernels where built, the task-level fast path where the side routes by task or has one expert per token
-    choice); "torch" keeps megatron-core's own dispatcher unchanged."""
+    choice); "torch" keeps megatron-core's own dispatcher unchanged. On a GPU with Transformer Engine's fused
+    permutation, "auto" takes megatron's dispatcher with that fusion instead (`mcore_compat.
+    use_megatron_permute_fusion`; `to_transformer_config` sets `moe_permute_fusion` to match)."""
     from megatron_taskmoe.model.moe import get_moe_mlp_spec
     from megatron_taskmoe.ops.dispatcher import token_dispatcher_builder
 
@@ -57,7 +65,8 @@ def moe_mlp_spec(model: ModelConfig, side: str, task_context: TaskContext) -> Mo
     backend = model.moe.permute_backend
     uniform_routing_possible = (model.moe.side(side).mode == "task"
                                 or model.moe.side_num_experts(side) == model.moe.topk)
-    builder = None if backend == "torch" else token_dispatcher_builder(backend, fast_path=uniform_routing_possible)
+    megatron_dispatcher = backend == "torch" or use_megatron_permute_fusion(backend)
+    builder = None if megatron_dispatcher else token_dispatcher_builder(backend, fast_path=uniform_routing_possible)
     return get_moe_mlp_spec(moe_config=model.moe, side=side, task_context=task_context,
                             token_dispatcher_builder=builder)
 

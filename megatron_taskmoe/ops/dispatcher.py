@@ -5,7 +5,9 @@
 `permute_backend`) and override only the methods that call `moe_utils.permute` / `unpermute`; their bodies
 follow megatron-core 0.16.1 line for line with our functions in place (and, in the all-gather dispatcher,
 the permuted probabilities taken from our permute instead of a second masked_select). Communication, CUDA-stream
-synchronization points and everything else stay megatron's (on CPU the platform layer handles the latter).
+synchronization points and everything else stay megatron's (on CPU the platform layer handles the latter). Where
+later releases moved work between these methods, the release installed decides (`mcore_compat`: the overlapped
+shared experts' fc2 runs in megatron's `token_combine` from 0.18 on, so `combine_postprocess` leaves it out there).
 
 `build_token_dispatcher(num_local_experts, local_expert_indices, config, pg_collection, backend=..., fast_path=...)`
 picks the class from `config.moe_token_dispatcher_type`; `token_dispatcher_builder(backend, fast_path)` returns it
@@ -29,6 +31,7 @@ from megatron.core.transformer.moe.token_dispatcher import (
 )
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_taskmoe.mcore_compat import shared_experts_run_in_token_comm
 from megatron_taskmoe.ops.backend import BACKENDS
 from megatron_taskmoe.ops.permute import permute, unpermute
 
@@ -101,6 +104,8 @@ class TaskMoEAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         super().__init__(num_local_experts, local_expert_indices, config=config, pg_collection=pg_collection)
         self.permute_backend = _check_backend(permute_backend)
         self.fast_path = fast_path
+        # megatron-core 0.18+ runs the overlapped shared experts' fc2 in token_combine, before 0.18 here.
+        self._shared_experts_in_token_comm = shared_experts_run_in_token_comm()
 
     def dispatch_preprocess(self, hidden_states: torch.Tensor, routing_map: torch.Tensor, probs: torch.Tensor):
         """Communication metadata, then tokens and probabilities grouped by destination expert."""
@@ -137,7 +142,7 @@ class TaskMoEAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
 
     def combine_postprocess(self, permutated_local_input_tokens):
         """Tokens back in their original order and shape, plus the shared experts' output."""
-        if self.shared_experts is not None:
+        if self.shared_experts is not None and not self._shared_experts_in_token_comm:
             self.shared_experts.linear_fc2_forward(permutated_local_input_tokens)
             self.shared_experts.post_forward_comm()
 

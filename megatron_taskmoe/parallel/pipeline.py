@@ -39,7 +39,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 
-from megatron_taskmoe import platform
+from megatron_taskmoe import mcore_compat, platform
 from megatron_taskmoe.model.config import ModelConfig, ParallelConfig, to_transformer_config
 from megatron_taskmoe.model.encdec import EncoderDecoderModel, EncoderState
 
@@ -460,36 +460,35 @@ def align_aux_loss_tracker(pg_collection, num_layers: int) -> None:
     """Give megatron's MoE aux-loss tracker the same entries, in the same order, on every pipeline stage.
 
     Each stage records only its own layers' losses (e.g. `encoder_*` names on encoder stages), but megatron's
-    `reduce_aux_losses_tracker_across_ranks` all-reduces entry by entry over the pipeline group in dict order:
-    different names would sum unrelated entries (or hang). Missing entries are added as zeros (sums unchanged),
-    reduced over this rank's tensor-parallel group where the stages that own them reduce over theirs (routers
-    under sequence parallelism record per-shard values), so every stage ends with the same totals."""
-    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
-
+    reduction all-reduces entry by entry over the pipeline group in the tracker's order: different names would sum
+    unrelated entries (or hang). Missing entries are added as zeros (sums unchanged), reduced over this rank's
+    tensor-parallel group where the stages that own them reduce over theirs (routers under sequence parallelism
+    record per-shard values), so every stage ends with the same totals."""
     if pg_collection.pp.size() == 1:
         return
-    tracker = get_moe_layer_wise_logging_tracker()
+    entries = mcore_compat.aux_loss_entries()
     mine = {}
-    for name, entry in tracker.items():
-        if entry.get("avg_group") is not None:
+    for name, entry in entries.items():
+        if entry.avg_group is not None:
             raise RuntimeError(f"align_aux_loss_tracker: aux loss {name!r} has an averaging group, which pipeline "
                                "stages without it cannot mirror")
-        group = entry.get("reduce_group")
-        mine[name] = (0 if group is None else group.size(), bool(entry.get("reduce_group_has_dp", False)))
+        group = entry.reduce_group
+        mine[name] = (0 if group is None else group.size(), entry.needs_dp_avg)
     gathered: list = [None] * pg_collection.pp.size()
     torch.distributed.all_gather_object(gathered, mine, group=pg_collection.pp)
     owners = {}
     for stage_entries in gathered:
         owners.update(stage_entries)
-    entries = {name: tracker.pop(name) for name in list(tracker)}
+    aligned = {}
     for name in sorted(owners):
         if name in entries:
-            tracker[name] = entries[name]
+            aligned[name] = entries[name]
             continue
-        group_size, has_dp = owners[name]
+        group_size, needs_dp_avg = owners[name]
         if group_size and group_size != pg_collection.tp.size():
             raise RuntimeError(f"align_aux_loss_tracker: aux loss {name!r} is reduced over a group of {group_size} "
                                f"ranks, not the tensor-parallel group of {pg_collection.tp.size()}")
-        tracker[name] = {"values": torch.zeros(num_layers, device=platform.device()),
-                         "reduce_group": pg_collection.tp if group_size else None, "avg_group": None,
-                         "reduce_group_has_dp": has_dp}
+        aligned[name] = mcore_compat.AuxLossEntry(values=torch.zeros(num_layers, device=platform.device()),
+                                                  reduce_group=pg_collection.tp if group_size else None,
+                                                  needs_dp_avg=needs_dp_avg)
+    mcore_compat.set_aux_loss_entries(aligned)

@@ -24,7 +24,7 @@ from typing import Any, Iterator, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_taskmoe import platform
+from megatron_taskmoe import mcore_compat, platform
 from megatron_taskmoe.config_io import ConfigError, dump_yaml, to_dict
 from megatron_taskmoe.data.batching import BatchingConfig, BatchIterator
 from megatron_taskmoe.data.dataset import MultilingualDataset
@@ -331,14 +331,12 @@ class Trainer:
         return {"loss": loss, "grad_norm": grad_norm, "update": bool(update_ok), "tokens": int(totals[1])}
 
     def _aux_losses(self) -> dict[str, float]:
-        from megatron.core.transformer.moe import moe_utils
-
-        tracker = moe_utils.get_moe_layer_wise_logging_tracker()
-        if not tracker:
+        if not mcore_compat.aux_loss_entries():
             return {}
-        moe_utils.reduce_aux_losses_tracker_across_ranks(pg_collection=self.built.pg_collection)
-        out = {name: float(entry["values"].sum()) / self.cfg.train.micro_batches for name, entry in tracker.items()}
-        moe_utils.clear_aux_losses_tracker()
+        mcore_compat.reduce_aux_losses(self.built.pg_collection)
+        out = {name: float(entry.values.sum()) / self.cfg.train.micro_batches
+               for name, entry in mcore_compat.aux_loss_entries().items()}
+        mcore_compat.clear_aux_losses()
         return out
 
     def train(self) -> TrainState:

@@ -9,6 +9,7 @@ import torch
 
 from megatron.core.transformer.moe import moe_utils
 
+from megatron_taskmoe.mcore_compat import mcore_permute
 from megatron_taskmoe.ops import permute, unpermute
 
 
@@ -52,7 +53,7 @@ def check_against_megatron(
         p_TE = None if probs_TE is None else probs_TE.clone().requires_grad_()
         kwargs = dict(probs=p_TE, num_out_tokens=num_out_tokens, drop_and_pad=drop_and_pad)
         if impl == "megatron":
-            y_NH, py_N, idx_N = moe_utils.permute(x_TH, routing_map_TE, **kwargs)
+            y_NH, py_N, idx_N = mcore_permute(x_TH, routing_map_TE, **kwargs)
         else:
             y_NH, py_N, idx_N = permute(x_TH, routing_map_TE, backend=backend, fast_path=fast_path, **kwargs)
         # Stand-in for the experts: a fixed elementwise scale, so gradients differ per slot.

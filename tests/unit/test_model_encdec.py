@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron_taskmoe import platform
+from megatron_taskmoe import mcore_compat, platform
 from megatron_taskmoe.model import presets
 from megatron_taskmoe.model.encdec import EncoderDecoderModel
 
@@ -136,23 +136,21 @@ def test_every_system_runs_forward_and_backward(megatron_world1, system):
 
 
 def test_aux_losses_are_tracked_per_global_layer_number(megatron_world1):
-    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker
-
     cfg = tiny_moe()
     model = build(cfg).train()
     # megatron keeps each tracked tensor at the size of its first use (clearing only zeroes it): start afresh
-    get_moe_layer_wise_logging_tracker().clear()
+    mcore_compat.reset_aux_losses()
     b = batch()
     model(**b).sum().backward()
-    tracker = get_moe_layer_wise_logging_tracker()
-    enc = tracker["encoder_load_balancing_loss"]["values"]
-    dec = tracker["decoder_load_balancing_loss"]["values"]
+    entries = mcore_compat.aux_loss_entries()
+    enc = entries["encoder_load_balancing_loss"].values
+    dec = entries["decoder_load_balancing_loss"].values
     assert enc.shape == (4,) and dec.shape == (4,)
     assert torch.all(enc[:2] > 0) and torch.all(enc[2:] == 0), "encoder layers are 1..2"
     assert torch.all(dec[2:] > 0) and torch.all(dec[:2] == 0), "decoder layers are 3..4"
     numbers = [layer.layer_number for layer in list(model.encoder.layers) + list(model.decoder.layers)]
     assert numbers == [1, 2, 3, 4]
-    clear_aux_losses_tracker()
+    mcore_compat.clear_aux_losses()
 
 
 def test_stage_flags_build_partial_models(megatron_world1):

@@ -1,4 +1,4 @@
-"""ops.permute / ops.unpermute against megatron-core 0.16.1's moe_utils, the fast path, backends and errors.
+"""ops.permute / ops.unpermute against megatron-core's moe_utils, the fast path, backends and errors.
 
 Legend: T tokens, H hidden size, E experts, K experts per token, N permuted rows.
 """
@@ -10,6 +10,7 @@ import torch
 
 from megatron.core.transformer.moe import moe_utils
 
+from megatron_taskmoe.mcore_compat import mcore_permute
 from megatron_taskmoe.ops import backend as backend_mod
 from megatron_taskmoe.ops import extension_available, permute, unpermute
 from megatron_taskmoe.ops.fallback import gather_sum, inverse_index
@@ -206,7 +207,7 @@ def test_fallback_used_with_one_log_line_when_extension_missing(monkeypatch, cap
     assert backend_mod.resolved_backend("auto", tokens_TH) == "torch"
     records = [r for r in caplog.records if "pure-torch fallback" in r.getMessage()]
     assert len(records) == 1
-    reference_NH, _, _ = moe_utils.permute(tokens_TH, routing_map_TE, probs=probs_TE)
+    reference_NH, _, _ = mcore_permute(tokens_TH, routing_map_TE, probs=probs_TE)
     assert torch.equal(permuted_NH, reference_NH)
     with pytest.raises(RuntimeError, match="'extension' requested but"):
         permute(tokens_TH, routing_map_TE, backend="extension")

@@ -18,6 +18,12 @@ from torch.utils import cpp_extension
 CSRC = Path(__file__).resolve().parents[2] / "megatron_taskmoe" / "ops" / "csrc"
 CUDA_HOME = cpp_extension.CUDA_HOME or "/usr/local/cuda"
 NVCC = shutil.which("nvcc") or os.path.join(CUDA_HOME, "bin", "nvcc")
+# The CUDA headers: under CUDA_HOME, beside the real nvcc, or in /usr/local/cuda (torch 2.14 takes
+# CUDA_HOME=/usr/local from an nvcc in /usr/local/bin whose toolkit lies in /usr/local/cuda).
+CUDA_INCLUDE = next((d for d in (os.path.join(CUDA_HOME, "include"),
+                                 os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(NVCC))), "include"),
+                                 "/usr/local/cuda/include")
+                     if os.path.exists(os.path.join(d, "cuda_runtime_api.h"))), os.path.join(CUDA_HOME, "include"))
 needs_nvcc = pytest.mark.skipif(not os.path.exists(NVCC), reason="nvcc not found")
 
 HOST_CHECK = r"""
@@ -82,5 +88,5 @@ def test_aten_glue_compiles(tmp_path):
     macros = tmp_path / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h"
     macros.parent.mkdir(parents=True)
     macros.write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
-    includes = [f"-I{p}" for p in cpp_extension.include_paths()] + [f"-I{CUDA_HOME}/include", f"-I{tmp_path}"]
+    includes = [f"-I{p}" for p in cpp_extension.include_paths()] + [f"-I{CUDA_INCLUDE}", f"-I{tmp_path}"]
     run(["g++", "-std=c++20", "-fsyntax-only", "-Wall", *includes, CSRC / "permute_cuda.cpp"], tmp_path)

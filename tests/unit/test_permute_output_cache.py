@@ -19,6 +19,7 @@ import torch
 from megatron.core.transformer.moe import moe_utils
 
 from megatron_taskmoe import ops
+from megatron_taskmoe.mcore_compat import mcore_permute
 from megatron_taskmoe.ops import fallback
 from permute_reference import check_against_megatron, topk_routing
 
@@ -92,7 +93,7 @@ def test_permute_unpermute_against_megatron_at_cached_sizes():
     check_against_megatron(tokens_TH, routing_map_TE, probs_TE, backend="extension", merge_with_probs=False)
     # fp32 forward, weighted merge: no FMA contraction (setup.py), so bitwise megatron's mul + scatter_add.
     permuted_NH, permuted_probs_N, idx_N = ops.permute(tokens_TH, routing_map_TE, probs=probs_TE)
-    ref_NH, ref_probs_N, ref_idx_N = moe_utils.permute(tokens_TH, routing_map_TE, probs=probs_TE)
+    ref_NH, ref_probs_N, ref_idx_N = mcore_permute(tokens_TH, routing_map_TE, probs=probs_TE)
     assert torch.equal(permuted_NH, ref_NH) and torch.equal(permuted_probs_N, ref_probs_N)
     ours_TH = ops.unpermute(permuted_NH, idx_N, tokens_TH.shape, probs=probs_TE, routing_map=routing_map_TE)
     ref_TH = moe_utils.unpermute(ref_NH, ref_idx_N, tokens_TH.shape, probs=probs_TE, routing_map=routing_map_TE)

@@ -1,9 +1,11 @@
 """The CPU platform layer: version gate, idempotence, the CPU stand-ins, RNG tracking and process-group helpers."""
 
+import re
+
 import pytest
 import torch
 
-from megatron_taskmoe import platform
+from megatron_taskmoe import mcore_compat, platform
 
 
 def test_apply_is_idempotent_and_lists_its_patches():
@@ -19,17 +21,54 @@ def test_apply_is_idempotent_and_lists_its_patches():
         assert "MoEAlltoAllTokenDispatcher" in text
 
 
-def test_version_gate_refuses_unverified_versions(monkeypatch):
-    monkeypatch.setattr(platform, "mcore_version", lambda: "0.15.0")
+def test_version_gate_accepts_the_supported_range_only(monkeypatch):
     monkeypatch.delenv(platform.ALLOW_UNVERIFIED_ENV, raising=False)
-    with pytest.raises(RuntimeError, match=r"verified against megatron-core==0\.16\.1, found 0\.15\.0"):
+    for version in ("0.16.1", "0.17.0", "0.18.2", "0.19.2", "0.19.2+9f78e8f", "0.19.7"):
+        platform.check_mcore_version(version)
+    for version in ("0.15.0", "0.16.0", "0.16.1rc1", "0.20.0", "0.20.0rc1", "1.0.0"):
+        with pytest.raises(RuntimeError, match=rf"supports megatron-core >=0\.16\.1,<0\.20 \(tested: 0\.16\.1, "
+                                               rf"0\.19\.2\), found {re.escape(version)}\. Install a supported"):
+            platform.check_mcore_version(version)
+    monkeypatch.setattr(mcore_compat, "mcore_version", lambda: "0.15.0")
+    with pytest.raises(RuntimeError, match="found 0.15.0"):
         platform.check_mcore_version()
     monkeypatch.setenv(platform.ALLOW_UNVERIFIED_ENV, "1")
     platform.check_mcore_version()
+    platform.check_mcore_version("0.20.0")
 
 
-def test_installed_version_is_the_verified_one():
-    assert platform.mcore_version() == platform.VERIFIED_MCORE_VERSION
+def test_version_ranges():
+    r = mcore_compat.VersionRange(first="0.16.1", end="0.17")
+    assert "0.16.1" in r and "0.16.9" in r and "0.16.2+abc" in r
+    assert "0.16.0" not in r and "0.17.0" not in r and "0.17.0rc0" not in r and "0.16.1rc1" not in r
+    assert str(r) == ">=0.16.1,<0.17" and str(mcore_compat.VersionRange(first="0.18.0")) == ">=0.18.0"
+    assert "9.0.0" in mcore_compat.VersionRange(first="0.18.0")
+    with pytest.raises(ValueError, match="end '0.16' is not after first '0.16.1'"):
+        mcore_compat.VersionRange(first="0.16.1", end="0.16")
+    with pytest.raises(ValueError, match="not a megatron-core version: 'main'"):
+        mcore_compat.version_key("main")
+
+
+def test_installed_version_is_a_tested_one():
+    version = platform.mcore_version()
+    assert "+" not in version
+    assert version in platform.SUPPORTED_MCORE and version in platform.TESTED_MCORE
+
+
+def test_fixes_are_applied_exactly_for_their_versions():
+    platform.apply()
+    version, cpu = platform.mcore_version(), not torch.cuda.is_available()
+    for fix in platform.FIXES:
+        assert (fix in platform.APPLIED) == (version in fix.versions and (cpu or not fix.cpu_only)), fix.name
+    from megatron.core.transformer.moe import moe_utils
+
+    te_fix = any(name == "te_general_gemm=None" for name, _, _ in platform.PATCHES)
+    if mcore_compat.mcore_at_least("0.17.0"):
+        assert not te_fix, "megatron-core 0.17+ binds te_general_gemm itself"
+    assert hasattr(moe_utils, "te_general_gemm")
+    text = platform.describe_patches()
+    assert text.startswith(f"megatron-core {version}; fixes applied:")
+    assert all(fix.name in text for fix in platform.APPLIED)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU stand-ins are only installed without CUDA")

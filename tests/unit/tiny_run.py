@@ -75,8 +75,10 @@ def prepare_data(root: Path) -> tuple[Path, Path]:
     return raw, binary
 
 
-def train(root: Path, run_dir: Path, *, steps: int = 30, nproc: int = 1, overrides: tuple[str, ...] = ()) -> Path:
-    """Train `steps` steps into `run_dir` (torchrun with `nproc` gloo processes when nproc > 1)."""
+def train(root: Path, run_dir: Path, *, steps: int = 30, nproc: int = 1, overrides: tuple[str, ...] = (),
+          python: str = PYTHON) -> Path:
+    """Train `steps` steps into `run_dir` (torchrun with `nproc` gloo processes when nproc > 1) with the
+    interpreter `python` (this one by default); a run directory with a checkpoint resumes from it."""
     _, binary = prepare_data(root)
     args = ["pretrain_mt.py", "--config", "examples/configs/tiny_cpu.yaml",
             "--set", f"data.data_dir={binary}", "--set", f"train.run_dir={run_dir}", "--set", f"train.steps={steps}",
@@ -86,10 +88,10 @@ def train(root: Path, run_dir: Path, *, steps: int = 30, nproc: int = 1, overrid
     if nproc > 1:
         from megatron_taskmoe.platform import free_port
 
-        cmd = [PYTHON, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
+        cmd = [python, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
                str(free_port()), *args]
     else:
-        cmd = [PYTHON, *args]
+        cmd = [python, *args]
     run(cmd, timeout=600)
     return run_dir
 
