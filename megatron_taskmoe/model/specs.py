@@ -2,7 +2,9 @@
 
 All parts are megatron's (`TransformerLayer`, `SelfAttention`, `CrossAttention`, `MLP`, column/row-parallel linears,
 `MoELayer`) except two that megatron has only in CUDA-bound or sequence-parallel-hostile forms: the core attention
-(`attention.SDPAttention`, torch SDPA) and the norm (`norm.SequenceParallelNorm`). MoE FFNs come from the routing
+(`attention.SDPAttention`, torch SDPA) and the norm (`norm.SequenceParallelNorm`). The decoder's attention modules
+are megatron's with an incremental-decoding path (`attention.DecoderSelfAttention`/`DecoderCrossAttention`, which
+use a `kv_cache.DecoderCache` passed as megatron's `inference_context`). MoE FFNs come from the routing
 module's `get_moe_mlp_spec` (our router, dispatchers and adapters inside megatron's `MoELayer`).
 
 A block spec lists its layers explicitly (`TransformerBlockSubmodules`), so the MoE placement per layer and the
@@ -16,7 +18,6 @@ from typing import Optional, Sequence
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import (
-    CrossAttention,
     CrossAttentionSubmodules,
     SelfAttention,
     SelfAttentionSubmodules,
@@ -28,7 +29,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
-from megatron_taskmoe.model.attention import SDPAttention
+from megatron_taskmoe.model.attention import DecoderCrossAttention, DecoderSelfAttention, SDPAttention
 from megatron_taskmoe.model.config import ModelConfig
 from megatron_taskmoe.model.norm import SequenceParallelNorm
 from megatron_taskmoe.model.task_context import TaskContext
@@ -62,9 +63,9 @@ def moe_mlp_spec(model: ModelConfig, side: str, task_context: TaskContext) -> Mo
                             token_dispatcher_builder=builder)
 
 
-def _self_attention(mask_type: AttnMaskType) -> ModuleSpec:
+def _self_attention(mask_type: AttnMaskType, module: type = SelfAttention) -> ModuleSpec:
     return ModuleSpec(
-        module=SelfAttention,
+        module=module,
         params={"attn_mask_type": mask_type},
         submodules=SelfAttentionSubmodules(
             linear_qkv=ColumnParallelLinear,
@@ -92,16 +93,17 @@ def encoder_layer_spec(mlp: ModuleSpec) -> ModuleSpec:
 
 
 def decoder_layer_spec(mlp: ModuleSpec) -> ModuleSpec:
-    """Pre-norm decoder layer: causal self-attention, cross-attention over the encoder output, FFN."""
+    """Pre-norm decoder layer: causal self-attention, cross-attention over the encoder output, FFN (attention with
+    an incremental-decoding path)."""
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
             input_layernorm=SequenceParallelNorm,
-            self_attention=_self_attention(AttnMaskType.causal),
+            self_attention=_self_attention(AttnMaskType.causal, DecoderSelfAttention),
             self_attn_bda=get_bias_dropout_add,
             pre_cross_attn_layernorm=SequenceParallelNorm,
             cross_attention=ModuleSpec(
-                module=CrossAttention,
+                module=DecoderCrossAttention,
                 params={"attn_mask_type": AttnMaskType.padding},
                 submodules=CrossAttentionSubmodules(
                     linear_q=ColumnParallelLinear,

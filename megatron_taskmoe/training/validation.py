@@ -6,7 +6,8 @@ decide on early stopping. Validation sets are small (`eval.max_sentences` per di
 across data-parallel ranks is cheap.
 
 References are the validation targets decoded from their sentence pieces, so they match the raw text up to
-sentencepiece's normalisation; `tools/evaluate.py` scores against raw test text.
+sentencepiece's normalisation; `tools/evaluate.py` scores against raw test text. Translations are decoded
+incrementally (`model/decoding.py`: key/value caches, vectorised beam search), as `tools/translate.py` decodes.
 
 With pipeline parallelism the loss goes forward-only through megatron's 1F1B schedule and the translations through
 the stages one decoding step at a time (`parallel/pipeline_decoding.py`); each stage counts the routing of its own
@@ -24,9 +25,10 @@ import torch
 from megatron_taskmoe import platform
 from megatron_taskmoe.data.batching import collate, BatchingConfig
 from megatron_taskmoe.data.dataset import MultilingualDataset
-from megatron_taskmoe.data.tokenizer import BOS_ID, EOS_ID
+from megatron_taskmoe.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, language_tag_ids
 from megatron_taskmoe.evaluation import mean, score_corpus
-from megatron_taskmoe.generation import SearchConfig, beam_search
+from megatron_taskmoe.generation import SearchConfig
+from megatron_taskmoe.model.decoding import translate_batch
 from megatron_taskmoe.model.moe import (all_reduce_routing_stats, pause_routing_stats, routing_stats,
                                         set_routing_stats)
 
@@ -35,19 +37,6 @@ if TYPE_CHECKING:
 
 _MODEL_KEYS = ("src_tokens", "src_padding_mask", "tgt_input", "tgt_padding_mask", "labels", "task_ids",
                "src_lang_ids", "tgt_lang_ids")
-
-
-def translate_batch(model, batch: dict, search: SearchConfig) -> list[list[int]]:
-    """Token ids of the best translation of each source sentence in `batch` (no bos/eos)."""
-    dev = platform.device()
-    src_lengths = (~batch["src_padding_mask"]).sum(dim=1).tolist()
-    state = model.encode(batch["src_tokens"].to(dev), batch["src_padding_mask"].to(dev),
-                         task_ids=batch["task_ids"].to(dev), src_lang_ids=batch["src_lang_ids"].to(dev),
-                         tgt_lang_ids=batch["tgt_lang_ids"].to(dev))
-    return beam_search(model.step_fn(state), batch_size=len(src_lengths), bos=BOS_ID, eos=EOS_ID,
-                       max_lengths=search.max_lengths(src_lengths, model.model_config.max_target_positions - 1),
-                       beam_size=search.beam_size,
-                       length_penalty=search.length_penalty, device=dev)
 
 
 class Validator:
@@ -69,6 +58,7 @@ class Validator:
                                    max_len_a=cfg.eval.max_len_a, max_len_b=cfg.eval.max_len_b)
         self.batching = BatchingConfig(max_tokens=cfg.data.max_tokens, pad_to_multiple=cfg.data.pad_to_multiple)
         self.max_sentences = cfg.eval.max_sentences
+        self.banned = sorted({PAD_ID, BOS_ID, UNK_ID, *language_tag_ids(self.sp)})
 
     def _batches(self, direction: str):
         """Length-sorted batches of the direction's first max_sentences sentences (deterministic)."""
@@ -96,11 +86,13 @@ class Validator:
         """Token ids of the translations of a collated batch (no bos/eos); the same on every rank."""
         model = self.trainer.built.module
         if not self.pipelined:
-            return translate_batch(model, batch, self.search)
+            return translate_batch(model, batch, self.search, bos=BOS_ID, eos=EOS_ID, banned=self.banned,
+                                   device=platform.device())
         from megatron_taskmoe.parallel.pipeline_decoding import pipelined_translate_batch
 
         return pipelined_translate_batch(model, {k: batch[k] for k in _MODEL_KEYS}, self.search,
-                                         self.trainer.built.pg_collection.pp, bos=BOS_ID, eos=EOS_ID)
+                                         self.trainer.built.pg_collection.pp, bos=BOS_ID, eos=EOS_ID,
+                                         banned=self.banned)
 
     def hypotheses(self, direction: str) -> list[list[int]]:
         """Token ids of the translations of `direction`'s validation sentences, in `_batches` order (the model
@@ -165,7 +157,7 @@ class Validator:
                         mask = batch["loss_mask"].to(loss_BT.device)
                         loss_sum += float((loss_BT.float() * mask).sum())
                         tokens += float(mask.sum())
-                    pause_routing_stats(model, True)  # decoding re-routes prefixes: keep it out of the statistics
+                    pause_routing_stats(model, True)  # decoding routes its own tokens: keep it out of the statistics
                     hyps.extend(self.sp.decode(ids) for ids in self.translate(batch))
                     pause_routing_stats(model, False)
                     for labels, m in zip(batch["labels"], batch["loss_mask"]):
