@@ -201,7 +201,8 @@ def beam_search(decoder: IncrementalDecoder, *, batch_size: int, bos: int, eos: 
             parent_N, next_N = parent_N.index_select(0, rows_N), next_N.index_select(0, rows_N)
             scores_LK, live_L = scores_LK.index_select(0, sentences_L), live_L.index_select(0, sentences_L)
         tokens_NT = torch.cat([tokens_NT.index_select(0, parent_N), next_N.unsqueeze(1)], dim=1)
-        decoder.reorder(parent_N, sentences_L)
+        if K > 1 or sentences_L is not None:  # a single beam only moves when sentences leave
+            decoder.reorder(parent_N, sentences_L)
 
     lengths = best_len_B.tolist()
     rows = best_tokens_BT.tolist()

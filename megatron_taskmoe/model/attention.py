@@ -34,6 +34,7 @@ from megatron.core import tensor_parallel
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.attention import CrossAttention, SelfAttention
 from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
@@ -157,16 +158,33 @@ class DecoderSelfAttention(SelfAttention):
         cache = _cache_of(inference_context, "DecoderSelfAttention", self.training)
         if cache is None:
             return super().forward(hidden_states, attention_mask, key_value_states=key_value_states, **kwargs)
-        query, key, value = self.get_query_key_value_tensors(hidden_states, None)  # [q, N, H(kv), Dh]
+        query_NHQD, key_NHQD, value_NHQD = self._step_qkv(hidden_states)
         new = cache.new_positions
-        key_NHTD, value_NHTD = cache.append_self(self.layer_number, key[:new].permute(1, 2, 0, 3),
-                                                 value[:new].permute(1, 2, 0, 3))
+        key_NHTD, value_NHTD = cache.append_self(self.layer_number, key_NHQD[:, :, :new], value_NHQD[:, :, :new])
         core = self.core_attention
-        q, n = query.shape[:2]
+        n, _, q, _ = query_NHQD.shape
         ctx_NHQD = F.scaled_dot_product_attention(
-            query.permute(1, 2, 0, 3), _expand_groups(key_NHTD, core.num_heads),
-            _expand_groups(value_NHTD, core.num_heads), scale=core.softmax_scale)
+            query_NHQD, _expand_groups(key_NHTD, core.num_heads), _expand_groups(value_NHTD, core.num_heads),
+            scale=core.softmax_scale)
         return self.linear_proj(ctx_NHQD.permute(2, 0, 1, 3).reshape(q, n, core.hidden_size_per_partition))
+
+    def _step_qkv(self, hidden_QND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Query [N, H, q, Dh] and key/value [N, Hkv, q, Dh] of a step: megatron's fused projection, split as its
+        `get_query_key_value_tensors` splits it ([.., groups, (heads per group + 2) * Dh]), which it calls when
+        the key/value groups do not divide over the tensor-parallel ranks."""
+        if self.config.num_query_groups < self.world_size or self.q_layernorm is not None and not isinstance(
+                self.q_layernorm, IdentityOp) or self.k_layernorm is not None and not isinstance(
+                self.k_layernorm, IdentityOp):
+            query, key, value = self.get_query_key_value_tensors(hidden_QND, None)
+            return query.permute(1, 2, 0, 3), key.permute(1, 2, 0, 3), value.permute(1, 2, 0, 3)
+        mixed, _ = self.linear_qkv(hidden_QND)
+        q, n = mixed.shape[:2]
+        groups, dh = self.num_query_groups_per_partition, self.hidden_size_per_attention_head
+        per_group = self.num_attention_heads_per_partition // groups
+        mixed_NGQX = mixed.view(q, n, groups, (per_group + 2) * dh).permute(1, 2, 0, 3)
+        query, key, value = mixed_NGQX.split([per_group * dh, dh, dh], dim=-1)
+        query_NHQD = query.reshape(n, groups, q, per_group, dh).transpose(2, 3).reshape(n, groups * per_group, q, dh)
+        return query_NHQD, key, value
 
 
 class DecoderCrossAttention(CrossAttention):
@@ -198,9 +216,7 @@ class DecoderCrossAttention(CrossAttention):
         rows = n // k
         # The K hypotheses of a sentence attend to its keys together: [L, H, K*q, Dh].
         q_LHXD = query.view(q, rows, k, heads, dh).permute(1, 3, 2, 0, 4).reshape(rows, heads, k * q, dh)
-        allowed = allowed_mask(cache.src_padding_mask_LS[:, None, None, :], False, k * q, key_LHSD.shape[2],
-                               query.device)
-        ctx_LHXD = F.scaled_dot_product_attention(q_LHXD, key_LHSD, value_LHSD, attn_mask=allowed,
+        ctx_LHXD = F.scaled_dot_product_attention(q_LHXD, key_LHSD, value_LHSD, attn_mask=cache.cross_allowed(),
                                                   scale=self.core_attention.softmax_scale)
         ctx_QND = ctx_LHXD.view(rows, heads, k, q, dh).permute(3, 0, 2, 1, 4).reshape(q, n, heads * dh)
         return self.linear_proj(ctx_QND)

@@ -444,9 +444,36 @@ class EncoderDecoderModel(LanguageModule):
             src_padding_mask_BS=state.src_padding_mask_BS.index_select(0, src_index_N),
             tgt_padding_mask_BT=mask_NQ,
         ):
-            hidden_QND = self.decoder(hidden_states=hidden_QND, attention_mask=None, context=state.output_SBD,
-                                      context_mask=None, inference_context=cache, padding_mask=self._sp_mask(mask_NQ))
+            hidden_QND = self._decoder_block_step(hidden_QND, state.output_SBD, cache, self._sp_mask(mask_NQ))
         cache.advance()
+        return hidden_QND
+
+    def _decoder_block_step(self, hidden_QND: Optional[torch.Tensor], encoder_SBD: torch.Tensor,
+                            cache: DecoderCache, padding_mask_NQ: torch.Tensor) -> torch.Tensor:
+        """The decoder block on one step: its layers' modules (built from the specs) called in the order and with
+        the arithmetic of megatron's `TransformerLayer.forward` in eval mode (pre-norm; residual + (output + bias),
+        dropout being off), then the block's final norm. megatron's `TransformerBlock`/`TransformerLayer` forward
+        spend about 0.7 ms per layer and call on bookkeeping (CUDA-graph and offloading checks, NVTX ranges,
+        viewless tensors), more than a one-token step's arithmetic at d 128; the full forward keeps them, and the
+        tests hold the two paths to the same log-probabilities."""
+        block = self.decoder
+        if not block.pre_process:
+            hidden_QND = block.input_tensor
+        for layer in block.layers:
+            residual = hidden_QND
+            out = layer.self_attention(layer.input_layernorm(hidden_QND), None, inference_context=cache)
+            hidden_QND = layer.self_attn_bda(False, layer.config.bias_dropout_fusion)(out, residual,
+                                                                                       layer.hidden_dropout)
+            residual = hidden_QND
+            out = layer.cross_attention(layer.pre_cross_attn_layernorm(hidden_QND), None,
+                                        key_value_states=encoder_SBD, inference_context=cache)
+            hidden_QND = layer.cross_attn_bda(False, layer.config.bias_dropout_fusion)(out, residual,
+                                                                                        layer.hidden_dropout)
+            residual = hidden_QND
+            out = layer.mlp(layer.pre_mlp_layernorm(hidden_QND), padding_mask=padding_mask_NQ)
+            hidden_QND = layer.mlp_bda(False, layer.config.bias_dropout_fusion)(out, residual, layer.hidden_dropout)
+        if block.final_layernorm is not None:
+            hidden_QND = block.final_layernorm(hidden_QND)
         return hidden_QND
 
     def _last_position_logprobs(self, hidden_QND: torch.Tensor) -> torch.Tensor:

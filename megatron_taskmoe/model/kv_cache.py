@@ -50,6 +50,7 @@ class DecoderCache(BaseInferenceContext):
         self._self_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._spare: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._cross_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._cross_allowed_L11S: Optional[torch.Tensor] = None
         self.rows = src_padding_mask_BS.shape[0] * beam_size
 
     def row_sources(self) -> torch.Tensor:
@@ -93,6 +94,15 @@ class DecoderCache(BaseInferenceContext):
     def set_cross(self, layer: int, key_LHSD: torch.Tensor, value_LHSD: torch.Tensor) -> None:
         self._cross_kv[layer] = (key_LHSD, value_LHSD)
 
+    def cross_allowed(self) -> torch.Tensor:
+        """Where cross-attention may look [L, 1, 1, S] (True at real source tokens; a source with none, which only
+        padding rows have, is opened entirely, as `attention.allowed_mask` does)."""
+        if self._cross_allowed_L11S is None:
+            allowed_LS = ~self.src_padding_mask_LS
+            allowed_LS = allowed_LS | ~allowed_LS.any(dim=-1, keepdim=True)
+            self._cross_allowed_L11S = allowed_LS[:, None, None, :]
+        return self._cross_allowed_L11S
+
     # ------------------------------------------------------------------------------------------------ beams
     def reorder(self, parent_N: torch.Tensor, sentences_L: Optional[torch.Tensor] = None) -> None:
         """Row n continues former row parent_N[n]; `sentences_L` (former live-sentence indexes) when sentences
@@ -100,6 +110,7 @@ class DecoderCache(BaseInferenceContext):
         if sentences_L is not None:
             self.sources_L = self.sources_L.index_select(0, sentences_L)
             self.src_padding_mask_LS = self.src_padding_mask_LS.index_select(0, sentences_L)
+            self._cross_allowed_L11S = None
             for layer, (k, v) in self._cross_kv.items():
                 self._cross_kv[layer] = (k.index_select(0, sentences_L), v.index_select(0, sentences_L))
         rows = parent_N.shape[0]

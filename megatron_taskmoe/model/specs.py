@@ -4,7 +4,8 @@ All parts are megatron's (`TransformerLayer`, `SelfAttention`, `CrossAttention`,
 `MoELayer`) except two that megatron has only in CUDA-bound or sequence-parallel-hostile forms: the core attention
 (`attention.SDPAttention`, torch SDPA) and the norm (`norm.SequenceParallelNorm`). The decoder's attention modules
 are megatron's with an incremental-decoding path (`attention.DecoderSelfAttention`/`DecoderCrossAttention`, which
-use a `kv_cache.DecoderCache` passed as megatron's `inference_context`). MoE FFNs come from the routing
+use a `kv_cache.DecoderCache` passed as megatron's `inference_context`), and the parallel linears are megatron's with
+a forward that skips their autograd bookkeeping when gradients are off (`linear.py`). MoE FFNs come from the routing
 module's `get_moe_mlp_spec` (our router, dispatchers and adapters inside megatron's `MoELayer`).
 
 A block spec lists its layers explicitly (`TransformerBlockSubmodules`), so the MoE placement per layer and the
@@ -16,7 +17,6 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
-from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import (
     CrossAttentionSubmodules,
     SelfAttention,
@@ -31,6 +31,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 
 from megatron_taskmoe.model.attention import DecoderCrossAttention, DecoderSelfAttention, SDPAttention
 from megatron_taskmoe.model.config import ModelConfig
+from megatron_taskmoe.model.linear import ColumnParallelLinear, RowParallelLinear
 from megatron_taskmoe.model.norm import SequenceParallelNorm
 from megatron_taskmoe.model.task_context import TaskContext
 
