@@ -169,12 +169,13 @@ class DecoderSelfAttention(SelfAttention):
         return self.linear_proj(ctx_NHQD.permute(2, 0, 1, 3).reshape(q, n, core.hidden_size_per_partition))
 
     def _step_qkv(self, hidden_QND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Query [N, H, q, Dh] and key/value [N, Hkv, q, Dh] of a step: megatron's fused projection, split as its
-        `get_query_key_value_tensors` splits it ([.., groups, (heads per group + 2) * Dh]), which it calls when
-        the key/value groups do not divide over the tensor-parallel ranks."""
-        if self.config.num_query_groups < self.world_size or self.q_layernorm is not None and not isinstance(
-                self.q_layernorm, IdentityOp) or self.k_layernorm is not None and not isinstance(
-                self.k_layernorm, IdentityOp):
+        """Query [N, H, q, Dh] and key/value [N, Hkv, q, Dh] of a step: the fused projection split as megatron's
+        `get_query_key_value_tensors` splits it ([.., groups, (heads per group + 2) * Dh]) without its per-call
+        bookkeeping; megatron's own is called where it does more (key/value groups fewer than the tensor-parallel
+        ranks, query/key norms)."""
+        has_qk_norm = any(norm is not None and not isinstance(norm, IdentityOp)
+                          for norm in (self.q_layernorm, self.k_layernorm))
+        if self.config.num_query_groups < self.world_size or has_qk_norm:
             query, key, value = self.get_query_key_value_tensors(hidden_QND, None)
             return query.permute(1, 2, 0, 3), key.permute(1, 2, 0, 3), value.permute(1, 2, 0, 3)
         mixed, _ = self.linear_qkv(hidden_QND)

@@ -20,6 +20,11 @@ if it holds its side's last layer. With pipelining a decoder stage receives [dec
 Sequence parallelism: activations between layers are [S/TP, B, D]; sequence lengths are padded here to a
 multiple of TP (extra positions are padding and dropped from the outputs).
 
+Decoding: `encode` runs the encoder once per batch; `decode_next` appends one token per hypothesis row and returns
+the next token's log-probabilities, the decoder's attention layers keeping their keys/values in a
+`kv_cache.DecoderCache` (`model/decoding.py` drives the beam search; pipeline stages decode their layers with
+`_decoder_layers_next`). `decode_step` re-runs the decoder on whole prefixes: the full-recompute reference.
+
 Legend: B batch, S source length, T target length, D model dim, V vocabulary (Vp padded, V/TP per rank),
 N hypotheses in incremental decoding.
 """
@@ -406,7 +411,10 @@ class EncoderDecoderModel(LanguageModule):
     # Used by `model/decoding.py` (whole model) and `parallel/pipeline_decoding.py` (stages): one step appends one
     # token per hypothesis row; the attention layers keep their keys/values in a `DecoderCache`.
     def start_decoding(self, state: EncoderState, *, beam_size: int, max_length: int) -> DecoderCache:
-        """A cache for decoding `state`'s sentences with `beam_size` rows each, up to `max_length` positions."""
+        """A cache for decoding `state`'s sentences with `beam_size` rows each, up to `max_length` positions (the
+        batch's ids are range-checked here, once, for every step)."""
+        self.task_context.check_ranges(task_ids_B=state.task_ids_B, tgt_lang_ids_B=state.tgt_lang_ids_B,
+                                       src_lang_ids_B=state.src_lang_ids_B)
         return DecoderCache(beam_size=beam_size, max_length=max_length, src_padding_mask_BS=state.src_padding_mask_BS)
 
     @torch.no_grad()
@@ -436,13 +444,13 @@ class EncoderDecoderModel(LanguageModule):
         if self.pre_process and self.decoder.pre_process:
             positions_NQ = torch.full_like(tokens_NQ, cache.length)
             hidden_QND = self._embed(tokens_NQ, positions_NQ)
-        src_index_N = cache.row_sources()
         with self.task_context.micro_batch(
-            task_ids_B=_gather_index(state.task_ids_B, src_index_N),
-            tgt_lang_ids_B=_gather_index(state.tgt_lang_ids_B, src_index_N),
-            src_lang_ids_B=_gather_index(state.src_lang_ids_B, src_index_N),
-            src_padding_mask_BS=state.src_padding_mask_BS.index_select(0, src_index_N),
+            task_ids_B=cache.per_row("task_ids", state.task_ids_B),
+            tgt_lang_ids_B=cache.per_row("tgt_lang_ids", state.tgt_lang_ids_B),
+            src_lang_ids_B=cache.per_row("src_lang_ids", state.src_lang_ids_B),
+            src_padding_mask_BS=cache.per_row("src_padding_mask", state.src_padding_mask_BS),
             tgt_padding_mask_BT=mask_NQ,
+            ids_checked=True,  # by start_decoding
         ):
             hidden_QND = self._decoder_block_step(hidden_QND, state.output_SBD, cache, self._sp_mask(mask_NQ))
         cache.advance()

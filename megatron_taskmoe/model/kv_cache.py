@@ -51,11 +51,21 @@ class DecoderCache(BaseInferenceContext):
         self._spare: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._cross_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._cross_allowed_L11S: Optional[torch.Tensor] = None
+        self._per_row: dict[str, torch.Tensor] = {}
         self.rows = src_padding_mask_BS.shape[0] * beam_size
 
     def row_sources(self) -> torch.Tensor:
         """Batch index of the source sentence of each row [N]."""
         return self.sources_L.repeat_interleave(self.beam_size)
+
+    def per_row(self, name: str, values_BX: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """`values_BX` (one entry per batch sentence) gathered to the rows [N, ...]; kept until sentences leave
+        (a beam reorder keeps every row in its sentence)."""
+        if values_BX is None:
+            return None
+        if name not in self._per_row:
+            self._per_row[name] = values_BX.index_select(0, self.row_sources())
+        return self._per_row[name]
 
     # megatron's inference-context interface, as its layers query it
     def is_static_batching(self) -> bool:
@@ -111,6 +121,7 @@ class DecoderCache(BaseInferenceContext):
             self.sources_L = self.sources_L.index_select(0, sentences_L)
             self.src_padding_mask_LS = self.src_padding_mask_LS.index_select(0, sentences_L)
             self._cross_allowed_L11S = None
+            self._per_row = {}
             for layer, (k, v) in self._cross_kv.items():
                 self._cross_kv[layer] = (k.index_select(0, sentences_L), v.index_select(0, sentences_L))
         rows = parent_N.shape[0]

@@ -106,7 +106,7 @@ def test_incremental_decoding_matches_the_full_recompute(megatron_world1, system
     assert len(lengths) > 2, lengths
 
 
-def test_the_cache_refuses_training_mode_and_overflow(megatron_world1):
+def test_the_cache_refuses_training_mode_overflow_and_bad_ids(megatron_world1):
     model = build(tiny("moe_token"))
     state = encode(model, sources(B=2))
     decoder = ModelDecoder(model, state, beam_size=1, max_length=2)
@@ -117,6 +117,10 @@ def test_the_cache_refuses_training_mode_and_overflow(megatron_world1):
     model.train()
     with pytest.raises(RuntimeError, match="eval mode"):
         ModelDecoder(model, state, beam_size=1, max_length=2).step(torch.full((2,), BOS))
+    model.eval()
+    # the steps skip the per-micro-batch id check: it runs once, when decoding starts
+    with pytest.raises(ValueError, match=r"task_ids_B has ids in \[0, 7\]"):
+        ModelDecoder(model, replace(state, task_ids_B=torch.tensor([7, 0])), beam_size=1, max_length=2)
 
 
 def reference_of(model, cfg):
