@@ -46,6 +46,8 @@ class DecoderCache(BaseInferenceContext):
         """Real positions a step appends (a step may carry padding positions after them: sequence parallelism)."""
         self.sources_L = torch.arange(src_padding_mask_BS.shape[0], device=src_padding_mask_BS.device)
         """Batch index of each live sentence."""
+        self.source_mean_BD: Optional[torch.Tensor] = None
+        """Per-sentence routing state of decoder layers that route by sentence (set by the model)."""
         self.src_padding_mask_LS = src_padding_mask_BS.bool()
         self._self_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._spare: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}

@@ -6,15 +6,16 @@ torch, safetensors and two pure modules of this package (`model/routing.py`'s to
 dropping cannot drift from the trainer's; nothing here imports megatron, and a test checks it).
 
 What it reproduces of `model/encdec.py` (eval mode, no dropout):
-  * embeddings: word embedding + learned absolute position (positions 0..n-1 on each side, no scaling), one table
-    for source and target, and the word embedding (its first V rows) is the output projection;
+  * embeddings: word embedding times `embedding_scale` (sqrt(d) or 1) + learned absolute position (positions
+    0..n-1 on each side), one table for source and target, and the word embedding (its first V rows) is the
+    output projection;
   * pre-norm layers: x + SelfAttn(N(x)); [decoder: x + CrossAttn(N(x), encoder)]; x + FFN(N(x)); a final norm per
     side. N is LayerNorm or RMSNorm with the configured epsilon;
   * attention: torch SDPA with scale 1/sqrt(head dim), padding keys masked, causal in decoder self-attention, and a
     query whose keys are all masked attends everywhere (it belongs to padding) instead of producing NaN;
   * FFN: relu / gelu (exact) / swiglu (first half of fc1 through silu times the second half);
-  * MoE FFN: router logits by mode (token; sentence = masked mean of the sentence; task = task table through the
-    gate; task_token = gate over concat(token, task embedding)), softmax top-k (renormalized over the k or raw),
+  * MoE FFN: router logits by mode (token; sentence = the masked mean of the sentence in the encoder, of the
+    source sentence's encoder output in the decoder; task = task table through the gate; task_token = gate over concat(token, task embedding)), softmax top-k (renormalized over the k or raw),
     optional capacity with token dropping over the whole batch in megatron's s-major token order, experts as FFNs,
     output = sum_k p_k * expert_k(x); then task adapters (static / dynamic / shared-dynamic) on the MoE output.
 
@@ -61,6 +62,12 @@ class Ids:
     def select(self, index_N: torch.Tensor) -> "Ids":
         pick = (lambda x: None if x is None else x.index_select(0, index_N))
         return Ids(pick(self.task_B), pick(self.tgt_lang_B))
+
+
+def masked_mean(x_SBD: torch.Tensor, padding_SB: torch.Tensor) -> torch.Tensor:
+    """Each sequence's mean over its real positions, [B, D] (zero for an all-padding sequence)."""
+    valid_SB1 = (~padding_SB).unsqueeze(-1).to(x_SBD.dtype)
+    return (x_SBD * valid_SB1).sum(dim=0) / valid_SB1.sum(dim=(0, 2)).clamp(min=1).unsqueeze(-1)
 
 
 def token_ids(ids_B: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -155,7 +162,8 @@ class FFN(nn.Module):
         self.fc1 = nn.Linear(dim, hidden * (2 if activation == "swiglu" else 1), bias=bias)
         self.fc2 = nn.Linear(hidden, dim, bias=bias)
 
-    def forward(self, x_SBD: torch.Tensor, padding_SB: torch.Tensor, ids: Ids) -> torch.Tensor:
+    def forward(self, x_SBD: torch.Tensor, padding_SB: torch.Tensor, ids: Ids,
+                memory_mean_BD: Optional[torch.Tensor] = None) -> torch.Tensor:
         return self.fc2(activate(self.fc1(x_SBD), self.activation))
 
 
@@ -173,17 +181,17 @@ class Router(nn.Module):
         self.task_embedding = (nn.Parameter(torch.empty(moe.num_task_rows(spec.task_source), spec.task_embed_dim))
                                if spec.mode in ("task", "task_token") else None)
 
-    def forward(self, x_SBD: torch.Tensor, padding_SB: torch.Tensor, ids: Ids) -> torch.Tensor:
+    def forward(self, x_SBD: torch.Tensor, padding_SB: torch.Tensor, ids: Ids,
+                memory_mean_BD: Optional[torch.Tensor] = None) -> torch.Tensor:
         s, b, d = x_SBD.shape
         dtype = torch.float32 if self.fp32 else x_SBD.dtype
         weight = self.weight.to(dtype)
         if self.mode == "token":
             return F.linear(x_SBD.reshape(-1, d).to(dtype), weight)
         if self.mode == "sentence":
-            valid_SB1 = (~padding_SB).unsqueeze(-1).to(dtype)
-            sum_BD, count_B = (x_SBD.to(dtype) * valid_SB1).sum(dim=0), valid_SB1.sum(dim=(0, 2))
-            mean_BD = sum_BD / count_B.clamp(min=1).unsqueeze(-1)
-            return F.linear(mean_BD, weight).unsqueeze(0).expand(s, -1, -1).reshape(s * b, -1)
+            # The decoder routes by its source sentence (the encoder output's mean), the encoder by its own input.
+            mean_BD = memory_mean_BD if memory_mean_BD is not None else masked_mean(x_SBD, padding_SB)
+            return F.linear(mean_BD.to(dtype), weight).unsqueeze(0).expand(s, -1, -1).reshape(s * b, -1)
         ids_T = token_ids(ids.get(self.task_source), s)
         if self.mode == "task":
             return F.linear(self.task_embedding.to(dtype), weight).index_select(0, ids_T)
@@ -262,10 +270,11 @@ class MoEFFN(nn.Module):
                                arch.activation)
         self.adapters = Adapters(moe, arch.hidden_size, arch.layernorm_epsilon) if moe.adapters.mode != "none" else None
 
-    def forward(self, x_SBD: torch.Tensor, padding_SB: torch.Tensor, ids: Ids) -> torch.Tensor:
+    def forward(self, x_SBD: torch.Tensor, padding_SB: torch.Tensor, ids: Ids,
+                memory_mean_BD: Optional[torch.Tensor] = None) -> torch.Tensor:
         s, b, d = x_SBD.shape
         spec = self.spec
-        logits_TE = self.router(x_SBD, padding_SB, ids)
+        logits_TE = self.router(x_SBD, padding_SB, ids, memory_mean_BD)
         probs_TE, map_TE = R.topk_routing(logits_TE, spec.topk, renormalize=spec.renormalize)
         if spec.capacity_factor is not None:
             capacity = R.expert_capacity(logits_TE.shape[0], self.capacity_num_experts or logits_TE.shape[1],
@@ -300,16 +309,18 @@ class Layer(nn.Module):
         self.ffn = (MoEFFN(arch, side) if moe
                     else FFN(arch.hidden_size, arch.ffn_hidden_size, arch.activation, arch.bias))
 
-    def forward(self, x_SBD, padding_SB, ids: Ids, memory_KBD=None, memory_padding_BK=None):
+    def forward(self, x_SBD, padding_SB, ids: Ids, memory_KBD=None, memory_padding_BK=None, memory_mean_BD=None):
         h_SBD = self.self_attn_norm(x_SBD)
         x_SBD = x_SBD + self.self_attn(h_SBD, h_SBD, padding_SB.t(), causal=self.decoder)
         if self.decoder:
             h_SBD = self.cross_attn_norm(x_SBD)
             x_SBD = x_SBD + self.cross_attn(h_SBD, memory_KBD, memory_padding_BK, causal=False)
-        return x_SBD + self.ffn(self.ffn_norm(x_SBD), padding_SB, ids)
+        return x_SBD + self.ffn(self.ffn_norm(x_SBD), padding_SB, ids, memory_mean_BD)
 
-    def step(self, x_1ND: torch.Tensor, ids: Ids, state: "DecodingState", index: int, memory_SBD: torch.Tensor):
-        """One decoding step of decoder layer `index` on the rows' new positions [1, N, D]."""
+    def step(self, x_1ND: torch.Tensor, ids: Ids, state: "DecodingState", index: int, memory_SBD: torch.Tensor,
+             memory_mean_ND: torch.Tensor):
+        """One decoding step of decoder layer `index` on the rows' new positions [1, N, D] (`memory_mean_ND`: each
+        row's source sentence representation, for sentence routing)."""
         out_1ND, state.self_kv[index] = self.self_attn.step_self(self.self_attn_norm(x_1ND), state.self_kv.get(index))
         x_1ND = x_1ND + out_1ND
         if index not in state.cross_kv:
@@ -317,7 +328,7 @@ class Layer(nn.Module):
         x_1ND = x_1ND + self.cross_attn.step_cross(self.cross_attn_norm(x_1ND), state.cross_kv[index],
                                                    state.memory_padding_LS)
         padding_1N = torch.zeros(x_1ND.shape[:2], dtype=torch.bool, device=x_1ND.device)
-        return x_1ND + self.ffn(self.ffn_norm(x_1ND), padding_1N, ids)
+        return x_1ND + self.ffn(self.ffn_norm(x_1ND), padding_1N, ids, memory_mean_ND)
 
 
 class Stack(nn.Module):
@@ -329,8 +340,9 @@ class Stack(nn.Module):
         self.final_norm = Norm(arch.normalization, arch.hidden_size, arch.layernorm_epsilon)
 
     def forward(self, x_SBD, padding_SB, ids: Ids, memory_KBD=None, memory_padding_BK=None):
+        memory_mean_BD = None if memory_KBD is None else masked_mean(memory_KBD, memory_padding_BK.t())
         for layer in self.layers:
-            x_SBD = layer(x_SBD, padding_SB, ids, memory_KBD, memory_padding_BK)
+            x_SBD = layer(x_SBD, padding_SB, ids, memory_KBD, memory_padding_BK, memory_mean_BD)
         return self.final_norm(x_SBD)
 
 
@@ -343,6 +355,8 @@ class DecodingState:
     sources_L: torch.Tensor
     """Batch index of each live sentence."""
     memory_padding_LS: torch.Tensor
+    memory_mean_BD: torch.Tensor
+    """Each source sentence's mean encoder output (the decoder's sentence routing state)."""
     length: int = 0
     self_kv: dict = field(default_factory=dict)
     cross_kv: dict = field(default_factory=dict)
@@ -369,12 +383,13 @@ class ReferenceModel(nn.Module):
         self.decoder = Stack(arch, "decoder")
 
     def embed(self, tokens_BX: torch.Tensor, start: int = 0) -> torch.Tensor:
-        """Word + position embeddings, [X, B, D], at positions start.."""
+        """Scaled word + position embeddings, [X, B, D], at positions start.."""
         length = start + tokens_BX.shape[1]
         if length > self.arch.max_positions:
             raise ValueError(f"sequence of {length} tokens exceeds the {self.arch.max_positions} learned positions")
         positions = torch.arange(start, length, device=tokens_BX.device)
-        return (self.embed_tokens(tokens_BX) + self.embed_positions(positions)[None]).transpose(0, 1).contiguous()
+        tokens_BXD = self.embed_tokens(tokens_BX) * self.arch.embedding_scale
+        return (tokens_BXD + self.embed_positions(positions)[None]).transpose(0, 1).contiguous()
 
     @torch.no_grad()
     def encode(self, src_tokens_BS: torch.Tensor, src_padding_BS: torch.Tensor, *,
@@ -414,15 +429,16 @@ class ReferenceModel(nn.Module):
     def start_decoding(self, enc: EncoderOutput, beam_size: int) -> DecodingState:
         """Decoding state of `enc`'s sentences with `beam_size` rows each (row b*K + k: sentence b, beam k)."""
         return DecodingState(beam_size, torch.arange(enc.padding_BS.shape[0], device=enc.padding_BS.device),
-                             enc.padding_BS)
+                             enc.padding_BS, masked_mean(enc.memory_SBD, enc.padding_BS.t()))
 
     @torch.no_grad()
     def decode_next(self, enc: EncoderOutput, state: DecodingState, tokens_N: torch.Tensor) -> torch.Tensor:
         """Append `tokens_N` (bos first) to the rows; log-probabilities [N, V] of their next token."""
-        ids = enc.ids.select(state.sources_L.repeat_interleave(state.beam_size))
+        rows_N = state.sources_L.repeat_interleave(state.beam_size)
+        ids, memory_mean_ND = enc.ids.select(rows_N), state.memory_mean_BD.index_select(0, rows_N)
         x_1ND = self.embed(tokens_N.view(-1, 1), start=state.length)
         for index, layer in enumerate(self.decoder.layers):
-            x_1ND = layer.step(x_1ND, ids, state, index, enc.memory_SBD)
+            x_1ND = layer.step(x_1ND, ids, state, index, enc.memory_SBD, memory_mean_ND)
         state.length += 1
         logits_NV = F.linear(self.decoder.final_norm(x_1ND)[0], self.embed_tokens.weight)
         return torch.log_softmax(logits_NV.float(), dim=-1)

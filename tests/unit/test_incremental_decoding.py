@@ -38,10 +38,14 @@ def tiny(system: str):
 
 
 def build(cfg, seed=0):
-    """A random model whose eos logit is large enough that hypotheses end at different steps."""
+    """A random model, perturbed so that the parts initialised to no effect (adapters) matter, whose eos logit is
+    large enough that hypotheses end at different steps."""
     platform.model_parallel_manual_seed(seed)
     model = EncoderDecoderModel(cfg).eval()
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
         model.embedding.word_embeddings.weight[EOS] *= 20
     return model
 
