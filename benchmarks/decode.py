@@ -12,8 +12,8 @@ length), so that every path does the same number of steps on the same shapes:
 * recompute: the same model re-running the decoder on every whole prefix (`EncoderDecoderModel.decode_step`, the
   path every translation took before incremental decoding, through the same search); it must produce the same
   tokens, which is checked;
-* peer: a plain PyTorch Transformer of the same sizes (dense FFN, pre-norm, learned positions, tied output
-  projection) decoding incrementally in the usual way: `nn.TransformerEncoder`, then decoder layers with a
+* peer: a plain PyTorch Transformer of the same sizes (dense FFN, pre-norm, scaled token embeddings, learned
+  positions, tied output projection) decoding incrementally in the usual way: `nn.TransformerEncoder`, then decoder layers with a
   concatenated self-attention key/value cache gathered on every beam reorder and cross-attention keys/values
   projected once per batch.
 
@@ -107,6 +107,7 @@ class PeerModel(nn.Module):
         d = hidden_size
         self.embed, self.positions = nn.Embedding(vocab_size, d), nn.Embedding(max_positions, d)
         nn.init.normal_(self.embed.weight, std=d ** -0.5)
+        self.scale = math.sqrt(d)  # token embeddings scaled as fairseq's (and ours by default)
         layer = nn.TransformerEncoderLayer(d, num_attention_heads, ffn_hidden_size, dropout=0.0, batch_first=True,
                                            norm_first=True, bias=False)
         self.encoder = nn.TransformerEncoder(layer, encoder_layers, norm=nn.LayerNorm(d), enable_nested_tensor=False)
@@ -115,7 +116,7 @@ class PeerModel(nn.Module):
         self.final_norm = nn.LayerNorm(d)
 
     def encode(self, src_BS: torch.Tensor, padding_BS: torch.Tensor) -> torch.Tensor:
-        x = self.embed(src_BS) + self.positions(torch.arange(src_BS.shape[1], device=src_BS.device))
+        x = self.embed(src_BS) * self.scale + self.positions(torch.arange(src_BS.shape[1], device=src_BS.device))
         return self.encoder(x, src_key_padding_mask=padding_BS)
 
 
@@ -132,7 +133,7 @@ class PeerDecoder:
 
     def step(self, tokens_N: torch.Tensor) -> torch.Tensor:
         m = self.model
-        x = (m.embed(tokens_N) + m.positions.weight[self.length]).unsqueeze(1)
+        x = (m.embed(tokens_N) * m.scale + m.positions.weight[self.length]).unsqueeze(1)
         for layer, cache, cross in zip(m.layers, self.caches, self.cross):
             x = layer.step(x, cache, cross, self.allowed_N11S)
         self.length += 1

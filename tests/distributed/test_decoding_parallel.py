@@ -104,13 +104,14 @@ def pipeline_worker(rank, world_size, systems, parallel_cfg, batch, out_dir):
     (Path(out_dir) / f"pipelined_rank{rank}.json").write_text(json.dumps(results))
 
 
-SYSTEMS = ("moe_token", "moe_task_shared_dynamic", "token_enc_task_dec")
 CASES = {
-    # name: (worker, parallel config, world size, systems)
-    "tp2_sp": (tensor_parallel_worker, ParallelConfig(tensor=2), 2, SYSTEMS + ("dense",)),
+    # name: (worker, parallel config, world size, systems): token routing, task-aware routing with shared-dynamic
+    # adapters, decoder routing by the source sentence (a per-hypothesis state reduced over sequence shards), dense
+    "tp2_sp": (tensor_parallel_worker, ParallelConfig(tensor=2), 2, ("moe_task_shared_dynamic", "moe_sentence",
+                                                                      "dense")),
     "tp2_dense_no_sp": (tensor_parallel_worker, ParallelConfig(tensor=2, sequence_parallel=False), 2, ("dense",)),
-    "pp2": (pipeline_worker, ParallelConfig(pipeline=2, encoder_pipeline_stages=1), 2, SYSTEMS),
-    "pp4": (pipeline_worker, ParallelConfig(pipeline=4, encoder_pipeline_stages=2), 4, SYSTEMS[:1]),
+    "pp2": (pipeline_worker, ParallelConfig(pipeline=2, encoder_pipeline_stages=1), 2, ("moe_token", "moe_sentence")),
+    "pp4": (pipeline_worker, ParallelConfig(pipeline=4, encoder_pipeline_stages=2), 4, ("moe_token",)),
 }
 
 
