@@ -9,13 +9,13 @@ vectorised `generation.beam_search` with every output forced to exactly `--token
 length), so that every path does the same number of steps on the same shapes:
 
 * incremental: ours (`model/decoding.py`): key/value caches in the megatron model, last-position logits;
-* recompute: the same model re-running the decoder on every whole prefix (`EncoderDecoderModel.decode_step`, the
-  path every translation took before incremental decoding, through the same search); it must produce the same
-  tokens, which is checked;
+* recompute: the same model re-running the decoder on every whole prefix and computing logits for every position
+  (`EncoderDecoderModel.decode_step`, the full-recompute reference) through the same search; it must produce the
+  same tokens, which is checked;
 * peer: a plain PyTorch Transformer of the same sizes (dense FFN, pre-norm, scaled token embeddings, learned
-  positions, tied output projection) decoding incrementally in the usual way: `nn.TransformerEncoder`, then decoder layers with a
-  concatenated self-attention key/value cache gathered on every beam reorder and cross-attention keys/values
-  projected once per batch.
+  positions, tied output projection) decoding incrementally in the usual way: `nn.TransformerEncoder`, then decoder
+  layers with a concatenated self-attention key/value cache gathered on every beam reorder and cross-attention
+  keys/values projected once per batch.
 
 It prints source sentences/s and target tokens/s per path, the speed-up over the recompute (goal >= 5x at 64
 target tokens) and our time over the peer's (goal <= 1.3; for MoE systems the peer is the dense model of the same

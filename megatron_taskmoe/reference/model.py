@@ -15,7 +15,8 @@ What it reproduces of `model/encdec.py` (eval mode, no dropout):
     query whose keys are all masked attends everywhere (it belongs to padding) instead of producing NaN;
   * FFN: relu / gelu (exact) / swiglu (first half of fc1 through silu times the second half);
   * MoE FFN: router logits by mode (token; sentence = the masked mean of the sentence in the encoder, of the
-    source sentence's encoder output in the decoder; task = task table through the gate; task_token = gate over concat(token, task embedding)), softmax top-k (renormalized over the k or raw),
+    source sentence's encoder output in the decoder; task = task table through the gate; task_token = gate over
+    concat(token, task embedding)), softmax top-k (renormalized over the k or raw),
     optional capacity with token dropping over the whole batch in megatron's s-major token order, experts as FFNs,
     output = sum_k p_k * expert_k(x); then task adapters (static / dynamic / shared-dynamic) on the MoE output.
 
