@@ -9,9 +9,9 @@ optimizer part is never read. The tokenizer copied beside the checkpoint must ha
 model's embedding rows mean nothing with another sentencepiece model.
 
 `Translator` turns raw sentences into exactly the source the trainer saw (`data/dataset.py`: `<2tgt>` + pieces +
-eos, truncated to the model's positions) with the direction's task id and language ids, decodes with
-`generation.beam_search` and detokenizes with sentencepiece. Sentences are batched in length order and returned
-in input order.
+eos, truncated to the model's positions) with the direction's task id and language ids, decodes incrementally with
+`generation.beam_search` (`model/decoding.py`; pad, bos, unk and the `<2xx>` tags are never produced) and
+detokenizes with sentencepiece. Sentences are batched in length order and returned in input order.
 
 Loading needs megatron's process groups; outside a distributed job a one-process group is created (gloo on CPU,
 NCCL on GPU). Inside a multi-process job, loading is refused: this is the single-process path.
@@ -29,7 +29,7 @@ from typing import Optional, Sequence
 import torch
 
 from megatron_taskmoe.data.tokenizer import BOS_ID, EOS_ID, Tokenizer
-from megatron_taskmoe.generation import SearchConfig, beam_search
+from megatron_taskmoe.generation import SearchConfig
 
 log = logging.getLogger(__name__)
 
@@ -205,6 +205,8 @@ class TranslatorConfig:
     max_len_a: float = 1.2
     """Maximum output length is max_len_a * source length + max_len_b (capped by the model's positions)."""
     max_len_b: int = 10
+    min_len: int = 0
+    """Minimum output length (tokens before eos)."""
     batch_size: int = 32
     """Sentences per decoding batch (sentences are batched in length order)."""
 
@@ -216,7 +218,7 @@ class TranslatorConfig:
     @property
     def search(self) -> SearchConfig:
         return SearchConfig(beam_size=self.beam_size, length_penalty=self.length_penalty, max_len_a=self.max_len_a,
-                            max_len_b=self.max_len_b)
+                            max_len_b=self.max_len_b, min_len=self.min_len)
 
 
 class Translator:
@@ -228,6 +230,7 @@ class Translator:
         cfg = loaded.model_config
         self.max_src_pieces = cfg.max_source_positions - 2  # room for <2tgt> and eos, as the trainer truncates
         self.max_tgt_pieces = cfg.max_target_positions - 1  # room for bos / eos
+        self.banned = loaded.tokenizer.banned_ids()
 
     def samples(self, sources: Sequence[str], src_lang: str, tgt_lang: str,
                 targets: Optional[Sequence[str]] = None) -> list[dict]:
@@ -271,15 +274,10 @@ class Translator:
     @torch.no_grad()
     def translate_batch(self, batch: dict) -> list[list[int]]:
         """Best output ids (no bos/eos) for each row of a batch dict."""
-        model, dev = self.loaded.model, self.loaded.device
-        search = self.config.search
-        state = model.encode(batch["src_tokens"].to(dev), batch["src_padding_mask"].to(dev),
-                             task_ids=batch["task_ids"].to(dev), src_lang_ids=batch["src_lang_ids"].to(dev),
-                             tgt_lang_ids=batch["tgt_lang_ids"].to(dev))
-        src_lengths = (~batch["src_padding_mask"]).sum(dim=1).tolist()
-        return beam_search(model.step_fn(state), batch_size=len(src_lengths), bos=BOS_ID, eos=EOS_ID,
-                           max_lengths=self.max_lengths(src_lengths), beam_size=search.beam_size,
-                           length_penalty=search.length_penalty, device=dev)
+        from megatron_taskmoe.model.decoding import translate_batch
+
+        return translate_batch(self.loaded.model, batch, self.config.search, bos=BOS_ID, eos=EOS_ID,
+                               banned=self.banned, device=self.loaded.device, max_target_len=self.max_tgt_pieces)
 
     def translate_ids(self, sentences: Sequence[str], src_lang: str, tgt_lang: str) -> list[list[int]]:
         samples = self.samples(sentences, src_lang, tgt_lang)

@@ -59,6 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--length-penalty", type=float, default=1.0)
     p.add_argument("--max-len-a", type=float, default=1.2)
     p.add_argument("--max-len-b", type=int, default=10)
+    p.add_argument("--min-len", type=int, default=0, help="minimum output length in tokens (before eos)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
     p.add_argument("--verbose", action="store_true")
@@ -152,7 +153,8 @@ def main(argv=None) -> int:
 
     try:
         config = TranslatorConfig(beam_size=args.beam, length_penalty=args.length_penalty, max_len_a=args.max_len_a,
-                                  max_len_b=args.max_len_b, batch_size=args.batch_size)
+                                  max_len_b=args.max_len_b, min_len=args.min_len,
+                                  batch_size=args.batch_size)
     except ValueError as e:
         return fail(str(e))
     metrics = METRICS if args.metric == "both" else (args.metric,)

@@ -28,6 +28,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--length-penalty", type=float, default=1.0, help="hypotheses ranked by score / length**A")
     p.add_argument("--max-len-a", type=float, default=1.2, help="max output length = A * source length + B")
     p.add_argument("--max-len-b", type=int, default=10)
+    p.add_argument("--min-len", type=int, default=0, help="minimum output length in tokens (before eos)")
     p.add_argument("--batch-size", type=int, default=32, help="sentences per decoding batch")
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
     p.add_argument("--tokenizer", type=Path, default=None,
@@ -66,7 +67,8 @@ def main(argv=None) -> int:
 
     try:
         config = TranslatorConfig(beam_size=args.beam, length_penalty=args.length_penalty, max_len_a=args.max_len_a,
-                                  max_len_b=args.max_len_b, batch_size=args.batch_size)
+                                  max_len_b=args.max_len_b, min_len=args.min_len,
+                                  batch_size=args.batch_size)
     except ValueError as e:
         print(f"translate.py: error: {e}", file=sys.stderr)
         return 2

@@ -300,6 +300,8 @@ def verify_export(ckpt: FullCheckpoint, directory: str | os.PathLike, *, dtype: 
     from megatron_taskmoe.checkpoint_tools.io import model_from_full
     from megatron_taskmoe.checkpoint_tools.verify import fixed_batch, model_logits
     from megatron_taskmoe.generation import beam_search
+    from megatron_taskmoe.model.decoding import ModelDecoder
+    from megatron_taskmoe.reference.model import ReferenceDecoder
     from megatron_taskmoe.reference.translator import load
 
     if dtype != "fp32":
@@ -321,8 +323,8 @@ def verify_export(ckpt: FullCheckpoint, directory: str | os.PathLike, *, dtype: 
     same = {}
     for name, beam in (("greedy", 1), ("beam", 4)):
         kw = dict(batch_size=rows, bos=BOS_ID, eos=EOS_ID, max_lengths=[max_len] * rows, beam_size=beam)
-        same[name] = (beam_search(megatron_model.step_fn(m_state), **kw)
-                      == beam_search(reference.step_fn(r_state), **kw))
+        same[name] = (beam_search(ModelDecoder(megatron_model, m_state, beam_size=beam, max_length=max_len + 1), **kw)
+                      == beam_search(ReferenceDecoder(reference, r_state, beam), **kw))
     return {"max_abs_logit_difference": diff, "greedy_identical": same["greedy"], "beam_identical": same["beam"],
             "verify_batch": list(batch["src_tokens"].shape)}
 

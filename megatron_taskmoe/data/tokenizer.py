@@ -7,6 +7,7 @@ user-defined symbol `<2xx>`, prepended to the source to tell the model which lan
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,14 @@ PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
 def lang_tag(lang: str) -> str:
     return f"<2{lang}>"
+
+
+_TAG = re.compile(r"<2[^<>\s]+>")
+
+
+def language_tag_ids(sp: spm.SentencePieceProcessor) -> list[int]:
+    """Ids of every `<2xx>` tag piece of a sentencepiece model (what a translation must never contain)."""
+    return [i for i in range(sp.get_piece_size()) if _TAG.fullmatch(sp.id_to_piece(i))]
 
 
 def file_sha256(path: Path) -> str:
@@ -90,6 +99,10 @@ class Tokenizer:
 
     def sha256(self) -> str:
         return file_sha256(self.path)
+
+    def banned_ids(self) -> list[int]:
+        """Ids a translation never contains: pad, bos, unk and every `<2xx>` tag."""
+        return sorted({PAD_ID, BOS_ID, UNK_ID, *language_tag_ids(self.sp)})
 
 
 def sample_corpus(sentences_by_lang: dict[str, list[str]], total: int, temperature: float,

@@ -10,7 +10,16 @@ Masks follow megatron: a boolean `attention_mask` broadcastable to [B, heads, Sq
 allowed (padding keys). `attn_mask_type == causal` adds the causal constraint. Rows with every key masked (a batch
 row that is all padding) are unmasked instead of producing NaN; their outputs belong to padding positions.
 
-Legend: B batch, H heads on this tensor-parallel rank, Sq query length, Sk key length, Dh head dim.
+The decoder's attention modules, `DecoderSelfAttention` and `DecoderCrossAttention`, are megatron's `SelfAttention`
+and `CrossAttention` (same submodules and weights, same forward when no cache is given) with an incremental path
+for decoding: given a `kv_cache.DecoderCache` as megatron's `inference_context`, self-attention appends the step's
+keys/values to the cache and attends over all cached positions; cross-attention projects the encoder output to
+keys/values once per batch (first step) and attends the K hypotheses of a sentence, as K queries, to its one copy.
+Under sequence parallelism a step holds one real position and TP - 1 padding positions (so that it splits over
+the ranks); only the real one is cached.
+
+Legend: B batch, H heads on this tensor-parallel rank, Sq query length, Sk key length, Dh head dim; in decoding
+N hypothesis rows, L sentences, K hypotheses per sentence (N = L*K), q step positions, t cached positions.
 """
 
 from __future__ import annotations
@@ -23,10 +32,14 @@ import torch
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.attention import CrossAttention, SelfAttention
 from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
+
+from megatron_taskmoe.model.kv_cache import DecoderCache
 
 
 def allowed_mask(
@@ -117,3 +130,94 @@ class SDPAttention(MegatronModule):
                 q_BHQD, k_BHKD, v_BHKD, attn_mask=allowed, dropout_p=dropout_p, scale=self.softmax_scale
             )
         return ctx_BHQD.permute(2, 0, 1, 3).reshape(sq, b, self.hidden_size_per_partition)
+
+
+# ---------------------------------------------------------------------------------------------- decoding
+def _expand_groups(x_NHTD: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Key/value heads repeated to the query heads (grouped-query attention), as `SDPAttention` does."""
+    groups = x_NHTD.shape[1]
+    return x_NHTD if groups == num_heads else x_NHTD.repeat_interleave(num_heads // groups, dim=1)
+
+
+def _cache_of(inference_context, module: str, training: bool) -> Optional[DecoderCache]:
+    if inference_context is None:
+        return None
+    if training:
+        raise RuntimeError(f"{module}: incremental decoding runs in eval mode (call model.eval())")
+    if not isinstance(inference_context, DecoderCache):
+        raise ValueError(f"{module}: the inference context must be a kv_cache.DecoderCache, got "
+                         f"{type(inference_context).__name__} (megatron's own KV cache does not fit this model)")
+    return inference_context
+
+
+class DecoderSelfAttention(SelfAttention):
+    """megatron's causal `SelfAttention`, plus a step with a key/value cache (module docstring)."""
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                key_value_states: Optional[torch.Tensor] = None, inference_context=None, **kwargs):
+        cache = _cache_of(inference_context, "DecoderSelfAttention", self.training)
+        if cache is None:
+            return super().forward(hidden_states, attention_mask, key_value_states=key_value_states, **kwargs)
+        query_NHQD, key_NHQD, value_NHQD = self._step_qkv(hidden_states)
+        new = cache.new_positions
+        key_NHTD, value_NHTD = cache.append_self(self.layer_number, key_NHQD[:, :, :new], value_NHQD[:, :, :new])
+        core = self.core_attention
+        n, _, q, _ = query_NHQD.shape
+        ctx_NHQD = F.scaled_dot_product_attention(
+            query_NHQD, _expand_groups(key_NHTD, core.num_heads), _expand_groups(value_NHTD, core.num_heads),
+            scale=core.softmax_scale)
+        return self.linear_proj(ctx_NHQD.permute(2, 0, 1, 3).reshape(q, n, core.hidden_size_per_partition))
+
+    def _step_qkv(self, hidden_QND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Query [N, H, q, Dh] and key/value [N, Hkv, q, Dh] of a step: the fused projection split as megatron's
+        `get_query_key_value_tensors` splits it ([.., groups, (heads per group + 2) * Dh]) without its per-call
+        bookkeeping; megatron's own is called where it does more (key/value groups fewer than the tensor-parallel
+        ranks, query/key norms)."""
+        has_qk_norm = any(norm is not None and not isinstance(norm, IdentityOp)
+                          for norm in (self.q_layernorm, self.k_layernorm))
+        if self.config.num_query_groups < self.world_size or has_qk_norm:
+            query, key, value = self.get_query_key_value_tensors(hidden_QND, None)
+            return query.permute(1, 2, 0, 3), key.permute(1, 2, 0, 3), value.permute(1, 2, 0, 3)
+        mixed, _ = self.linear_qkv(hidden_QND)
+        q, n = mixed.shape[:2]
+        groups, dh = self.num_query_groups_per_partition, self.hidden_size_per_attention_head
+        per_group = self.num_attention_heads_per_partition // groups
+        mixed_NGQX = mixed.view(q, n, groups, (per_group + 2) * dh).permute(1, 2, 0, 3)
+        query, key, value = mixed_NGQX.split([per_group * dh, dh, dh], dim=-1)
+        query_NHQD = query.reshape(n, groups, q, per_group, dh).transpose(2, 3).reshape(n, groups * per_group, q, dh)
+        return query_NHQD, key, value
+
+
+class DecoderCrossAttention(CrossAttention):
+    """megatron's `CrossAttention`, plus a step with the encoder keys/values cached (module docstring)."""
+
+    def _encoder_keys_values(self, key_value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [B, H, S, Dh] of the encoder output [S(/TP), B, D] (megatron's projection)."""
+        mixed_kv, _ = self.linear_kv(key_value_states)
+        mixed_kv = mixed_kv.view(*mixed_kv.shape[:-1], self.num_attention_heads_per_partition,
+                                 2 * self.hidden_size_per_attention_head)
+        key, value = tensor_parallel.split_tensor_along_last_dim(mixed_kv, 2)
+        return key.permute(1, 2, 0, 3).contiguous(), value.permute(1, 2, 0, 3).contiguous()
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                key_value_states: Optional[torch.Tensor] = None, inference_context=None, **kwargs):
+        cache = _cache_of(inference_context, "DecoderCrossAttention", self.training)
+        if cache is None:
+            return super().forward(hidden_states, attention_mask, key_value_states=key_value_states, **kwargs)
+        kv = cache.cross(self.layer_number)
+        if kv is None:
+            if key_value_states is None:
+                raise ValueError("DecoderCrossAttention: the first decoding step needs the encoder output")
+            kv = self._encoder_keys_values(key_value_states)
+            cache.set_cross(self.layer_number, *kv)
+        key_LHSD, value_LHSD = kv
+        query, _ = self.linear_q(hidden_states)  # [q, N, H*Dh]
+        q, n = query.shape[:2]
+        heads, dh, k = self.num_attention_heads_per_partition, self.hidden_size_per_attention_head, cache.beam_size
+        rows = n // k
+        # The K hypotheses of a sentence attend to its keys together: [L, H, K*q, Dh].
+        q_LHXD = query.view(q, rows, k, heads, dh).permute(1, 3, 2, 0, 4).reshape(rows, heads, k * q, dh)
+        ctx_LHXD = F.scaled_dot_product_attention(q_LHXD, key_LHSD, value_LHSD, attn_mask=cache.cross_allowed(),
+                                                  scale=self.core_attention.softmax_scale)
+        ctx_QND = ctx_LHXD.view(rows, heads, k, q, dh).permute(3, 0, 2, 1, 4).reshape(q, n, heads * dh)
+        return self.linear_proj(ctx_QND)

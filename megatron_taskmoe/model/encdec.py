@@ -22,6 +22,11 @@ if it holds its side's last layer. With pipelining a decoder stage receives [dec
 Sequence parallelism: activations between layers are [S/TP, B, D]; sequence lengths are padded here to a
 multiple of TP (extra positions are padding and dropped from the outputs).
 
+Decoding: `encode` runs the encoder once per batch; `decode_next` appends one token per hypothesis row and returns
+the next token's log-probabilities, the decoder's attention layers keeping their keys/values in a
+`kv_cache.DecoderCache` (`model/decoding.py` drives the beam search; pipeline stages decode their layers with
+`_decoder_layers_next`). `decode_step` re-runs the decoder on whole prefixes: the full-recompute reference.
+
 Legend: B batch, S source length, T target length, D model dim, V vocabulary (Vp padded, V/TP per rank),
 N hypotheses in incremental decoding.
 """
@@ -45,6 +50,7 @@ from megatron_taskmoe.model import init
 from megatron_taskmoe.model import routing as R
 from megatron_taskmoe.model.config import ModelConfig, ParallelConfig, side_transformer_config, to_transformer_config
 from megatron_taskmoe.model.embedding import ScaledEmbedding
+from megatron_taskmoe.model.kv_cache import DecoderCache
 from megatron_taskmoe.model.specs import block_spec
 from megatron_taskmoe.model.task_context import TaskContext
 
@@ -262,14 +268,16 @@ class EncoderDecoderModel(LanguageModule):
             return _pad_to_multiple(tokens_BX, mask_BX, self.tp_size, self.model_config.pad_id)
         return tokens_BX, mask_BX
 
-    def _embed(self, tokens_BX: torch.Tensor) -> torch.Tensor:
-        length = tokens_BX.shape[1]
-        if length > self.model_config.max_positions:
-            raise ValueError(
-                f"EncoderDecoderModel: sequence of {length} tokens exceeds the {self.model_config.max_positions} "
-                "learned positions (ModelConfig.max_source_positions / max_target_positions)"
-            )
-        positions_BX = torch.arange(length, device=tokens_BX.device).unsqueeze(0).expand_as(tokens_BX)
+    def _embed(self, tokens_BX: torch.Tensor, positions_BX: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Embeddings [X, B, D] of tokens at positions 0..X-1, or at `positions_BX` (incremental decoding)."""
+        if positions_BX is None:
+            length = tokens_BX.shape[1]
+            if length > self.model_config.max_positions:
+                raise ValueError(
+                    f"EncoderDecoderModel: sequence of {length} tokens exceeds the {self.model_config.max_positions} "
+                    "learned positions (ModelConfig.max_source_positions / max_target_positions)"
+                )
+            positions_BX = torch.arange(length, device=tokens_BX.device).unsqueeze(0).expand_as(tokens_BX)
         return self.embedding(input_ids=tokens_BX, position_ids=positions_BX)
 
     def _sp_mask(self, mask_BX: torch.Tensor) -> torch.Tensor:
@@ -415,8 +423,8 @@ class EncoderDecoderModel(LanguageModule):
     @torch.no_grad()
     def decode_step(self, state: EncoderState, prefix_NT: torch.Tensor, src_index_N: torch.Tensor) -> torch.Tensor:
         """Log-probabilities [N, V] of the next token after each prefix (bos first), hypothesis n decoding
-        source sentence `src_index_N[n]` of `state`. Re-runs the decoder on the whole prefix (no KV cache):
-        exact, and causal attention makes the last position independent of how the prefix was padded."""
+        source sentence `src_index_N[n]` of `state`. Re-runs the decoder on the whole prefix (no KV cache): the
+        full-recompute reference of incremental decoding (`decode_next`), for tests and benchmarks."""
         self._require_whole_model("decode_step")
         return self._next_token_logprobs(self._decoder_layers_step(state, prefix_NT, src_index_N),
                                          prefix_NT.shape[1])
@@ -446,8 +454,102 @@ class EncoderDecoderModel(LanguageModule):
         return torch.log_softmax(logits_NTV[:, length - 1].float(), dim=-1)
 
     def step_fn(self, state: EncoderState):
-        """`generation.beam_search`'s step function over this model and an encoded batch."""
+        """The full-recompute step function over this model and an encoded batch (`generation.PrefixDecoder`)."""
         return lambda prefix_NT, src_index_N: self.decode_step(state, prefix_NT, src_index_N)
+
+    # ---------------------------------------------------------------------------------- incremental decoding
+    # Used by `model/decoding.py` (whole model) and `parallel/pipeline_decoding.py` (stages): one step appends one
+    # token per hypothesis row; the attention layers keep their keys/values in a `DecoderCache`.
+    def start_decoding(self, state: EncoderState, *, beam_size: int, max_length: int) -> DecoderCache:
+        """A cache for decoding `state`'s sentences with `beam_size` rows each, up to `max_length` positions. The
+        batch's ids are range-checked here, once for every step, and decoder layers that route by sentence get
+        their per-sentence routing state here: the source's mean encoder output, gathered per hypothesis."""
+        self.task_context.check_ranges(task_ids_B=state.task_ids_B, tgt_lang_ids_B=state.tgt_lang_ids_B,
+                                       src_lang_ids_B=state.src_lang_ids_B)
+        cache = DecoderCache(beam_size=beam_size, max_length=max_length, src_padding_mask_BS=state.src_padding_mask_BS)
+        if self.add_decoder and self.decoder_routes_by_source:
+            cache.source_mean_BD = self._source_mean(state.output_SBD, state.src_padding_mask_BS)
+        return cache
+
+    @torch.no_grad()
+    def decode_next(self, state: EncoderState, cache: DecoderCache, tokens_N: torch.Tensor) -> torch.Tensor:
+        """Append `tokens_N` to the cached hypotheses (bos at the first step); log-probabilities [N, V] of the
+        next token, computed for the last position only."""
+        self._require_whole_model("decode_next")
+        return self._last_position_logprobs(self._decoder_layers_next(state, cache, tokens_N))
+
+    def _decoder_layers_next(self, state: EncoderState, cache: DecoderCache, tokens_N: torch.Tensor) -> torch.Tensor:
+        """This model's (or stage's) decoder layers on one new token per row: hidden states [q(/TP), N, D].
+
+        Under sequence parallelism the step carries TP positions (the token, then padding at the same position)
+        so that it splits over the ranks; q = 1 otherwise. A stage whose decoder block does not start at layer 0
+        reads its input from the block's `set_input_tensor`."""
+        n = tokens_N.shape[0]
+        q = self.tp_size if (self.config.sequence_parallel and self.tp_size > 1) else 1
+        tokens_NQ = tokens_N.view(n, 1)
+        mask_NQ = torch.zeros((n, q), dtype=torch.bool, device=tokens_N.device)
+        if q > 1:
+            tokens_NQ = F.pad(tokens_NQ, (0, q - 1), value=self.model_config.pad_id)
+            mask_NQ[:, 1:] = True
+        if cache.length + 1 > self.model_config.max_target_positions:
+            raise ValueError(f"EncoderDecoderModel: decoding position {cache.length} is past the "
+                             f"{self.model_config.max_target_positions} learned target positions")
+        hidden_QND = None
+        if self.pre_process and self.decoder.pre_process:
+            positions_NQ = torch.full_like(tokens_NQ, cache.length)
+            hidden_QND = self._embed(tokens_NQ, positions_NQ)
+        with self.task_context.micro_batch(
+            task_ids_B=cache.per_row("task_ids", state.task_ids_B),
+            tgt_lang_ids_B=cache.per_row("tgt_lang_ids", state.tgt_lang_ids_B),
+            src_lang_ids_B=cache.per_row("src_lang_ids", state.src_lang_ids_B),
+            src_padding_mask_BS=cache.per_row("src_padding_mask", state.src_padding_mask_BS),
+            tgt_padding_mask_BT=mask_NQ,
+            ids_checked=True,  # by start_decoding
+        ):
+            if self.decoder_routes_by_source:
+                self.task_context.set_source_mean(cache.per_row("source_mean", cache.source_mean_BD))
+            hidden_QND = self._decoder_block_step(hidden_QND, state.output_SBD, cache, self._sp_mask(mask_NQ))
+        cache.advance()
+        return hidden_QND
+
+    def _decoder_block_step(self, hidden_QND: Optional[torch.Tensor], encoder_SBD: torch.Tensor,
+                            cache: DecoderCache, padding_mask_NQ: torch.Tensor) -> torch.Tensor:
+        """The decoder block on one step: its layers' modules (built from the specs) called in the order and with
+        the arithmetic of megatron's `TransformerLayer.forward` in eval mode (pre-norm; residual + (output + bias),
+        dropout being off), then the block's final norm. megatron's `TransformerBlock`/`TransformerLayer` forward
+        spend about 0.7 ms per layer and call on bookkeeping (CUDA-graph and offloading checks, NVTX ranges,
+        viewless tensors), more than a one-token step's arithmetic at d 128; the full forward keeps them, and the
+        tests hold the two paths to the same log-probabilities."""
+        block = self.decoder
+        if not block.pre_process:
+            hidden_QND = block.input_tensor
+        for layer in block.layers:
+            residual = hidden_QND
+            out = layer.self_attention(layer.input_layernorm(hidden_QND), None, inference_context=cache)
+            hidden_QND = layer.self_attn_bda(False, layer.config.bias_dropout_fusion)(out, residual,
+                                                                                       layer.hidden_dropout)
+            residual = hidden_QND
+            out = layer.cross_attention(layer.pre_cross_attn_layernorm(hidden_QND), None,
+                                        key_value_states=encoder_SBD, inference_context=cache)
+            hidden_QND = layer.cross_attn_bda(False, layer.config.bias_dropout_fusion)(out, residual,
+                                                                                        layer.hidden_dropout)
+            residual = hidden_QND
+            out = layer.mlp(layer.pre_mlp_layernorm(hidden_QND), padding_mask=padding_mask_NQ)
+            hidden_QND = layer.mlp_bda(False, layer.config.bias_dropout_fusion)(out, residual, layer.hidden_dropout)
+        if block.final_layernorm is not None:
+            hidden_QND = block.final_layernorm(hidden_QND)
+        return hidden_QND
+
+    def _last_position_logprobs(self, hidden_QND: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities [N, V] of the step's real position (the first; the others pad a sequence-parallel
+        step): one row of logits per hypothesis instead of one per prefix position."""
+        if self.config.sequence_parallel and self.tp_size > 1:
+            hidden_QND = tensor_parallel.gather_from_sequence_parallel_region(
+                hidden_QND, tensor_parallel_output_grad=False, group=self.tp_group)
+        logits_NV = F.linear(hidden_QND[0], self.shared_embedding_or_output_weight())
+        if self.tp_size > 1:
+            logits_NV = tensor_parallel.gather_from_tensor_model_parallel_region(logits_NV, self.tp_group)
+        return torch.log_softmax(logits_NV[:, : self.vocab_size].float(), dim=-1)
 
     def _require_whole_model(self, what: str) -> None:
         if not (self.pre_process and self.post_process and self.add_encoder and self.add_decoder):

@@ -23,13 +23,13 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
-from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.mlp import MLPSubmodules
 from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_taskmoe.model.adapters import TaskAdapters
+from megatron_taskmoe.model.linear import ColumnParallelLinear, RowParallelLinear
 from megatron_taskmoe.model.moe_config import MoEConfig
 from megatron_taskmoe.model.router import TaskTopKRouter
 from megatron_taskmoe.model.task_context import TaskContext

@@ -2,7 +2,10 @@
 
 All parts are megatron's (`TransformerLayer`, `SelfAttention`, `CrossAttention`, `MLP`, column/row-parallel linears,
 `MoELayer`) except two that megatron has only in CUDA-bound or sequence-parallel-hostile forms: the core attention
-(`attention.SDPAttention`, torch SDPA) and the norm (`norm.SequenceParallelNorm`). MoE FFNs come from the routing
+(`attention.SDPAttention`, torch SDPA) and the norm (`norm.SequenceParallelNorm`). The decoder's attention modules
+are megatron's with an incremental-decoding path (`attention.DecoderSelfAttention`/`DecoderCrossAttention`, which
+use a `kv_cache.DecoderCache` passed as megatron's `inference_context`), and the parallel linears are megatron's with
+a forward that skips their autograd bookkeeping when gradients are off (`linear.py`). MoE FFNs come from the routing
 module's `get_moe_mlp_spec` (our router, dispatchers and adapters inside megatron's `MoELayer`).
 
 A block spec lists its layers explicitly (`TransformerBlockSubmodules`), so the MoE placement per layer and the
@@ -15,9 +18,7 @@ import functools
 from typing import Optional, Sequence
 
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
-from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import (
-    CrossAttention,
     CrossAttentionSubmodules,
     SelfAttention,
     SelfAttentionSubmodules,
@@ -30,8 +31,9 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from megatron_taskmoe.mcore_compat import use_megatron_permute_fusion
-from megatron_taskmoe.model.attention import SDPAttention
+from megatron_taskmoe.model.attention import DecoderCrossAttention, DecoderSelfAttention, SDPAttention
 from megatron_taskmoe.model.config import ModelConfig
+from megatron_taskmoe.model.linear import ColumnParallelLinear, RowParallelLinear
 from megatron_taskmoe.model.norm import SequenceParallelNorm
 from megatron_taskmoe.model.task_context import TaskContext
 
@@ -71,9 +73,9 @@ def moe_mlp_spec(model: ModelConfig, side: str, task_context: TaskContext) -> Mo
                             token_dispatcher_builder=builder)
 
 
-def _self_attention(mask_type: AttnMaskType) -> ModuleSpec:
+def _self_attention(mask_type: AttnMaskType, module: type = SelfAttention) -> ModuleSpec:
     return ModuleSpec(
-        module=SelfAttention,
+        module=module,
         params={"attn_mask_type": mask_type},
         submodules=SelfAttentionSubmodules(
             linear_qkv=ColumnParallelLinear,
@@ -101,16 +103,17 @@ def encoder_layer_spec(mlp: ModuleSpec) -> ModuleSpec:
 
 
 def decoder_layer_spec(mlp: ModuleSpec) -> ModuleSpec:
-    """Pre-norm decoder layer: causal self-attention, cross-attention over the encoder output, FFN."""
+    """Pre-norm decoder layer: causal self-attention, cross-attention over the encoder output, FFN (attention with
+    an incremental-decoding path)."""
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
             input_layernorm=SequenceParallelNorm,
-            self_attention=_self_attention(AttnMaskType.causal),
+            self_attention=_self_attention(AttnMaskType.causal, DecoderSelfAttention),
             self_attn_bda=get_bias_dropout_add,
             pre_cross_attn_layernorm=SequenceParallelNorm,
             cross_attention=ModuleSpec(
-                module=CrossAttention,
+                module=DecoderCrossAttention,
                 params={"attn_mask_type": AttnMaskType.padding},
                 submodules=CrossAttentionSubmodules(
                     linear_q=ColumnParallelLinear,

@@ -95,8 +95,12 @@ class TaskContext:
         src_lang_ids_B: torch.Tensor | None = None,
         src_padding_mask_BS: torch.Tensor | None = None,
         tgt_padding_mask_BT: torch.Tensor | None = None,
+        ids_checked: bool = False,
     ):
-        """Make these ids the current micro-batch's for the duration of the block (not re-entrant)."""
+        """Make these ids the current micro-batch's for the duration of the block (not re-entrant).
+
+        `ids_checked=True` skips the range check of ids already checked (`check_ranges`): a decoding step's ids are
+        the decoded batch's, gathered per hypothesis, and on a GPU each check is a host synchronisation."""
         if self._ids is not None:
             raise RuntimeError(
                 "TaskContext.micro_batch: a micro-batch is already active (nested micro_batch blocks would mix ids)"
@@ -106,12 +110,11 @@ class TaskContext:
             if isinstance(tensor, torch.Tensor) and tensor.dim() >= 1:
                 batch_size = tensor.shape[0]
                 break
+        limits = {} if ids_checked else self.id_limits
         self._ids = _MicroBatchIds(
-            task_ids_B=_check_ids("task_ids_B", task_ids_B, batch_size, self.id_limits.get("task")),
-            tgt_lang_ids_B=_check_ids("tgt_lang_ids_B", tgt_lang_ids_B, batch_size,
-                                      self.id_limits.get("target_language")),
-            src_lang_ids_B=_check_ids("src_lang_ids_B", src_lang_ids_B, batch_size,
-                                      self.id_limits.get("source_language")),
+            task_ids_B=_check_ids("task_ids_B", task_ids_B, batch_size, limits.get("task")),
+            tgt_lang_ids_B=_check_ids("tgt_lang_ids_B", tgt_lang_ids_B, batch_size, limits.get("target_language")),
+            src_lang_ids_B=_check_ids("src_lang_ids_B", src_lang_ids_B, batch_size, limits.get("source_language")),
             src_padding_mask_BS=_check_mask("src_padding_mask_BS", src_padding_mask_BS, batch_size),
             tgt_padding_mask_BT=_check_mask("tgt_padding_mask_BT", tgt_padding_mask_BT, batch_size),
         )
@@ -119,6 +122,13 @@ class TaskContext:
             yield self
         finally:
             self._ids = None
+
+    def check_ranges(self, *, task_ids_B: torch.Tensor | None = None, tgt_lang_ids_B: torch.Tensor | None = None,
+                     src_lang_ids_B: torch.Tensor | None = None) -> None:
+        """The range check of `micro_batch`, alone (ValueError naming the ids out of range)."""
+        _check_ids("task_ids_B", task_ids_B, None, self.id_limits.get("task"))
+        _check_ids("tgt_lang_ids_B", tgt_lang_ids_B, None, self.id_limits.get("target_language"))
+        _check_ids("src_lang_ids_B", src_lang_ids_B, None, self.id_limits.get("source_language"))
 
     def _require(self, what: str) -> _MicroBatchIds:
         if self._ids is None:

@@ -42,6 +42,7 @@ import torch
 from megatron_taskmoe import mcore_compat, platform
 from megatron_taskmoe.model.config import ModelConfig, ParallelConfig, to_transformer_config
 from megatron_taskmoe.model.encdec import EncoderDecoderModel, EncoderState
+from megatron_taskmoe.model.kv_cache import DecoderCache
 
 Shape = tuple[int, int, int]
 
@@ -300,21 +301,22 @@ class EncoderDecoderStage(EncoderDecoderModel):
                                           batch.get("src_lang_ids"), batch.get("tgt_lang_ids"))
 
     @torch.no_grad()
-    def decode_part(self, state: EncoderState, prefix_NT: torch.Tensor, src_index_N: torch.Tensor,
-                    received_TND: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """One decoding step on this decoder stage: the next-token log-probabilities [N, V] on the last stage,
-        else the hidden states [T_loc, N, D] for the next stage. `state.output_SBD` is the encoder output;
-        `received_TND` the previous decoder stage's output (None on the first decoder stage, which embeds)."""
+    def decode_part(self, state: EncoderState, cache: DecoderCache, tokens_N: torch.Tensor,
+                    received_QND: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """One incremental decoding step on this decoder stage, whose layers keep their keys/values in `cache`
+        (`start_decoding`): the next-token log-probabilities [N, V] on the last stage, else the hidden states
+        [1, N, D] for the next stage. `state.output_SBD` is the encoder output; `received_QND` the previous decoder
+        stage's output (None on the first decoder stage, which embeds `tokens_N`)."""
         if not self.add_decoder:
             raise RuntimeError(f"EncoderDecoderStage.decode_part: stage {self.layout.stage} holds no decoder layer")
         if not self.decoder.pre_process:
-            if received_TND is None:
+            if received_QND is None:
                 raise RuntimeError("EncoderDecoderStage.decode_part: a later decoder stage needs its input")
-            self.decoder.set_input_tensor(received_TND)
-        hidden_TND = self._decoder_layers_step(state, prefix_NT, src_index_N)
+            self.decoder.set_input_tensor(received_QND)
+        hidden_QND = self._decoder_layers_next(state, cache, tokens_N)
         if not self.post_process:
-            return hidden_TND
-        return self._next_token_logprobs(hidden_TND, prefix_NT.shape[1])
+            return hidden_QND
+        return self._last_position_logprobs(hidden_QND)
 
     # ------------------------------------------------------------------------------------- names
     def whole_model_name(self, name: str) -> str:

@@ -4,28 +4,30 @@ Decoding needs every layer, which pipelining spreads over ranks. Here the stages
 
 1. Encoding, once per batch: the encoder stages run their layers in order, each sending its output [S_loc, B, D] to
    the next; the last encoder stage sends the encoder output to every decoder stage, which keeps it for the whole
-   batch (cross-attention reads it at every step).
-2. Search: the last stage runs `generation.beam_search` (greedy is beam 1), the driver. Each of its step-function
-   calls first broadcasts the request over the pipeline group: a header (step, N, t), then the N prefixes [N, t]
-   and their source indexes [N]. The decoder stages then run their layers on the prefixes in order, passing
-   [T_loc, N, D] hidden states along the stage boundary by point-to-point messages; the last stage turns its hidden
-   states into next-token log-probabilities and returns them to the search. The other stages serve such requests
-   until a header says the search is done (or failed: they raise instead of hanging).
+   batch (its cross-attention layers project it to keys/values at the first step and cache them).
+2. Search: the last stage runs `generation.beam_search` (greedy is beam 1), the driver, over an incremental
+   decoder whose every call is first broadcast over the pipeline group: a header (step or reorder, N, live
+   sentences), then the N new tokens of a step, or the N parent rows (and the live sentences, when some finished)
+   of a beam reorder. Each decoder stage keeps its own layers' key/value cache (`kv_cache.DecoderCache`) and
+   reorders it as told; for a step the decoder stages run their layers on the one new position per hypothesis in
+   order, passing [1, N, D] hidden states along the stage boundary by point-to-point messages; the last stage
+   turns its hidden states into next-token log-probabilities and returns them to the search. The other stages
+   serve such requests until a header says the search is done (or failed: they raise instead of hanging).
 3. The last stage broadcasts the hypotheses (token ids) to the pipeline group, so every rank has the same result.
 
-Each step re-runs the decoder on the whole prefix (as the single-process `EncoderDecoderModel.decode_step`): the
-same operations on the same tensors, so the hypotheses equal the single-process decode token for token (tested).
-Only the request (a few integers per hypothesis) and the stage-boundary activations travel; the [N, V]
-log-probabilities never leave the last stage. Every rank of a stage (tensor, expert and data parallel) runs the
-same requests in lockstep, as the collective layers inside need: the validation batches are the same on every rank.
+Every stage runs the single-process model's layers on the same tensors (`EncoderDecoderModel.decode_next`), so the
+hypotheses equal the single-process decode token for token (tested). Only the requests (a few integers per
+hypothesis) and the stage-boundary activations travel; the [N, V] log-probabilities never leave the last stage.
+Every rank of a stage (tensor, expert and data parallel) runs the same requests in lockstep, as the collective
+layers inside need: the validation batches are the same on every rank.
 
-Legend: B batch (source sentences), S source length, N hypotheses, t prefix length, D model dim, V vocabulary;
+Legend: B batch (source sentences), S source length, N hypotheses, L live sentences, D model dim, V vocabulary;
 `_loc` lengths are this rank's sequence-parallel shard.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -33,9 +35,10 @@ import torch.distributed as dist
 from megatron_taskmoe import platform
 from megatron_taskmoe.generation import SearchConfig, beam_search
 from megatron_taskmoe.model.encdec import EncoderState
+from megatron_taskmoe.model.kv_cache import DecoderCache
 from megatron_taskmoe.parallel.pipeline import EncoderDecoderStage, local_length
 
-_DONE, _STEP, _ABORT = 0, 1, 2
+_DONE, _STEP, _REORDER, _ABORT = 0, 1, 2, 3
 
 
 class PipelineDecodingError(RuntimeError):
@@ -94,54 +97,71 @@ def _encode(peers: _Peers, batch: dict) -> Optional[EncoderState]:
                         batch.get("tgt_lang_ids"))
 
 
-def _decoder_step(peers: _Peers, state: EncoderState, prefix_NT: torch.Tensor,
-                  src_index_N: torch.Tensor) -> torch.Tensor:
+def _decoder_step(peers: _Peers, state: EncoderState, cache: DecoderCache, tokens_N: torch.Tensor) -> torch.Tensor:
     """This decoder stage's part of one step: receive, run, send on (the last stage returns log-probs)."""
     layout = peers.layout
-    N, t = prefix_NT.shape
-    shape = (peers.local(t), N, peers.hidden)
+    shape = (1, tokens_N.shape[0], peers.hidden)  # one position per row (a sequence-parallel step is 1 per rank)
     received = None if layout.is_first_decoder_stage else peers.recv(shape, layout.stage - 1)
-    out = peers.stage.decode_part(state, prefix_NT, src_index_N, received)
+    out = peers.stage.decode_part(state, cache, tokens_N, received)
     if not layout.post_process:
         peers.send(out, layout.stage + 1)
     return out
 
 
-def _header(peers: _Peers, code: int = 0, n: int = 0, t: int = 0) -> list[int]:
-    return peers.broadcast_from_last(torch.tensor([code, n, t], dtype=torch.long, device=peers.device)).tolist()
+def _header(peers: _Peers, code: int = 0, n: int = 0, live: int = -1) -> list[int]:
+    return peers.broadcast_from_last(torch.tensor([code, n, live], dtype=torch.long, device=peers.device)).tolist()
 
 
-def _serve(peers: _Peers, state: Optional[EncoderState]) -> None:
-    """A stage other than the last: run the requested steps until the driver says it is done."""
+def _serve(peers: _Peers, state: Optional[EncoderState], cache: Optional[DecoderCache]) -> None:
+    """A stage other than the last: run the requested steps and reorders until the driver says it is done."""
     while True:
-        code, n, t = _header(peers)
+        code, n, live = _header(peers)
         if code == _DONE:
             return
         if code == _ABORT:
             raise PipelineDecodingError(
                 f"pipelined decoding failed on the last pipeline stage (global rank {peers.last}); see its error")
-        prefix_NT = peers.broadcast_from_last(torch.empty((n, t), dtype=torch.long, device=peers.device))
-        src_index_N = peers.broadcast_from_last(torch.empty((n,), dtype=torch.long, device=peers.device))
+        index_N = peers.broadcast_from_last(torch.empty((n,), dtype=torch.long, device=peers.device))
+        if code == _STEP:
+            if peers.layout.add_decoder:
+                _decoder_step(peers, state, cache, index_N)
+            continue
+        sentences_L = None
+        if live >= 0:
+            sentences_L = peers.broadcast_from_last(torch.empty((live,), dtype=torch.long, device=peers.device))
         if peers.layout.add_decoder:
-            _decoder_step(peers, state, prefix_NT, src_index_N)
+            cache.reorder(index_N, sentences_L)
 
 
-def _drive(peers: _Peers, state: EncoderState, batch: dict, search: SearchConfig, bos: int, eos: int,
-           max_target_len: int) -> list[list[int]]:
+class _Driver:
+    """The last stage's `generation.IncrementalDecoder`: every step and reorder is first announced to the other
+    stages (a header, then the token or parent ids), then run here."""
+
+    def __init__(self, peers: _Peers, state: EncoderState, cache: DecoderCache):
+        self.peers, self.state, self.cache = peers, state, cache
+
+    def step(self, tokens_N: torch.Tensor) -> torch.Tensor:
+        _header(self.peers, _STEP, tokens_N.shape[0])
+        self.peers.broadcast_from_last(tokens_N.to(torch.long).contiguous())
+        return _decoder_step(self.peers, self.state, self.cache, tokens_N)
+
+    def reorder(self, parent_N: torch.Tensor, sentences_L: Optional[torch.Tensor] = None) -> None:
+        live = -1 if sentences_L is None else sentences_L.shape[0]
+        _header(self.peers, _REORDER, parent_N.shape[0], live)
+        self.peers.broadcast_from_last(parent_N.to(torch.long).contiguous())
+        if sentences_L is not None:
+            self.peers.broadcast_from_last(sentences_L.to(torch.long).contiguous())
+        self.cache.reorder(parent_N, sentences_L)
+
+
+def _drive(peers: _Peers, state: EncoderState, cache: DecoderCache, search: SearchConfig, max_lengths: list[int], *,
+           bos: int, eos: int, banned: Sequence[int]) -> list[list[int]]:
     """The last stage: the search, whose every step is a pipelined forward pass."""
-
-    def step_fn(prefix_NT: torch.Tensor, src_index_N: torch.Tensor) -> torch.Tensor:
-        n, t = prefix_NT.shape
-        _header(peers, _STEP, n, t)
-        peers.broadcast_from_last(prefix_NT.to(torch.long).contiguous())
-        peers.broadcast_from_last(src_index_N.to(torch.long).contiguous())
-        return _decoder_step(peers, state, prefix_NT, src_index_N)
-
-    src_lengths = (~batch["src_padding_mask"].bool()).sum(dim=1).tolist()
     try:
-        hyps = beam_search(step_fn, batch_size=len(src_lengths), bos=bos, eos=eos,
-                           max_lengths=search.max_lengths(src_lengths, max_target_len),
-                           beam_size=search.beam_size, length_penalty=search.length_penalty, device=peers.device)
+        hyps = beam_search(_Driver(peers, state, cache), batch_size=len(max_lengths), bos=bos, eos=eos,
+                           max_lengths=max_lengths, beam_size=search.beam_size,
+                           length_penalty=search.length_penalty, min_length=search.min_len, banned=banned,
+                           device=peers.device)
     except Exception:
         _header(peers, _ABORT)
         raise
@@ -151,7 +171,7 @@ def _drive(peers: _Peers, state: EncoderState, batch: dict, search: SearchConfig
 
 @torch.no_grad()
 def pipelined_translate_batch(stage: EncoderDecoderStage, batch: dict, search: SearchConfig, pp_group, *,
-                              bos: int, eos: int) -> list[list[int]]:
+                              bos: int, eos: int, banned: Sequence[int] = ()) -> list[list[int]]:
     """Token ids of the best translation of each source sentence in `batch` (no bos/eos), on every rank of the
     pipeline group; collective over it (and, inside the stages, over their tensor/expert groups).
 
@@ -163,10 +183,15 @@ def pipelined_translate_batch(stage: EncoderDecoderStage, batch: dict, search: S
     dev = peers.device
     batch = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
     state = _encode(peers, batch)
+    src_lengths = (~batch["src_padding_mask"].bool()).sum(dim=1).tolist()
+    max_lengths = search.max_lengths(src_lengths, stage.model_config.max_target_positions - 1)
+    cache = None
+    if peers.layout.add_decoder:
+        cache = stage.start_decoding(state, beam_size=search.beam_size, max_length=max(max_lengths) + 1)
     if peers.layout.post_process:
-        hyps = _drive(peers, state, batch, search, bos, eos, stage.model_config.max_target_positions - 1)
+        hyps = _drive(peers, state, cache, search, max_lengths, bos=bos, eos=eos, banned=banned)
     else:
-        _serve(peers, state)
+        _serve(peers, state, cache)
         hyps = None
     box = [hyps]
     dist.broadcast_object_list(box, src=peers.last, group=pp_group)

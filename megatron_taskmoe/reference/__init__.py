@@ -9,8 +9,8 @@ Nothing here imports megatron-core or the trainer (`tools/checkpoint/export.py` 
 
 from megatron_taskmoe.reference.config import (FORMAT, FORMAT_VERSION, ExportConfig, ExportFormatError,
                                                parse_config, read_config)
-from megatron_taskmoe.reference.model import EncoderOutput, ReferenceModel
+from megatron_taskmoe.reference.model import EncoderOutput, ReferenceDecoder, ReferenceModel
 from megatron_taskmoe.reference.translator import Exported, ReferenceTranslator, load, translate
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "ExportConfig", "ExportFormatError", "parse_config", "read_config",
-           "EncoderOutput", "ReferenceModel", "Exported", "ReferenceTranslator", "load", "translate"]
+           "EncoderOutput", "ReferenceDecoder", "ReferenceModel", "Exported", "ReferenceTranslator", "load", "translate"]

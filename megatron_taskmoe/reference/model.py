@@ -15,22 +15,28 @@ What it reproduces of `model/encdec.py` (eval mode, no dropout):
     query whose keys are all masked attends everywhere (it belongs to padding) instead of producing NaN;
   * FFN: relu / gelu (exact) / swiglu (first half of fc1 through silu times the second half);
   * MoE FFN: router logits by mode (token; sentence = the masked mean of the sentence in the encoder, of the
-    source sentence's encoder output in the decoder; task = task table through the gate; task_token = gate over concat(token, task embedding)), softmax top-k (renormalized over the k or raw),
+    source sentence's encoder output in the decoder; task = task table through the gate; task_token = gate over
+    concat(token, task embedding)), softmax top-k (renormalized over the k or raw),
     optional capacity with token dropping over the whole batch in megatron's s-major token order, experts as FFNs,
     output = sum_k p_k * expert_k(x); then task adapters (static / dynamic / shared-dynamic) on the MoE output.
 
-Decoding re-runs the decoder on the whole prefix, as the trained model's `decode_step` does: exact also for
-sentence routing in the decoder and capacity dropping, which depend on the whole prefix batch.
+Decoding is incremental (`start_decoding`, `decode_next`, `reorder`; `ReferenceDecoder` drives them for
+`generation.beam_search`): each decoder layer keeps its self-attention keys/values [N, H, t, Dh] (concatenated
+step by step, gathered on beam reordering) and the keys/values of the encoder output [L, H, S, Dh], computed at the
+first step; the K hypotheses of a sentence are consecutive rows and attend to its one copy as K queries; logits
+are computed for the new position only. `decode_step` re-runs the decoder on whole prefixes (the full-recompute
+reference the tests compare with).
 
 Layout: activations are [S, B, D] inside (megatron's), tokens [B, S] at the API. Legend: B batch, S source length,
 T target length (or tokens when flattened s-major: t = s*B + b), D model dim, H heads, Dh head dim, F FFN dim,
-V vocabulary, E experts, K top-k, G task-table rows, C task embedding dim, A adapters, N hypotheses.
+V vocabulary, E experts, K top-k (in decoding: hypotheses per sentence), G task-table rows, C task embedding dim,
+A adapters, N hypotheses, L live sentences, t cached positions.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -111,6 +117,34 @@ class Attention(nn.Module):
         mask = allowed_mask(key_padding_BK, causal, sq)
         ctx_BHQD = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0 / math.sqrt(self.head_dim))
         return self.out_proj(ctx_BHQD.permute(2, 0, 1, 3).reshape(sq, b, d))
+
+    def step_self(self, x_1ND: torch.Tensor, cached: Optional[tuple]) -> tuple[torch.Tensor, tuple]:
+        """One decoding step of self-attention: the new position attends to the cached ones and itself. Returns
+        the output [1, N, D] and the keys/values [N, H, t+1, Dh] to cache."""
+        _, n, d = x_1ND.shape
+        k, v = self._split(self.k_proj(x_1ND)), self._split(self.v_proj(x_1ND))
+        if cached is not None:
+            k, v = torch.cat([cached[0], k], dim=2), torch.cat([cached[1], v], dim=2)
+        ctx_NH1D = F.scaled_dot_product_attention(self._split(self.q_proj(x_1ND)), k, v,
+                                                  scale=1.0 / math.sqrt(self.head_dim))
+        return self.out_proj(ctx_NH1D.permute(2, 0, 1, 3).reshape(1, n, d)), (k, v)
+
+    def memory_keys_values(self, memory_SBD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [B, H, S, Dh] of the encoder output, for every decoding step of a batch."""
+        return self._split(self.k_proj(memory_SBD)), self._split(self.v_proj(memory_SBD))
+
+    def step_cross(self, x_1ND: torch.Tensor, kv: tuple, memory_padding_LS: torch.Tensor) -> torch.Tensor:
+        """One decoding step of cross-attention: the K hypotheses of each of the L sentences (consecutive rows)
+        query its encoder keys/values [L, H, S, Dh] together."""
+        _, n, d = x_1ND.shape
+        rows = memory_padding_LS.shape[0]
+        beams = n // rows
+        q_NH1D = self._split(self.q_proj(x_1ND))
+        q_LHKD = q_NH1D.view(rows, beams, self.heads, self.head_dim).transpose(1, 2)
+        mask = allowed_mask(memory_padding_LS, False, beams)
+        ctx_LHKD = F.scaled_dot_product_attention(q_LHKD, kv[0], kv[1], attn_mask=mask,
+                                                  scale=1.0 / math.sqrt(self.head_dim))
+        return self.out_proj(ctx_LHKD.transpose(1, 2).reshape(1, n, d))
 
 
 def activate(h_F: torch.Tensor, activation: str) -> torch.Tensor:
@@ -284,6 +318,19 @@ class Layer(nn.Module):
             x_SBD = x_SBD + self.cross_attn(h_SBD, memory_KBD, memory_padding_BK, causal=False)
         return x_SBD + self.ffn(self.ffn_norm(x_SBD), padding_SB, ids, memory_mean_BD)
 
+    def step(self, x_1ND: torch.Tensor, ids: Ids, state: "DecodingState", index: int, memory_SBD: torch.Tensor,
+             memory_mean_ND: torch.Tensor):
+        """One decoding step of decoder layer `index` on the rows' new positions [1, N, D] (`memory_mean_ND`: each
+        row's source sentence representation, for sentence routing)."""
+        out_1ND, state.self_kv[index] = self.self_attn.step_self(self.self_attn_norm(x_1ND), state.self_kv.get(index))
+        x_1ND = x_1ND + out_1ND
+        if index not in state.cross_kv:
+            state.cross_kv[index] = self.cross_attn.memory_keys_values(memory_SBD)
+        x_1ND = x_1ND + self.cross_attn.step_cross(self.cross_attn_norm(x_1ND), state.cross_kv[index],
+                                                   state.memory_padding_LS)
+        padding_1N = torch.zeros(x_1ND.shape[:2], dtype=torch.bool, device=x_1ND.device)
+        return x_1ND + self.ffn(self.ffn_norm(x_1ND), padding_1N, ids, memory_mean_ND)
+
 
 class Stack(nn.Module):
     def __init__(self, arch: ArchConfig, side: str):
@@ -298,6 +345,22 @@ class Stack(nn.Module):
         for layer in self.layers:
             x_SBD = layer(x_SBD, padding_SB, ids, memory_KBD, memory_padding_BK, memory_mean_BD)
         return self.final_norm(x_SBD)
+
+
+@dataclass
+class DecodingState:
+    """Incremental decoding of an encoded batch (see the module docstring); rows are sentence-major, `beam_size`
+    per live sentence."""
+
+    beam_size: int
+    sources_L: torch.Tensor
+    """Batch index of each live sentence."""
+    memory_padding_LS: torch.Tensor
+    memory_mean_BD: torch.Tensor
+    """Each source sentence's mean encoder output (the decoder's sentence routing state)."""
+    length: int = 0
+    self_kv: dict = field(default_factory=dict)
+    cross_kv: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -320,12 +383,12 @@ class ReferenceModel(nn.Module):
         self.encoder = Stack(arch, "encoder")
         self.decoder = Stack(arch, "decoder")
 
-    def embed(self, tokens_BX: torch.Tensor) -> torch.Tensor:
-        """Scaled word + position embeddings, [X, B, D]."""
-        length = tokens_BX.shape[1]
+    def embed(self, tokens_BX: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Scaled word + position embeddings, [X, B, D], at positions start.."""
+        length = start + tokens_BX.shape[1]
         if length > self.arch.max_positions:
             raise ValueError(f"sequence of {length} tokens exceeds the {self.arch.max_positions} learned positions")
-        positions = torch.arange(length, device=tokens_BX.device)
+        positions = torch.arange(start, length, device=tokens_BX.device)
         tokens_BXD = self.embed_tokens(tokens_BX) * self.arch.embedding_scale
         return (tokens_BXD + self.embed_positions(positions)[None]).transpose(0, 1).contiguous()
 
@@ -360,5 +423,48 @@ class ReferenceModel(nn.Module):
         return torch.log_softmax(logits_NTV[:, -1].float(), dim=-1)
 
     def step_fn(self, enc: EncoderOutput):
-        """`generation.beam_search`'s step function over an encoded batch."""
+        """The full-recompute step function over an encoded batch (`generation.PrefixDecoder`)."""
         return lambda prefix_NT, src_index_N: self.decode_step(enc, prefix_NT, src_index_N)
+
+    # ---------------------------------------------------------------------------------- incremental decoding
+    def start_decoding(self, enc: EncoderOutput, beam_size: int) -> DecodingState:
+        """Decoding state of `enc`'s sentences with `beam_size` rows each (row b*K + k: sentence b, beam k)."""
+        return DecodingState(beam_size, torch.arange(enc.padding_BS.shape[0], device=enc.padding_BS.device),
+                             enc.padding_BS, masked_mean(enc.memory_SBD, enc.padding_BS.t()))
+
+    @torch.no_grad()
+    def decode_next(self, enc: EncoderOutput, state: DecodingState, tokens_N: torch.Tensor) -> torch.Tensor:
+        """Append `tokens_N` (bos first) to the rows; log-probabilities [N, V] of their next token."""
+        rows_N = state.sources_L.repeat_interleave(state.beam_size)
+        ids, memory_mean_ND = enc.ids.select(rows_N), state.memory_mean_BD.index_select(0, rows_N)
+        x_1ND = self.embed(tokens_N.view(-1, 1), start=state.length)
+        for index, layer in enumerate(self.decoder.layers):
+            x_1ND = layer.step(x_1ND, ids, state, index, enc.memory_SBD, memory_mean_ND)
+        state.length += 1
+        logits_NV = F.linear(self.decoder.final_norm(x_1ND)[0], self.embed_tokens.weight)
+        return torch.log_softmax(logits_NV.float(), dim=-1)
+
+    @staticmethod
+    def reorder(state: DecodingState, parent_N: torch.Tensor, sentences_L: Optional[torch.Tensor] = None) -> None:
+        """Row n continues former row parent_N[n]; `sentences_L`: the formerly live sentences that stay."""
+        state.self_kv = {i: (k.index_select(0, parent_N), v.index_select(0, parent_N))
+                         for i, (k, v) in state.self_kv.items()}
+        if sentences_L is not None:
+            state.sources_L = state.sources_L.index_select(0, sentences_L)
+            state.memory_padding_LS = state.memory_padding_LS.index_select(0, sentences_L)
+            state.cross_kv = {i: (k.index_select(0, sentences_L), v.index_select(0, sentences_L))
+                              for i, (k, v) in state.cross_kv.items()}
+
+
+class ReferenceDecoder:
+    """`generation.IncrementalDecoder` over a `ReferenceModel` and an encoded batch."""
+
+    def __init__(self, model: ReferenceModel, enc: EncoderOutput, beam_size: int):
+        self.model, self.enc = model, enc
+        self.state = model.start_decoding(enc, beam_size)
+
+    def step(self, tokens_N: torch.Tensor) -> torch.Tensor:
+        return self.model.decode_next(self.enc, self.state, tokens_N)
+
+    def reorder(self, parent_N: torch.Tensor, sentences_L: Optional[torch.Tensor] = None) -> None:
+        self.model.reorder(self.state, parent_N, sentences_L)

@@ -3,8 +3,8 @@
 `load(directory)` reads `config.json`, `model.safetensors` (strictly: every tensor named and shaped as the model
 expects) and `tokenizer.model` (its sha256 must be the one recorded at export). `ReferenceTranslator.translate`
 prepares sources exactly as `inference.Translator` (and the trainer's dataset) does: `<2tgt>` + pieces + eos,
-truncated to the model's positions, batched in length order, decoded with the same beam search
-(`generation.beam_search`, torch only), detokenized with sentencepiece.
+truncated to the model's positions, batched in length order, decoded incrementally with the same beam search
+(`generation.beam_search`, torch only; pad, bos, unk and the `<2xx>` tags banned), detokenized with sentencepiece.
 
 Legend: B batch, S source length.
 """
@@ -19,10 +19,11 @@ from typing import Optional, Sequence
 
 import torch
 
+from megatron_taskmoe.data.tokenizer import language_tag_ids
 from megatron_taskmoe.generation import SearchConfig, beam_search
 from megatron_taskmoe.reference.config import (CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, ExportConfig,
                                                ExportFormatError, read_config)
-from megatron_taskmoe.reference.model import ReferenceModel
+from megatron_taskmoe.reference.model import ReferenceDecoder, ReferenceModel
 
 log = logging.getLogger(__name__)
 
@@ -97,12 +98,14 @@ class ReferenceTranslator:
     """Batched translation of raw sentences (same preparation, batching and search as `inference.Translator`)."""
 
     def __init__(self, exported: Exported, *, beam_size: int = 4, length_penalty: float = 1.0,
-                 max_len_a: float = 1.2, max_len_b: int = 10, batch_size: int = 32):
+                 max_len_a: float = 1.2, max_len_b: int = 10, min_len: int = 0, batch_size: int = 32):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.exported = exported
         self.search = SearchConfig(beam_size=beam_size, length_penalty=length_penalty, max_len_a=max_len_a,
-                                   max_len_b=max_len_b)
+                                   max_len_b=max_len_b, min_len=min_len)
+        special = exported.config.special_ids
+        self.banned = sorted({special["pad"], special["bos"], special["unk"], *language_tag_ids(exported.tokenizer)})
         self.batch_size = batch_size
         arch = exported.config.model
         self.max_src_pieces = arch.max_source_positions - 2  # room for <2tgt> and eos, as the trainer truncates
@@ -135,9 +138,11 @@ class ReferenceTranslator:
                                          task_ids=torch.full((b,), ids["task_id"], dtype=torch.long, device=dev),
                                          tgt_lang_ids=torch.full((b,), ids["tgt_lang_id"], dtype=torch.long,
                                                                  device=dev))
-        return beam_search(self.exported.model.step_fn(enc), batch_size=b, bos=special["bos"], eos=special["eos"],
+        decoder = ReferenceDecoder(self.exported.model, enc, self.search.beam_size)
+        return beam_search(decoder, batch_size=b, bos=special["bos"], eos=special["eos"],
                            max_lengths=self.search.max_lengths(lengths, self.max_tgt_pieces),
-                           beam_size=self.search.beam_size, length_penalty=self.search.length_penalty, device=dev)
+                           beam_size=self.search.beam_size, length_penalty=self.search.length_penalty,
+                           min_length=self.search.min_len, banned=self.banned, device=dev)
 
     def translate_ids(self, sentences: Sequence[str], src_lang: str, tgt_lang: str) -> list[list[int]]:
         rows, ids = self.sources(sentences, src_lang, tgt_lang)

@@ -5,11 +5,13 @@ collective over the experts' and tensors' groups) and it makes the result identi
 decide on early stopping. Validation sets are small (`eval.max_sentences` per direction), so the duplicated work
 across data-parallel ranks is cheap.
 
-Translations are scored against the raw reference text that `tools/preprocess_data.py` keeps beside the indexed
-data (`references` in the manifest), as `tools/evaluate.py` scores test text; for a data directory without them the
-references are the targets decoded from their (possibly truncated) pieces, with a warning. BLEU uses the target
-language's sacrebleu tokenizer (`evaluation.bleu_tokenizer`), the same for early stopping and the best checkpoint.
-The loss is reported twice: label-smoothed (the training objective) and as the plain NLL with its perplexity.
+Translations are decoded incrementally (`model/decoding.py`: key/value caches, vectorised beam search), as
+`tools/translate.py` decodes, and scored against the raw reference text that `tools/preprocess_data.py` keeps beside
+the indexed data (`references` in the manifest), as `tools/evaluate.py` scores test text; for a data directory
+without them the references are the targets decoded from their (possibly truncated) pieces, with a warning. BLEU
+uses the target language's sacrebleu tokenizer (`evaluation.bleu_tokenizer`), the same for early stopping and the
+best checkpoint. The loss is reported twice: label-smoothed (the training objective) and as the plain NLL with its
+perplexity.
 
 With pipeline parallelism the loss goes forward-only through megatron's 1F1B schedule and the translations through
 the stages one decoding step at a time (`parallel/pipeline_decoding.py`); each stage counts the routing of its own
@@ -30,9 +32,10 @@ import torch
 from megatron_taskmoe import platform
 from megatron_taskmoe.data.batching import collate, BatchingConfig
 from megatron_taskmoe.data.dataset import MultilingualDataset
-from megatron_taskmoe.data.tokenizer import BOS_ID, EOS_ID
+from megatron_taskmoe.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, language_tag_ids
 from megatron_taskmoe.evaluation import mean, score_corpus
-from megatron_taskmoe.generation import SearchConfig, beam_search
+from megatron_taskmoe.generation import SearchConfig
+from megatron_taskmoe.model.decoding import translate_batch
 from megatron_taskmoe.model.moe import (all_reduce_routing_stats, pause_routing_stats, routing_stats,
                                         set_routing_stats)
 
@@ -43,19 +46,6 @@ log = logging.getLogger(__name__)
 
 _MODEL_KEYS = ("src_tokens", "src_padding_mask", "tgt_input", "tgt_padding_mask", "labels", "task_ids",
                "src_lang_ids", "tgt_lang_ids")
-
-
-def translate_batch(model, batch: dict, search: SearchConfig) -> list[list[int]]:
-    """Token ids of the best translation of each source sentence in `batch` (no bos/eos)."""
-    dev = platform.device()
-    src_lengths = (~batch["src_padding_mask"]).sum(dim=1).tolist()
-    state = model.encode(batch["src_tokens"].to(dev), batch["src_padding_mask"].to(dev),
-                         task_ids=batch["task_ids"].to(dev), src_lang_ids=batch["src_lang_ids"].to(dev),
-                         tgt_lang_ids=batch["tgt_lang_ids"].to(dev))
-    return beam_search(model.step_fn(state), batch_size=len(src_lengths), bos=BOS_ID, eos=EOS_ID,
-                       max_lengths=search.max_lengths(src_lengths, model.model_config.max_target_positions - 1),
-                       beam_size=search.beam_size,
-                       length_penalty=search.length_penalty, device=dev)
 
 
 class Validator:
@@ -77,6 +67,7 @@ class Validator:
                                    max_len_a=cfg.eval.max_len_a, max_len_b=cfg.eval.max_len_b)
         self.batching = BatchingConfig(max_tokens=cfg.data.max_tokens, pad_to_multiple=cfg.data.pad_to_multiple)
         self.max_sentences = cfg.eval.max_sentences
+        self.banned = sorted({PAD_ID, BOS_ID, UNK_ID, *language_tag_ids(self.sp)})
         self.bleu_tokenize = cfg.eval.bleu_tokenize
         self.references = {d: self._raw_references(corpus, d, cfg.data.valid_split) for d in directions}
 
@@ -124,11 +115,13 @@ class Validator:
         """Token ids of the translations of a collated batch (no bos/eos); the same on every rank."""
         model = self.trainer.built.module
         if not self.pipelined:
-            return translate_batch(model, batch, self.search)
+            return translate_batch(model, batch, self.search, bos=BOS_ID, eos=EOS_ID, banned=self.banned,
+                                   device=platform.device())
         from megatron_taskmoe.parallel.pipeline_decoding import pipelined_translate_batch
 
         return pipelined_translate_batch(model, {k: batch[k] for k in _MODEL_KEYS}, self.search,
-                                         self.trainer.built.pg_collection.pp, bos=BOS_ID, eos=EOS_ID)
+                                         self.trainer.built.pg_collection.pp, bos=BOS_ID, eos=EOS_ID,
+                                         banned=self.banned)
 
     def hypotheses(self, direction: str) -> list[list[int]]:
         """Token ids of the translations of `direction`'s validation sentences, in `_batches` order (the model
@@ -213,7 +206,7 @@ class Validator:
                         sums["nll"] += float((model(**dev_batch, label_smoothing=0.0).float() * mask).sum())
                         pause_routing_stats(model, False)
                         sums["tokens"] += float(mask.sum())
-                    pause_routing_stats(model, True)  # decoding re-routes prefixes: keep it out of the statistics
+                    pause_routing_stats(model, True)  # decoding routes its own tokens: keep it out of the statistics
                     hyps.extend(self.sp.decode(ids) for ids in self.translate(batch))
                     pause_routing_stats(model, False)
                     refs.extend(self._references(direction, items, batch))

@@ -76,13 +76,20 @@ def test_bf16_forward_backward_tracks_fp32(gpu_world1, system):
     assert (l16[mask] - l32[mask]).abs().mean() < 0.05 * l32[mask].abs().mean()
 
 
-def test_greedy_decoding_on_gpu(gpu_world1):
-    from megatron_taskmoe.generation import beam_search
+@pytest.mark.parametrize("beam", [1, 3])
+def test_incremental_decoding_on_gpu_equals_the_full_recompute(gpu_world1, beam):
+    from megatron_taskmoe.generation import PrefixDecoder, beam_search
+    from megatron_taskmoe.model.decoding import ModelDecoder
 
-    model = build(replace(presets.get("moe_token", "tiny", num_tasks=3, num_languages=4), params_dtype="bf16")).eval()
+    model = build(presets.get("moe_token", "tiny", num_tasks=3, num_languages=4)).eval()  # fp32: exact comparison
     b = gpu_batch()
     state = model.encode(b["src_tokens"], b["src_padding_mask"], task_ids=b["task_ids"],
                          src_lang_ids=b["src_lang_ids"], tgt_lang_ids=b["tgt_lang_ids"])
-    hyps = beam_search(model.step_fn(state), batch_size=4, bos=2, eos=3, max_lengths=[5] * 4, beam_size=1,
-                       device="cuda")
-    assert len(hyps) == 4 and all(len(h) <= 5 for h in hyps)
+    kw = dict(batch_size=4, bos=2, eos=3, max_lengths=[3, 5, 8, 8], beam_size=beam, banned=[0, 1, 2], device="cuda")
+    hyps = beam_search(ModelDecoder(model, state, beam_size=beam, max_length=9), **kw)
+    assert hyps == beam_search(PrefixDecoder(model.step_fn(state), batch_size=4, beam_size=beam, device="cuda"), **kw)
+    assert len(hyps) == 4 and all(len(h) <= 8 for h in hyps)
+    bf16 = build(replace(presets.get("moe_token", "tiny", num_tasks=3, num_languages=4), params_dtype="bf16")).eval()
+    state = bf16.encode(b["src_tokens"], b["src_padding_mask"], task_ids=b["task_ids"],
+                        src_lang_ids=b["src_lang_ids"], tgt_lang_ids=b["tgt_lang_ids"])
+    assert len(beam_search(ModelDecoder(bf16, state, beam_size=beam, max_length=9), **kw)) == 4

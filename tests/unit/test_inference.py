@@ -1,5 +1,5 @@
 """Loading trainer checkpoints into one process, and `Translator`: sources built as the dataset builds them, greedy
-output equal to a step-by-step greedy decode through `EncoderDecoderModel.decode_step`, weights equal to the trained
+output equal to a step-by-step greedy decode through `EncoderDecoderModel.decode_step` (the full recompute), weights equal to the trained
 ones (validation loss recomputed = the trainer's), and clear errors for bad checkpoints and directions."""
 
 import json
@@ -89,6 +89,7 @@ def greedy_reference(loaded, translator, sentences, src, tgt):
         prefix, ids = torch.tensor([[BOS_ID]]), []
         while True:
             logp = model.decode_step(state, prefix, torch.tensor([0]))
+            logp[:, translator.banned] = float("-inf")  # pad, bos, unk and the <2xx> tags are never produced
             if len(ids) == limit:  # the search may only end here
                 break
             token = int(logp[0].argmax())
@@ -107,6 +108,8 @@ def test_beam_one_equals_greedy_decoding(run, loaded, direction):
     pair = "en-" + (src if tgt == "en" else tgt)
     sentences = (root / "raw" / f"test.{pair}.{src}").read_text().splitlines()[:10] + ["", "the dog"]
     translator = Translator(loaded, TranslatorConfig(beam_size=1, batch_size=5))
+    tags = {loaded.tokenizer.lang_tag_id(lang) for lang in loaded.languages}
+    assert set(translator.banned) == {0, 1, BOS_ID} | tags
     got = translator.translate(sentences, src, tgt)
     assert got == greedy_reference(loaded, translator, sentences, src, tgt)
     assert any(got), "the tiny model should produce some words"

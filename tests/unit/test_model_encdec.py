@@ -98,22 +98,31 @@ def test_extra_padding_and_future_tokens_do_not_change_the_loss(megatron_world1,
 
 
 def test_incremental_decoding_matches_the_full_forward(megatron_world1):
-    from megatron_taskmoe.generation import beam_search
+    from megatron_taskmoe.model.decoding import ModelDecoder
 
     model = build(tiny_moe()).eval()
     b = batch()
     keys = ("task_ids", "src_lang_ids", "tgt_lang_ids")
-    state = model.encode(b["src_tokens"], b["src_padding_mask"], **{k: b[k] for k in keys})
-    prefix = b["tgt_input"][:, :4]
-    no_pad = torch.zeros_like(prefix, dtype=torch.bool)
+    g = torch.Generator().manual_seed(1)
+    # Two target sequences per source, teacher-forced through the full forward (causal, so no padding needed).
+    tgt = [torch.randint(4, V, (3, 6), generator=g) for _ in range(2)]
+    no_pad = torch.zeros(3, 6, dtype=torch.bool)
     with torch.no_grad():
-        logits = model(b["src_tokens"], b["src_padding_mask"], prefix, no_pad, **{k: b[k] for k in keys})
-    # hypotheses in another order than the sources: the state is gathered by source index
-    order = torch.tensor([2, 0, 1])
-    step = model.decode_step(state, prefix[order], order)
-    torch.testing.assert_close(step, torch.log_softmax(logits[order, 3], dim=-1), atol=1e-5, rtol=1e-5)
-    hyps = beam_search(model.step_fn(state), batch_size=3, bos=2, eos=3, max_lengths=[4, 4, 4], beam_size=2)
-    assert len(hyps) == 3 and all(len(h) <= 4 and all(0 <= t < V for t in h) for h in hyps)
+        full = [torch.log_softmax(model(b["src_tokens"], b["src_padding_mask"], t, no_pad,
+                                        **{k: b[k] for k in keys}), dim=-1) for t in tgt]
+    # Incrementally: rows 2b, 2b+1 decode source b; row 2b follows sequence 0 and row 2b+1 sequence 1 for three
+    # steps, then the beams swap (a reorder) and each row continues the other row's sequence.
+    state = model.encode(b["src_tokens"], b["src_padding_mask"], **{k: b[k] for k in keys})
+    decoder = ModelDecoder(model, state, beam_size=2, max_length=6)
+    follows = [0, 1]
+    for t in range(6):
+        if t == 3:
+            decoder.reorder(torch.tensor([1, 0, 3, 2, 5, 4]))
+            follows = [1, 0]
+        tokens = torch.stack([tgt[follows[k]][:, t] for k in range(2)], dim=1).reshape(-1)
+        step = decoder.step(tokens).view(3, 2, V)
+        for k in range(2):
+            torch.testing.assert_close(step[:, k], full[follows[k]][:, t], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("system", list(presets.SYSTEMS))
@@ -194,6 +203,7 @@ def test_adding_adapters_to_a_trained_model_leaves_its_outputs_unchanged(megatro
 
 def test_capacity_drops_in_training_only_so_a_sentence_translates_alone_as_in_its_batch(megatron_world1):
     from megatron_taskmoe.generation import beam_search
+    from megatron_taskmoe.model.decoding import ModelDecoder
 
     cfg = system("moe_token", capacity_factor=0.5)
     model = build(cfg)
@@ -212,8 +222,8 @@ def test_capacity_drops_in_training_only_so_a_sentence_translates_alone_as_in_it
 
     def translate(rows):
         state = model.encode(b["src_tokens"][rows], b["src_padding_mask"][rows], **{k: b[k][rows] for k in ids})
-        return beam_search(model.step_fn(state), batch_size=len(rows), bos=2, eos=3, max_lengths=[6] * len(rows),
-                           beam_size=3)
+        return beam_search(ModelDecoder(model, state, beam_size=3, max_length=7), batch_size=len(rows), bos=2,
+                           eos=3, max_lengths=[6] * len(rows), beam_size=3)
 
     assert translate([1]) == translate([0, 1, 2])[1:2]
 
