@@ -19,6 +19,9 @@ What differs, and how this module hides it:
   permute-and-pad); `mcore_permute` returns the first 3 on every release.
 * Shared experts under the all-to-all dispatcher: megatron moved their fc1 into `token_dispatch` and their fc2 into
   `token_combine` in 0.18 (`shared_experts_run_in_token_comm()`).
+* Inference contexts (the decoder's key/value cache is one): `BaseInferenceContext.__init__` takes the
+  `materialize_only_last_token_logits` flag in 0.16, an `InferenceConfig` carrying it from 0.17
+  (`init_inference_context`).
 * The fused permutation on GPU (`moe_permute_fusion`): megatron's own, through Transformer Engine's kernels, in every
   supported release; from 0.17 megatron also uses TE's fused permute-and-pad where FP8/FP4 padding asks for it.
   `megatron_permute_fusion_available()` says whether this machine has it.
@@ -270,3 +273,21 @@ def use_megatron_permute_fusion(permute_backend: str) -> bool:
     permutation (`moe_permute_fusion`) instead of ours: for "auto" where `megatron_permute_fusion_available()`.
     "extension" and "torch" always mean our dispatcher and megatron's unfused dispatcher."""
     return permute_backend == "auto" and megatron_permute_fusion_available()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Inference contexts.
+# ---------------------------------------------------------------------------------------------------------------
+def init_inference_context(context, *, materialize_only_last_token_logits: bool = True) -> None:
+    """Run `BaseInferenceContext.__init__` on `context`: in 0.16 it takes the `materialize_only_last_token_logits`
+    flag itself, from 0.17 an `InferenceConfig` that carries it (read as `context.config.<flag>`)."""
+    from megatron.core.inference.contexts.base_context import BaseInferenceContext
+
+    if mcore_at_least("0.17.0"):
+        from megatron.core.inference.config import InferenceConfig
+
+        config = InferenceConfig(materialize_only_last_token_logits=materialize_only_last_token_logits)
+        BaseInferenceContext.__init__(context, config)
+    else:
+        BaseInferenceContext.__init__(
+            context, materialize_only_last_token_logits=materialize_only_last_token_logits)

@@ -29,13 +29,15 @@ from typing import Optional
 import torch
 from megatron.core.inference.contexts.base_context import BaseInferenceContext
 
+from megatron_taskmoe.mcore_compat import init_inference_context
+
 
 class DecoderCache(BaseInferenceContext):
     """One batch's decoding state in the attention layers of one model or pipeline stage (see the module
     docstring). `max_length` is the number of positions to hold (bos + the longest output)."""
 
     def __init__(self, *, beam_size: int, max_length: int, src_padding_mask_BS: torch.Tensor) -> None:
-        super().__init__(materialize_only_last_token_logits=True)
+        init_inference_context(self, materialize_only_last_token_logits=True)
         if beam_size < 1 or max_length < 1:
             raise ValueError(f"DecoderCache: beam_size={beam_size} and max_length={max_length} must be >= 1")
         self.beam_size = beam_size
