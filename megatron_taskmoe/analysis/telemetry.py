@@ -16,7 +16,8 @@ dropping: what the router asked for), `dropped_fraction` (assignments dropped by
 and per task seen in the window `task_tokens`, `task_share` (the task's expert distribution) and `task_entropy`
 (its entropy in nats: 0 when a task uses one expert). A dynamic adapter block ("kind": "adapters") holds `tokens`,
 `share` per adapter and the same per-task fields. `collapsed` says whether the layer collapsed (`expert_collapse`,
-`adapter_collapse`). p50/p95 are over the layers' `load_ratio` (numpy's linear interpolation).
+`adapter_collapse`; `collapse_changes` gives the warnings for layers that newly did). p50/p95 are over the layers'
+`load_ratio` (numpy's linear interpolation).
 
 `read_routing_records(path)` reads them back (with the file and line of a bad one) and `record_routing_stats`
 makes a record's per-task distributions an `analysis.RoutingStats`, so `similarity.py` applies as to a checkpoint's.
