@@ -191,7 +191,6 @@ class TaskTopKRouter(TopKRouter):
             self._log("z_loss", z.detach())
 
         probs_TE, routing_map_TE = R.topk_routing(logits_TE, self.topk, renormalize=not self.config.moe_router_pre_softmax)
-        routed_map_TE = routing_map_TE  # before capacity dropping, for the statistics
         if self.config.moe_expert_capacity_factor is not None:
             capacity = R.expert_capacity(
                 logits_TE.shape[0],
@@ -220,16 +219,20 @@ class TaskTopKRouter(TopKRouter):
             self._log("load_balancing_loss", aux.detach())
 
         if self.collect_stats or (training and self.telemetry is not None):
-            self._record_stats(logits_TE, routed_map_TE, routing_map_TE, valid_T, training)
+            self._record_stats(logits_TE, routing_map_TE, valid_T, training)
         return probs_TE, routing_map_TE
 
-    def _record_stats(self, logits_TE, routed_map_TE, routing_map_TE, valid_T, training: bool) -> None:
-        """Validation statistics (`collect_stats`) and, in training, telemetry (`routing_counts.py`)."""
+    def _record_stats(self, logits_TE, routing_map_TE, valid_T, training: bool) -> None:
+        """Validation statistics (`collect_stats`) and, in training, telemetry (`routing_counts.py`), which also
+        counts the choices before capacity dropping (the top-k of the same logits, recomputed when dropping)."""
         with torch.no_grad():
             ids_T = None
             if self.task_context is not None and self.task_context.has_ids("task"):
                 ids_T = self.task_context.token_ids("task", routing_map_TE.shape[0], device=routing_map_TE.device)
             if training and self.telemetry is not None:
+                routed_map_TE = routing_map_TE
+                if self.config.moe_expert_capacity_factor is not None:
+                    routed_map_TE = R.topk_routing(logits_TE.detach(), self.topk)[1]
                 self.telemetry.add_router(logits_TE, routed_map_TE, routing_map_TE, valid_T, ids_T)
             if self.collect_stats and ids_T is not None:
                 if self.stats_assignments_GE is None:
