@@ -239,7 +239,8 @@ def set_routing_telemetry(model: torch.nn.Module, enabled: bool = True) -> int:
 def routing_telemetry(model: torch.nn.Module) -> dict[str, dict]:
     """{module name: {"kind": "experts" | "adapters", "mode": routing or adapter mode, "topk", "counts": {key:
     tensor}}} for every module counting telemetry, in module order (encoder layers first). The tensors are the
-    live counters: reduce copies (`all_reduce_routing_stats` works in place), then `zero_routing_telemetry`."""
+    live counters: `pack_routing_stats` copies them into one buffer to reduce, `zero_routing_telemetry` restarts
+    them."""
     out = {}
     for name, module in _telemetry_modules(model):
         if module.telemetry is None:

@@ -1,5 +1,5 @@
-"""Routing telemetry while training: every log interval, one `routing` record per run in `metrics.jsonl`, scalars
-and histograms in TensorBoard, and a warning when an MoE layer or an adapter gate collapses.
+"""Routing telemetry while training: every log interval a `routing` record in `metrics.jsonl`, scalars and
+histograms in TensorBoard, and a warning when an MoE layer or an adapter gate collapses.
 
 Counting happens in the model (`model/routing_counts.py`): each router and dynamic adapter block adds every
 training micro-batch to on-device float64 counters, with no host synchronisation. `RoutingTelemetry.log`, called by
