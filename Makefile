@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 DEMO_DIR ?= demo_output
 
-.PHONY: install test test-unit test-distributed test-gpu demo bench clean
+.PHONY: install test test-unit test-distributed test-learning test-gpu demo bench clean
 
 $(VENV)/.installed: setup.py $(wildcard megatron_taskmoe/ops/csrc/*)
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,9 @@ test-unit: install
 
 test-distributed: install
 	$(PY) -m pytest tests/distributed $(PYTEST_ARGS)
+
+test-learning: install
+	$(PY) -m pytest tests/learning $(PYTEST_ARGS)
 
 test-gpu: install
 	$(PY) -m pytest tests/gpu -m gpu $(PYTEST_ARGS)

@@ -23,7 +23,11 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS_REQUIRE = {
-    "test": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "deepspeed>=0.19,<0.20"],
+    # The tests exercise every optional feature that runs on a CPU: the CTranslate2 export among them.
+    "test": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "deepspeed>=0.19,<0.20",
+             "ctranslate2>=4.5,<5"],
+    # Serving exported (sub-)networks with CTranslate2 (tools/checkpoint/export_ctranslate2.py).
+    "serve": ["ctranslate2>=4.5,<5"],
     "deepspeed": ["deepspeed>=0.19,<0.20"],
     # GPU-only accelerations: optional, imported lazily, never required. Install them following their own
     # instructions (they build against your CUDA toolkit): transformer-engine, apex, nvidia-dali.

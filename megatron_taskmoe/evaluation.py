@@ -1,5 +1,10 @@
 """Translation quality per task with sacrebleu, and result tables in the shape of Pham et al.'s Table 2.
 
+BLEU is sacrebleu's with the tokenizer the target language needs (`bleu_tokenizer`: 13a, `zh` for Chinese,
+`ja-mecab` / `ko-mecab` for Japanese / Korean when their extra dependencies are installed, else `char`; any
+sacrebleu tokenizer such as `flores200` by choice); chrF is sacrebleu's default. Every score keeps its sacrebleu
+signature, and every rendered table lists the signatures it was computed with.
+
 A table has one row per system and one column per direction, with averages over xx-en (into English, "XE") and
 en-xx (out of English, "EX") directions, and over high/low-resource directions when sizes are given. It renders as
 markdown, CSV or JSON.
@@ -8,12 +13,35 @@ markdown, CSV or JSON.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Optional, Sequence
 
 import sacrebleu
+
+# Target languages whose text needs its own BLEU tokenizer (sacrebleu's recommendation), and the fallback when the
+# tokenizer's extra dependencies are missing.
+LANGUAGE_TOKENIZERS = {"zh": ("zh", "zh"), "ja": ("ja-mecab", "char"), "ko": ("ko-mecab", "char")}
+DEFAULT_TOKENIZER = "13a"
+
+
+@functools.lru_cache(maxsize=None)
+def _available(tokenize: str) -> bool:
+    try:
+        sacrebleu.metrics.BLEU(tokenize=tokenize).corpus_score(["a"], [["a"]])
+    except (ImportError, RuntimeError):
+        return False
+    return True
+
+
+def bleu_tokenizer(tgt_lang: Optional[str] = None, override: Optional[str] = None) -> str:
+    """sacrebleu's BLEU tokenizer for text in `tgt_lang`; `override` (any sacrebleu tokenizer) wins."""
+    if override:
+        return override
+    best, fallback = LANGUAGE_TOKENIZERS.get(tgt_lang or "", (DEFAULT_TOKENIZER, DEFAULT_TOKENIZER))
+    return best if best == fallback or _available(best) else fallback
 
 
 @dataclass(kw_only=True)
@@ -24,18 +52,22 @@ class TaskScore:
     chrf: float
     sentences: int
     signature: str = ""
+    """sacrebleu's BLEU signature (tokenizer, version, ...)."""
+    chrf_signature: str = ""
 
 
-def score_corpus(hypotheses: Sequence[str], references: Sequence[str]) -> TaskScore:
-    """sacrebleu corpus BLEU (13a tokenization) and chrF on detokenized text."""
+def score_corpus(hypotheses: Sequence[str], references: Sequence[str], *, tgt_lang: Optional[str] = None,
+                 tokenize: Optional[str] = None) -> TaskScore:
+    """sacrebleu corpus BLEU (the tokenizer of `bleu_tokenizer(tgt_lang, tokenize)`) and chrF on detokenized
+    text."""
     if len(hypotheses) != len(references):
         raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} references")
-    bleu = sacrebleu.metrics.BLEU()
+    bleu = sacrebleu.metrics.BLEU(tokenize=bleu_tokenizer(tgt_lang, tokenize))
     chrf = sacrebleu.metrics.CHRF()
     b = bleu.corpus_score(list(hypotheses), [list(references)])
     c = chrf.corpus_score(list(hypotheses), [list(references)])
     return TaskScore(bleu=float(b.score), chrf=float(c.score), sentences=len(hypotheses),
-                     signature=str(bleu.get_signature()))
+                     signature=str(bleu.get_signature()), chrf_signature=str(chrf.get_signature()))
 
 
 def direction_group(direction: str, pivot: str = "en") -> Optional[str]:
@@ -54,12 +86,25 @@ class ResultTable:
 
     metric: str = "bleu"
     rows: dict[str, dict[str, float]] = field(default_factory=dict)
+    signatures: dict[str, set[str]] = field(default_factory=dict)
+    """sacrebleu signature -> the directions scored with it (filled by `add` from TaskScores)."""
     sizes: Mapping[str, int] = field(default_factory=dict)
     high_resource_min: Optional[int] = None
     """Directions with at least this many training sentences count as high-resource."""
 
     def add(self, system: str, scores: Mapping[str, TaskScore | float]) -> None:
         self.rows[system] = {d: float(getattr(s, self.metric, s)) for d, s in scores.items()}
+        for d, s in scores.items():
+            signature = getattr(s, "signature" if self.metric == "bleu" else "chrf_signature", "")
+            if signature:
+                self.signatures.setdefault(signature, set()).add(d)
+
+    def signature_lines(self) -> list[str]:
+        """One line per sacrebleu signature, with its directions when the table mixes several."""
+        if len(self.signatures) == 1:
+            return [f"sacrebleu {self.metric}: {next(iter(self.signatures))}"]
+        return [f"sacrebleu {self.metric}: {sig} ({', '.join(sorted(dirs))})"
+                for sig, dirs in sorted(self.signatures.items())]
 
     def directions(self) -> list[str]:
         seen: list[str] = []
@@ -100,6 +145,8 @@ class ResultTable:
         for rec in self.records():
             cells = ["" if rec[c] is None else f"{rec[c]:.{digits}f}" for c in cols]
             lines.append(f"| {rec['system']} | " + " | ".join(cells) + " |")
+        if self.signatures:
+            lines += [""] + self.signature_lines()
         return "\n".join(lines) + "\n"
 
     def to_csv(self) -> str:
@@ -111,7 +158,8 @@ class ResultTable:
         return buf.getvalue()
 
     def to_json(self) -> str:
-        return json.dumps({"metric": self.metric, "rows": self.records()}, indent=2)
+        return json.dumps({"metric": self.metric, "rows": self.records(),
+                           "signatures": {sig: sorted(dirs) for sig, dirs in self.signatures.items()}}, indent=2)
 
     def render(self, fmt: str) -> str:
         renderers = {"markdown": self.to_markdown, "csv": self.to_csv, "json": self.to_json}

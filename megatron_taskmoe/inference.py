@@ -150,7 +150,7 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device | None = Non
     import warnings
 
     from megatron_taskmoe import platform
-    from megatron_taskmoe.config_io import ConfigError, from_dict
+    from megatron_taskmoe.config_io import ConfigError
     from megatron_taskmoe.model.config import ModelConfig, ParallelConfig, to_transformer_config
 
     info = find_checkpoint(path)
@@ -159,7 +159,7 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device | None = Non
         if key not in meta:
             raise CheckpointError(f"{info.path}/checkpoint.json has no {key!r}: not written by pretrain_mt.py")
     try:
-        model_cfg = from_dict(ModelConfig, meta["model_config"], prefix="model_config.")
+        model_cfg = ModelConfig.from_record(meta["model_config"])
     except ConfigError as e:
         raise CheckpointError(f"{info.path}/checkpoint.json: {e}") from None
     tok = _check_tokenizer(Path(tokenizer) if tokenizer else info.path / TOKENIZER_FILE,

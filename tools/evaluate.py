@@ -47,6 +47,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-sentences", type=int, default=0, help="score only the first N pairs per direction; 0: all")
     p.add_argument("--format", choices=FORMATS, default="markdown")
     p.add_argument("--metric", choices=(*METRICS, "both"), default="both")
+    p.add_argument("--bleu-tokenize", default=None,
+                   help="sacrebleu tokenizer for every direction (e.g. flores200); default: by target language "
+                        "(13a; zh; ja-mecab / ko-mecab where installed)")
     p.add_argument("--output", type=Path, default=None, help="write the table here (default: stdout)")
     p.add_argument("--hypotheses-dir", type=Path, default=None,
                    help="also write each system's translations as DIR/SYSTEM.SPLIT.DIRECTION.txt")
@@ -112,8 +115,9 @@ def choose_directions(requested, available: dict, trained: list[str], where: str
 def render(tables: dict, details: dict, fmt: str) -> str:
     """One table per metric: markdown sections, CSV with a leading `metric` column, or one JSON document."""
     if fmt == "json":
-        doc = {metric: json.loads(table.to_json())["rows"] for metric, table in tables.items()}
-        return json.dumps({**doc, "details": details}, indent=2) + "\n"
+        doc = {metric: json.loads(table.to_json()) for metric, table in tables.items()}
+        return json.dumps({**{m: d["rows"] for m, d in doc.items()}, "details": details,
+                           "signatures": {m: d["signatures"] for m, d in doc.items()}}, indent=2) + "\n"
     if fmt == "csv":
         out = []
         for metric, table in tables.items():
@@ -176,7 +180,7 @@ def main(argv=None) -> int:
                 start = time.perf_counter()
                 hyps = translator.translate(sources, src_lang, tgt_lang)
                 seconds = time.perf_counter() - start
-                scores[d] = score_corpus(hyps, refs)
+                scores[d] = score_corpus(hyps, refs, tgt_lang=tgt_lang, tokenize=args.bleu_tokenize)
                 print(f"{name} {d}: BLEU {scores[d].bleu:.2f} chrF {scores[d].chrf:.2f} ({len(hyps)} sentences, "
                       f"{seconds:.1f}s)", file=sys.stderr)
                 if args.hypotheses_dir:
@@ -187,11 +191,15 @@ def main(argv=None) -> int:
                 table.add(name, scores)
             details[name] = {"checkpoint": str(info.path), "step": info.step,
                              **{d: {"bleu": s.bleu, "chrf": s.chrf, "sentences": s.sentences,
-                                    "signature": s.signature} for d, s in scores.items()}}
+                                    "signature": s.signature, "chrf_signature": s.chrf_signature}
+                                for d, s in scores.items()}}
             if args.routing_json or args.routing_png:
                 write_routing(args, translator, {d: pairs[d] for d in directions})
     except (InferenceError, DataError) as e:
         return fail(str(e))
+    for table in tables.values():  # also in the markdown and JSON documents; CSV has only the scores
+        for line in table.signature_lines():
+            print(line, file=sys.stderr)
     text = render(tables, details, args.format)
     if args.output:
         write_text_atomic(args.output, text)

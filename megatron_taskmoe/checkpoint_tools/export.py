@@ -69,7 +69,7 @@ def arch_config(cfg: ModelConfig) -> rc.ArchConfig:
         rows = m.num_task_rows(a.task_source)
         num_adapters = {"none": 0, "static": rows}.get(a.mode) if not a.is_dynamic else a.resolved_num_adapters(rows)
         moe = rc.MoESpec(
-            topk=m.topk, renormalize=m.topk > 1 and m.renormalize_topk, capacity_factor=m.capacity_factor,
+            topk=m.topk, renormalize=m.topk > 1 and m.renormalize_topk, capacity_factor=m.inference_capacity_factor(),
             drop_policy=m.drop_policy, pad_to_capacity=m.pad_to_capacity, router_fp32=m.router_dtype == "fp32",
             expert_ffn_hidden_size=m.expert_ffn_hidden_size or cfg.ffn_hidden_size, num_tasks=m.num_tasks,
             num_languages=m.num_languages, encoder=sides["encoder"], decoder=sides["decoder"],
@@ -81,7 +81,7 @@ def arch_config(cfg: ModelConfig) -> rc.ArchConfig:
         num_attention_heads=cfg.num_attention_heads, encoder_layers=cfg.encoder_layers,
         decoder_layers=cfg.decoder_layers, max_source_positions=cfg.max_source_positions,
         max_target_positions=cfg.max_target_positions, activation=cfg.activation, normalization=cfg.normalization,
-        layernorm_epsilon=cfg.layernorm_epsilon, bias=cfg.bias, moe=moe)
+        layernorm_epsilon=cfg.layernorm_epsilon, bias=cfg.bias, embedding_scale=cfg.embedding_scale, moe=moe)
 
 
 def language_tags(tokenizer_path: Path, languages: list[str]) -> dict[str, int]:

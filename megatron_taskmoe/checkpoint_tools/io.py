@@ -79,7 +79,7 @@ def model_config_from_meta(meta: dict, where: str = "") -> ModelConfig:
     if "model_config" not in meta:
         raise CheckpointToolError(f"{where}: no model_config in the checkpoint record (not written by pretrain_mt.py)")
     try:
-        return from_dict(ModelConfig, meta["model_config"], prefix="model_config.")
+        return ModelConfig.from_record(meta["model_config"])
     except ConfigError as e:
         raise CheckpointToolError(f"{where}: {e}") from None
 
@@ -380,7 +380,7 @@ def _rank_job(job: dict) -> None:
     cfg = from_dict(RunConfig, job["run_config"])
     cfg.parallel = from_dict(ParallelConfig, job["parallel"])
     cfg.train.bf16 = False
-    model_cfg = from_dict(ModelConfig, job["model_config"])
+    model_cfg = ModelConfig.from_record(job["model_config"])
     built = build(cfg, model_cfg)
     _fresh_optimizer_state(built.optimizer)
     with_optimizer = job["with_optimizer"] and _same_optimizer_structure(built.optimizer, job["source"])

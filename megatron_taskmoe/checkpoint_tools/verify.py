@@ -71,7 +71,7 @@ def rank_logits_job(job: dict) -> None:
     from megatron_taskmoe.model.encdec import EncoderDecoderModel
     from megatron_taskmoe.training.loop import MODEL_CKPT_METADATA
 
-    model_cfg = from_dict(ModelConfig, job["model_config"])
+    model_cfg = ModelConfig.from_record(job["model_config"])
     parallel = from_dict(ParallelConfig, job["parallel"])
     pg = platform.initialize_model_parallel(tensor=parallel.tensor, pipeline=parallel.pipeline,
                                             expert=parallel.expert, expert_tensor=parallel.expert_tensor)

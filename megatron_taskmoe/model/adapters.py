@@ -5,8 +5,8 @@ adapters on top of MoE layers allows for flexibility ... we only finetune new ad
 be the foundational infrastructure, and on top of that, task adapters should be used"). So an adapter here
 transforms the MoE layer's output h before the layer's residual connection: the MLP slot returns
 h + sum_{l in G_t} w_l * A_l(h), a residual bottleneck adapter A(h) = W_up relu(W_down LN(h)) (width 256 by
-default). Keeping the adapter residual means a new, zero-effect adapter can be added to a trained model, the
-paper's motivation for the design.
+default). Keeping the adapter residual, with its up-projection initialised to zero, means a new adapter added to a
+trained model leaves its outputs unchanged until trained, the paper's motivation for the design.
 
 Modes:
   * static: adapter l = the token's task (one adapter per task row, weight 1);
@@ -129,9 +129,11 @@ class TaskAdapters(MegatronModule):
             self.ln_bias_AD.zero_()
             self.down_bias_AH.zero_()
             self.up_bias_AD.zero_()
+            # A new adapter has no effect until trained: the up-projection starts at zero.
+            self.up_AHD.zero_()
             if self.config.perform_initialization:
-                self.config.init_method(self.down_ADH)
-                self.config.output_layer_init_method(self.up_AHD)
+                for down_DH in self.down_ADH:
+                    self.config.init_method(down_DH)
                 if self.gate_weight is not None:
                     self.config.init_method(self.gate_weight)
                 if self.task_embedding is not None:

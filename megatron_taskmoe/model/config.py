@@ -12,6 +12,7 @@ Legend: D model dim, F FFN dim, V vocabulary, E experts.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from dataclasses import dataclass
 from typing import Literal, Optional
@@ -24,6 +25,10 @@ from megatron_taskmoe.model.moe_config import MoEConfig
 ACTIVATIONS = ("relu", "gelu", "swiglu")
 NORMALIZATIONS = ("LayerNorm", "RMSNorm")
 DTYPES = ("fp32", "bf16", "fp16")
+INIT_METHODS = ("xavier_uniform", "normal")
+
+# Values of fields that records (checkpoint.json, exports) may lack: models saved without them were built this way.
+RECORD_DEFAULTS = {"init_method": "normal", "scale_embedding": False}
 
 
 def _positive(owner: str, name: str, value) -> None:
@@ -61,7 +66,17 @@ class ModelConfig:
     bias: bool = False
     """Biases in attention/FFN linears. megatron-core 0.16.1's MoE experts cannot take biases (an in-place add on
     a view in `MLP.forward` fails under autograd), so this must stay False when there are MoE layers."""
+    init_method: Literal["xavier_uniform", "normal"] = "xavier_uniform"
+    """How weights start. "xavier_uniform" (fairseq's Transformer): every weight matrix Xavier-uniform over its full,
+    unsharded shape, token and position embeddings N(0, hidden_size**-0.5), biases zero. "normal" (megatron's GPT
+    recipe): every matrix and embedding N(0, init_std), the output projections of attention and FFN
+    N(0, init_std / sqrt(2 * num_layers)). Task embedding tables are N(0, 1) and adapter up-projections zero in
+    both."""
     init_std: float = 0.02
+    """The standard deviation of init_method="normal"."""
+    scale_embedding: bool = True
+    """Multiply token embeddings by sqrt(hidden_size) before the learned positions are added (fairseq's and
+    CTranslate2's `scale_embeddings`); with init_method="xavier_uniform" a token's embedding then has unit scale."""
     label_smoothing: float = 0.1
     pad_id: int = 0
     params_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
@@ -90,6 +105,10 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.activation={self.activation!r} is not one of {ACTIVATIONS}")
         if self.normalization not in NORMALIZATIONS:
             raise ValueError(f"ModelConfig.normalization={self.normalization!r} is not one of {NORMALIZATIONS}")
+        if self.init_method not in INIT_METHODS:
+            raise ValueError(f"ModelConfig.init_method={self.init_method!r} is not one of {INIT_METHODS}")
+        if not self.init_std > 0:
+            raise ValueError(f"ModelConfig.init_std={self.init_std!r} must be > 0")
         if self.params_dtype not in DTYPES:
             raise ValueError(f"ModelConfig.params_dtype={self.params_dtype!r} is not one of {DTYPES}")
         if not 0 <= self.pad_id < self.vocab_size:
@@ -133,6 +152,19 @@ class ModelConfig:
     @property
     def torch_dtype(self) -> torch.dtype:
         return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.params_dtype]
+
+    @property
+    def embedding_scale(self) -> float:
+        """The factor token embeddings are multiplied by (sqrt(hidden_size) or 1)."""
+        return math.sqrt(self.hidden_size) if self.scale_embedding else 1.0
+
+    @classmethod
+    def from_record(cls, record: dict, prefix: str = "model_config.") -> "ModelConfig":
+        """The model a saved record (`to_dict` of a ModelConfig, in checkpoint.json or an export) describes; fields
+        the record lacks take `RECORD_DEFAULTS`, the values such models were built with."""
+        from megatron_taskmoe.config_io import from_dict
+
+        return from_dict(cls, {**RECORD_DEFAULTS, **record}, prefix=prefix)
 
 
 @dataclass(kw_only=True)
@@ -215,6 +247,25 @@ class ParallelConfig:
 _ACTIVATION_FUNCS = {"relu": F.relu, "gelu": F.gelu, "swiglu": F.silu}
 
 
+def xavier_uniform_init(tensor: torch.Tensor) -> torch.Tensor:
+    """Xavier-uniform for a weight matrix, zero for a vector (a bias). megatron calls init methods on the full
+    master weight (`use_cpu_initialization`), so the fans are the unsharded ones under every parallel layout."""
+    if tensor.dim() < 2:
+        return torch.nn.init.zeros_(tensor)
+    return torch.nn.init.xavier_uniform_(tensor)
+
+
+def init_methods(model: ModelConfig) -> dict:
+    """`TransformerConfig`'s init fields for `model.init_method` (module-level callables, so configs pickle)."""
+    if model.init_method == "normal":
+        return dict(init_method_std=model.init_std)
+    return dict(
+        init_method=xavier_uniform_init,
+        output_layer_init_method=xavier_uniform_init,
+        embedding_init_method=functools.partial(torch.nn.init.normal_, mean=0.0, std=model.hidden_size ** -0.5),
+    )
+
+
 def to_transformer_config(model: ModelConfig, parallel: Optional[ParallelConfig] = None, **overrides):
     """The megatron-core `TransformerConfig` for `model` laid out as `parallel` (the only conversion).
 
@@ -239,7 +290,7 @@ def to_transformer_config(model: ModelConfig, parallel: Optional[ParallelConfig]
         layernorm_epsilon=model.layernorm_epsilon,
         add_bias_linear=model.bias,
         add_qkv_bias=model.bias,
-        init_method_std=model.init_std,
+        **init_methods(model),
         params_dtype=dtype,
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,

@@ -1,10 +1,12 @@
 """The encoder-decoder Transformer for multitask translation, from megatron-core parts.
 
-One `LanguageModelEmbedding` (vocab-parallel word embeddings + learned positions) serves source and target, and
-its weight is the output projection (a column-parallel linear without its own weight). Encoder and decoder are
-megatron `TransformerBlock`s built from our specs (`specs.py`: pre-norm layers, SDPA attention, dense or MoE FFN
-per layer). The loss is megatron's `vocab_parallel_cross_entropy` plus a tensor-parallel-correct label-smoothing term
-(`vocab_parallel_label_smoothed_ce`), per target token.
+One embedding (`embedding.ScaledEmbedding`: megatron's vocab-parallel word embeddings, scaled by sqrt(d) with
+`ModelConfig.scale_embedding`, plus learned positions) serves source and target, and its weight is the output
+projection (a column-parallel linear without its own weight). Encoder and decoder are megatron `TransformerBlock`s
+built from our specs (`specs.py`: pre-norm layers, SDPA attention, dense or MoE FFN per layer). The loss is
+megatron's `vocab_parallel_cross_entropy` plus a tensor-parallel-correct label-smoothing term
+(`vocab_parallel_label_smoothed_ce`), per target token, over the real vocabulary: the rows that pad the embedding
+to a multiple of `vocab_pad_multiple` are masked out of the softmax and the smoothing.
 
 Task routing and adapters read per-sequence ids from the model's `TaskContext`; `forward` makes the batch's ids
 current for exactly the duration of its blocks. MoE auxiliary losses are megatron's mechanism: routers attach them
@@ -30,16 +32,19 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
+import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
-from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
 from megatron.core.models.common.language_module.language_module import LanguageModule
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_taskmoe import platform
+from megatron_taskmoe.model import init
+from megatron_taskmoe.model import routing as R
 from megatron_taskmoe.model.config import ModelConfig, ParallelConfig, side_transformer_config, to_transformer_config
+from megatron_taskmoe.model.embedding import ScaledEmbedding
 from megatron_taskmoe.model.specs import block_spec
 from megatron_taskmoe.model.task_context import TaskContext
 
@@ -64,26 +69,34 @@ def _pad_to_multiple(tokens_BX: torch.Tensor, mask_BX: torch.Tensor, multiple: i
 
 
 def vocab_parallel_label_smoothed_ce(
-    logits_TBV: torch.Tensor, target_TB: torch.Tensor, label_smoothing: float, tp_group
+    logits_TBV: torch.Tensor, target_TB: torch.Tensor, label_smoothing: float, tp_group,
+    vocab_size: Optional[int] = None,
 ) -> torch.Tensor:
-    """Label-smoothed cross-entropy [T, B] over vocab-parallel logits [T, B, V/TP] (fairseq's and megatron's
+    """Label-smoothed cross-entropy [T, B] over vocab-parallel logits [T, B, Vp/TP] (fairseq's and megatron's
     convention: eps' = eps * V / (V - 1) of the mass spread uniformly over the other tokens).
 
-    megatron-core 0.16.1's `vocab_parallel_cross_entropy(label_smoothing=...)` averages the log-probabilities over
-    the local vocabulary shard only, so its smoothed loss differs between tensor-parallel ranks. Here the
-    unsmoothed loss is megatron's and the smoothing term uses tensor-parallel-reduced sums:
-    loss = nll + eps' * (logit[target] - mean(logits)).
-    Without smoothing `logits_TBV` is modified in place (megatron's kernel)."""
-    if label_smoothing == 0.0:
-        return tensor_parallel.vocab_parallel_cross_entropy(logits_TBV, target_TB)
+    `vocab_size` is the real vocabulary V; the logits of the rows beyond it (padding of the embedding table) are
+    masked to -inf, so they take no probability and no smoothing mass. megatron-core 0.16.1's
+    `vocab_parallel_cross_entropy(label_smoothing=...)` averages the log-probabilities over the local vocabulary
+    shard only, so its smoothed loss differs between tensor-parallel ranks. Here the unsmoothed loss is megatron's
+    and the smoothing term uses tensor-parallel-reduced sums: loss = nll + eps' * (logit[target] - mean(logits)).
+    `logits_TBV` is not modified."""
     tp_size, tp_rank = tp_group.size(), tp_group.rank()
     local_vocab = logits_TBV.shape[-1]
-    vocab = local_vocab * tp_size
     start = tp_rank * local_vocab
+    vocab = local_vocab * tp_size if vocab_size is None else vocab_size
+    local_real = min(max(vocab - start, 0), local_vocab)
+    if local_real < local_vocab:
+        padded_V = torch.arange(local_vocab, device=logits_TBV.device) >= local_real
+        logits_TBV = logits_TBV.masked_fill(padded_V, float("-inf"))
+    if label_smoothing == 0.0:
+        # megatron's kernel works in place on its input.
+        return tensor_parallel.vocab_parallel_cross_entropy(logits_TBV.clone(), target_TB)
     in_shard_TB = (target_TB >= start) & (target_TB < start + local_vocab)
     local_index_TB = (target_TB - start).clamp(0, local_vocab - 1)
-    target_logit_TB = logits_TBV.gather(-1, local_index_TB.unsqueeze(-1)).squeeze(-1) * in_shard_TB
-    mean_logit_TB = logits_TBV.sum(dim=-1)
+    target_logit_TB = logits_TBV.gather(-1, local_index_TB.unsqueeze(-1)).squeeze(-1)
+    target_logit_TB = torch.where(in_shard_TB, target_logit_TB, torch.zeros_like(target_logit_TB))
+    mean_logit_TB = logits_TBV[..., :local_real].sum(dim=-1)
     if tp_size > 1:
         target_logit_TB = tensor_parallel.reduce_from_tensor_model_parallel_region(target_logit_TB, tp_group)
         mean_logit_TB = tensor_parallel.reduce_from_tensor_model_parallel_region(mean_logit_TB, tp_group)
@@ -114,7 +127,11 @@ class EncoderDecoderModel(LanguageModule):
         add_decoder: bool = True,
         encoder_layers: Optional[Sequence[int]] = None,
         decoder_layers: Optional[Sequence[int]] = None,
+        init_seed: Optional[int] = None,
     ) -> None:
+        """`init_seed` seeds the initial weights (`init.py`; default: `torch.initial_seed()`, which
+        `platform.model_parallel_manual_seed` sets alike on every rank); with `perform_initialization=False` in the
+        config the weights are left for a checkpoint to fill."""
         platform.apply()
         parallel_config = parallel_config or ParallelConfig()
         config = transformer_config or to_transformer_config(model_config, parallel_config)
@@ -135,18 +152,34 @@ class EncoderDecoderModel(LanguageModule):
         self.task_context = TaskContext(id_limits=None if moe is None else {
             "task": moe.num_tasks, "target_language": moe.num_languages, "source_language": moe.num_languages})
         self.encoder_hidden_state: Optional[torch.Tensor] = None  # set by set_input_tensor on decoder stages
+        self.block_layers: dict[str, list[int]] = {}  # side -> the global indexes of the layers this model holds
+        # Decoder layers that route by sentence gate on their source sentence's mean encoder output.
+        self.decoder_routes_by_source = (moe is not None and moe.decoder.mode == "sentence"
+                                         and sum(model_config.moe_pattern("decoder")) > 0)
+        self._build_modules(config, encoder_layers, decoder_layers)
+        if config.perform_initialization:
+            # megatron initialised each module from the global RNG as it built it, which depends on the layout (and
+            # set the tensor-parallel attributes, which only its initialisation does): the weights are drawn again,
+            # the same under every layout.
+            seed = torch.initial_seed() if init_seed is None else init_seed
+            init.initialize(self, model_config, seed, init.whole_model_namer(self, self.block_layers))
 
-        if pre_process:
-            self.embedding = LanguageModelEmbedding(
+    # ---------------------------------------------------------------------------------------------- building
+    def _build_modules(self, config: TransformerConfig, encoder_layers: Optional[Sequence[int]],
+                       decoder_layers: Optional[Sequence[int]]) -> None:
+        """The embedding, the blocks this stage holds and the (tied) output layer."""
+        if self.pre_process:
+            self.embedding = ScaledEmbedding(
                 config=config,
                 vocab_size=self.padded_vocab_size,
-                max_sequence_length=model_config.max_positions,
+                max_sequence_length=self.model_config.max_positions,
                 position_embedding_type="learned_absolute",
                 tp_group=self.tp_group,
+                scale=self.model_config.embedding_scale,
             )
-        self.encoder = self._build_block("encoder", add_encoder, encoder_layers) if add_encoder else None
-        self.decoder = self._build_block("decoder", add_decoder, decoder_layers) if add_decoder else None
-        if post_process:
+        self.encoder = self._build_block("encoder", encoder_layers) if self.add_encoder else None
+        self.decoder = self._build_block("decoder", decoder_layers) if self.add_decoder else None
+        if self.post_process:
             self.output_layer = tensor_parallel.ColumnParallelLinear(
                 config.hidden_size,
                 self.padded_vocab_size,
@@ -155,19 +188,19 @@ class EncoderDecoderModel(LanguageModule):
                 bias=False,
                 skip_bias_add=False,
                 gather_output=False,
-                skip_weight_param_allocation=pre_process,
+                skip_weight_param_allocation=self.pre_process,
                 tp_group=self.tp_group,
             )
-        if pre_process or post_process:
+        if self.pre_process or self.post_process:
             self.setup_embeddings_and_output_layer()
 
-    # ---------------------------------------------------------------------------------------------- building
-    def _build_block(self, side: str, add: bool, layers: Optional[Sequence[int]]) -> TransformerBlock:
+    def _build_block(self, side: str, layers: Optional[Sequence[int]]) -> TransformerBlock:
         cfg = self.model_config
         total = cfg.encoder_layers if side == "encoder" else cfg.decoder_layers
         layers = list(range(total)) if layers is None else list(layers)
         if not layers or layers != list(range(layers[0], layers[0] + len(layers))):
             raise ValueError(f"EncoderDecoderModel: {side}_layers must be a non-empty contiguous range, got {layers}")
+        self.block_layers[side] = layers
         block = TransformerBlock(
             config=side_transformer_config(self.config, cfg, side),
             spec=block_spec(cfg, side, self.task_context, layers),
@@ -263,6 +296,8 @@ class EncoderDecoderModel(LanguageModule):
         src_padding_mask_BS: torch.Tensor,
     ) -> torch.Tensor:
         hidden_TBD = self._embed(tgt_input_BT) if (self.pre_process and self.decoder.pre_process) else None
+        if self.decoder_routes_by_source:
+            self.task_context.set_source_mean(self._source_mean(encoder_SBD, src_padding_mask_BS))
         return self.decoder(
             hidden_states=hidden_TBD,
             attention_mask=tgt_padding_mask_BT[:, None, None, :],
@@ -270,6 +305,16 @@ class EncoderDecoderModel(LanguageModule):
             context_mask=src_padding_mask_BS[:, None, None, :],
             padding_mask=self._sp_mask(tgt_padding_mask_BT),
         )
+
+    def _source_mean(self, encoder_SBD: torch.Tensor, src_padding_mask_BS: torch.Tensor) -> torch.Tensor:
+        """Each source sentence's mean encoder output over its real tokens, [B, D] (summed over the
+        sequence-parallel shards, with gradient)."""
+        sum_BD, count_B = R.sentence_masked_sum(encoder_SBD, self._sp_mask(src_padding_mask_BS).transpose(0, 1))
+        if self.config.sequence_parallel and self.tp_size > 1:
+            sum_BD = dist_fn.all_reduce(sum_BD, group=self.tp_group)  # autograd-aware: the backward reduces too
+            count_B = count_B.clone()
+            torch.distributed.all_reduce(count_B, group=self.tp_group)
+        return R.sentence_mean(sum_BD, count_B)
 
     def _logits(self, hidden_TBD: torch.Tensor) -> torch.Tensor:
         """Vocab-parallel logits [T, B, Vp/TP] (the input is all-gathered over the sequence under SP)."""
@@ -296,13 +341,17 @@ class EncoderDecoderModel(LanguageModule):
         src_lang_ids: Optional[torch.Tensor] = None,
         tgt_lang_ids: Optional[torch.Tensor] = None,
         loss_mask: Optional[torch.Tensor] = None,
+        label_smoothing: Optional[float] = None,
     ) -> torch.Tensor:
         """Per-token loss [B, T] (label-smoothed cross-entropy, 0 at padding) when `labels` are given, else
         logits [B, T, V]. On a pipeline stage without `post_process` it returns the stage's hidden states.
 
-        `loss_mask` is accepted so a batch dict can be splatted in; the loss is already zero where
+        `label_smoothing` replaces `ModelConfig.label_smoothing` for this call (0.0: the plain NLL, which validation
+        reports). `loss_mask` is accepted so a batch dict can be splatted in; the loss is already zero where
         `tgt_padding_mask` is True, and the trainer applies `loss_mask` when reducing."""
         del loss_mask
+        if label_smoothing is None:
+            label_smoothing = self.model_config.label_smoothing
         length_T = tgt_input.shape[1]
         src_tokens, src_padding_mask = self._pad_for_sp(src_tokens, src_padding_mask.bool())
         tgt_padded, tgt_mask = self._pad_for_sp(tgt_input, tgt_padding_mask.bool())
@@ -330,7 +379,8 @@ class EncoderDecoderModel(LanguageModule):
             labels_BT = F.pad(labels, (0, tgt_padded.shape[1] - length_T), value=self.model_config.pad_id)
         logits_TBV = self._logits(hidden_TBD).float()
         loss_TB = vocab_parallel_label_smoothed_ce(
-            logits_TBV, labels_BT.transpose(0, 1).contiguous(), self.model_config.label_smoothing, self.tp_group
+            logits_TBV, labels_BT.transpose(0, 1).contiguous(), label_smoothing, self.tp_group,
+            vocab_size=self.vocab_size,
         )
         loss_BT = loss_TB.transpose(0, 1).masked_fill(tgt_mask, 0.0)
         return loss_BT[:, :length_T].contiguous()

@@ -158,9 +158,10 @@ class AdapterConfig:
 class MoEConfig:
     """Everything about the MoE layers of one encoder-decoder model.
 
-    `capacity_factor=None` is dropless; a number enables megatron-style token dropping (tokens beyond an expert's
-    capacity = ceil(tokens * topk / experts * factor) are dropped by `drop_policy`: "probs" keeps the highest
-    routing probabilities, "position" the earliest tokens). The load-balancing loss is GShard's (Pham et al. use
+    `capacity_factor=None` is dropless; a number enables megatron-style token dropping in training (tokens beyond an
+    expert's capacity = ceil(tokens * topk / experts * factor) are dropped by `drop_policy`: "probs" keeps the
+    highest routing probabilities, "position" the earliest tokens); `eval_capacity_factor` is the factor outside
+    training (None: no dropping). The load-balancing loss is GShard's (Pham et al. use
     it; equal to megatron's "aux_loss" and DeepSpeed's `l_aux`), computed over non-padding tokens only.
     """
 
@@ -171,6 +172,10 @@ class MoEConfig:
     # uses the raw probability (Switch): a renormalized top-1 weight is constant 1 and the gate gets no gradient.
     renormalize_topk: bool = True
     capacity_factor: float | None = None
+    # Capacity factor outside training (validation, evaluation, decoding); None drops nothing there, so a sentence's
+    # translation does not depend on its batch-mates or the beam size (NLLB-MoE's eval capacity, off by default).
+    # Models with pad_to_capacity keep the training capacity everywhere (their fixed shapes need it).
+    eval_capacity_factor: float | None = None
     drop_policy: Literal["probs", "position"] = "probs"
     # Pad every expert's input to its capacity (fixed shapes) when dropping tokens.
     pad_to_capacity: bool = False
@@ -204,6 +209,11 @@ class MoEConfig:
             raise ValueError(f"MoEConfig.topk={self.topk} exceeds MoEConfig.num_experts={self.num_experts}")
         if self.capacity_factor is not None and not (self.capacity_factor > 0):
             raise ValueError(f"MoEConfig.capacity_factor={self.capacity_factor!r} must be > 0 or None (dropless)")
+        if self.eval_capacity_factor is not None and not (self.eval_capacity_factor > 0):
+            raise ValueError(f"MoEConfig.eval_capacity_factor={self.eval_capacity_factor!r} must be > 0 or None")
+        if self.eval_capacity_factor is not None and self.capacity_factor is None:
+            raise ValueError("MoEConfig.eval_capacity_factor needs a capacity_factor (a dropless model drops nothing "
+                             "in evaluation either)")
         if self.pad_to_capacity and self.capacity_factor is None:
             raise ValueError("MoEConfig.pad_to_capacity=True needs a capacity_factor (dropless has no capacity)")
         _check_choice("MoEConfig", "drop_policy", self.drop_policy, DROP_POLICIES)
@@ -269,6 +279,10 @@ class MoEConfig:
         """E of `side`'s capacity formula: its `RoutingConfig.capacity_num_experts`, else its expert count."""
         override = self.side(side).capacity_num_experts
         return self.side_num_experts(side) if override is None else override
+
+    def inference_capacity_factor(self) -> float | None:
+        """The capacity factor outside training: `eval_capacity_factor`, or the training one with pad_to_capacity."""
+        return self.capacity_factor if self.pad_to_capacity else self.eval_capacity_factor
 
     def num_task_rows(self, task_source: str) -> int:
         """G, the rows of a task table indexed by `task_source`."""

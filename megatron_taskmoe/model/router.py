@@ -6,8 +6,11 @@ What differs from megatron's router:
   * logits by the configured mode (pure functions in `routing.py`), with our own linear: megatron's
     `Router.gating` moves weights to CUDA and its `router_gating_linear` needs Transformer Engine;
   * the GShard load-balancing loss (first-choice counts, as Pham et al. and DeepSpeed) and the z-loss, over
-    non-padding tokens only and exact under sequence parallelism (the per-rank losses sum to the global one);
-  * token dropping where padding tokens never displace real ones, with a deterministic tie-break;
+    non-padding tokens only and exact under sequence parallelism (the per-rank losses sum to the global one; with
+    per-token loss normalisation, `calculate_per_token_loss`, each is weighted by the real-token count summed over
+    the sequence-parallel ranks, so the weighted losses sum to the global one too);
+  * token dropping where padding tokens never displace real ones, with a deterministic tie-break, in training only
+    unless `MoEConfig.eval_capacity_factor` says otherwise (a translation must not depend on its batch);
   * routing statistics (expert load per task) for validation, and training telemetry (`routing_counts.py`).
 Task ids come from the model's `TaskContext` (the router is called with `(hidden_states, padding_mask)` only).
 
@@ -64,7 +67,7 @@ class TaskTopKRouter(TopKRouter):
         self.routing_config = moe_config.side(side)
         self.mode = self.routing_config.mode
         self.task_context = task_context
-        if self.routing_config.uses_task_ids and task_context is None:
+        if (self.routing_config.uses_task_ids or (self.mode, side) == ("sentence", "decoder")) and task_context is None:
             raise ValueError(f"TaskTopKRouter: {side} routing mode {self.mode!r} needs a TaskContext")
         self.aux_loss_coeff = config.moe_aux_loss_coeff if config.moe_router_load_balancing_type == "aux_loss" else 0.0
         self.z_loss_coeff = config.moe_z_loss_coeff or 0.0
@@ -145,6 +148,11 @@ class TaskTopKRouter(TopKRouter):
         dtype = self._router_dtype
         if self.mode == "token":
             return R.token_logits(x_LBD.reshape(-1, hidden), self.weight, self.bias, dtype)
+        if self.mode == "sentence" and self.side == "decoder":
+            # The decoder routes by its source sentence (the whole target follows one expert set, and teacher
+            # forcing sees no more of the target than decoding does): the model sets the mean encoder output.
+            mean_BD = self.task_context.source_mean()
+            return R.sentence_logits(mean_BD.to(dtype or x_LBD.dtype), local_len, self.weight, self.bias, dtype)
         if self.mode == "sentence":
             sum_BD, count_B = R.sentence_masked_sum(x_LBD.to(dtype or x_LBD.dtype), padding_mask_LB)
             if self._sequence_parallel:
@@ -185,18 +193,20 @@ class TaskTopKRouter(TopKRouter):
             )
             global_count = self._sp_sum(local_count.to(torch.float32).reshape(1)).reshape(())
             z = R.z_loss(logits_TE, valid_T, global_count)
-            scale = local_count if self.calculate_per_token_loss else 1.0
+            scale = global_count if self.calculate_per_token_loss else 1.0
             logits_TE = MoEAuxLossAutoScaler.apply(logits_TE, self.z_loss_coeff * z * scale)
             self.last_z_loss = z.detach()
             self._log("z_loss", z.detach())
 
         probs_TE, routing_map_TE = R.topk_routing(logits_TE, self.topk, renormalize=not self.config.moe_router_pre_softmax)
-        if self.config.moe_expert_capacity_factor is not None:
+        capacity_factor = (self.config.moe_expert_capacity_factor if self.training
+                           else self.moe_config.inference_capacity_factor())
+        if capacity_factor is not None:
             capacity = R.expert_capacity(
                 logits_TE.shape[0],
                 self.routing_config.capacity_num_experts or self.num_experts,
                 self.topk,
-                self.config.moe_expert_capacity_factor,
+                capacity_factor,
             )
             probs_TE, routing_map_TE = R.drop_over_capacity(
                 probs_TE,
@@ -212,8 +222,7 @@ class TaskTopKRouter(TopKRouter):
             counts_E, num_tokens = R.top1_counts(scores_TE, valid_T)
             packed = self._sp_sum(torch.cat([counts_E, num_tokens.reshape(1).to(counts_E.dtype)]))
             aux = R.gshard_load_balancing_loss(scores_TE, packed[:-1], packed[-1], valid_T)
-            local_tokens = valid_T.sum() if valid_T is not None else logits_TE.shape[0]
-            scale = local_tokens if self.calculate_per_token_loss else 1.0
+            scale = packed[-1] if self.calculate_per_token_loss else 1.0
             probs_TE = MoEAuxLossAutoScaler.apply(probs_TE, self.aux_loss_coeff * aux * scale)
             self.last_aux_loss = aux.detach()
             self._log("load_balancing_loss", aux.detach())

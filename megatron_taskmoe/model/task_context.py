@@ -16,6 +16,9 @@ per micro-batch, so the layers need not check them again (on a GPU each check wo
 Under pipelining each stage's forward step sets the context for the micro-batch it runs; the backward pass needs no
 ids (they live in the autograd graph).
 
+Besides ids, the context carries one tensor the model computes mid-forward: the source sentences' mean encoder
+output, which decoder layers that route by sentence gate on (`set_source_mean` / `source_mean`).
+
 Megatron flattens [S, B, D] into tokens s-major (t = s*B + b), and under sequence parallelism a router sees
 [S/TP, B, D]; ids are per sequence, so `token_ids` expands them to however many local tokens there are. Activation
 recomputation of MoE layers would re-run routers during backward, outside the micro-batch: it is refused loudly.
@@ -41,6 +44,7 @@ class _MicroBatchIds:
     src_lang_ids_B: torch.Tensor | None
     src_padding_mask_BS: torch.Tensor | None
     tgt_padding_mask_BT: torch.Tensor | None
+    source_mean_BD: torch.Tensor | None = None
 
 
 def _check_ids(name: str, ids, batch_size: int | None, limit: int | None = None) -> torch.Tensor | None:
@@ -124,6 +128,22 @@ class TaskContext:
                 "with task routing/adapters, since it re-runs routers after the block has exited)."
             )
         return self._ids
+
+    def set_source_mean(self, source_mean_BD: torch.Tensor) -> None:
+        """The source sentences' representations [B, D] (masked mean of the encoder output), which the decoder's
+        sentence-routed layers gate on; set by the model between its encoder and its decoder."""
+        ids = self._require("the source representation")
+        if source_mean_BD.dim() != 2:
+            raise ValueError(f"TaskContext.set_source_mean: expected [B, D], got {tuple(source_mean_BD.shape)}")
+        ids.source_mean_BD = source_mean_BD
+
+    def source_mean(self) -> torch.Tensor:
+        """The current micro-batch's source representations [B, D] (see `set_source_mean`)."""
+        mean_BD = self._require("the source representation").source_mean_BD
+        if mean_BD is None:
+            raise RuntimeError("TaskContext: the decoder routes by the source sentence but the model set no source "
+                               "representation for this micro-batch")
+        return mean_BD
 
     def has_ids(self, source: str) -> bool:
         return self._ids is not None and self._raw_ids(self._ids, source) is not None

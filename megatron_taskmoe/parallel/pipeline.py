@@ -170,9 +170,10 @@ class EncoderDecoderStage(EncoderDecoderModel):
     every stage that holds one, and checkpoint entries that store those copies once."""
 
     def __init__(self, model_config: ModelConfig, parallel_config: ParallelConfig, layout: StageLayout, *,
-                 pg_collection=None, transformer_config=None) -> None:
+                 pg_collection=None, transformer_config=None, init_seed: Optional[int] = None) -> None:
         super().__init__(
             model_config, parallel_config, pg_collection=pg_collection, transformer_config=transformer_config,
+            init_seed=init_seed,
             pre_process=layout.pre_process, post_process=layout.post_process, add_encoder=layout.add_encoder,
             add_decoder=layout.add_decoder,
             encoder_layers=None if layout.encoder_layers is None else list(layout.encoder_layers),
@@ -330,10 +331,11 @@ class EncoderDecoderStage(EncoderDecoderModel):
 
 
 def build_stage(model: ModelConfig, parallel: ParallelConfig, *, pg_collection=None, transformer_config=None,
-                dtype: Optional[torch.dtype] = None) -> EncoderDecoderStage:
+                dtype: Optional[torch.dtype] = None, init_seed: Optional[int] = None) -> EncoderDecoderStage:
     """This rank's stage (its pipeline rank decides which) with megatron's model type set for the schedules.
 
-    `transformer_config` defaults to `to_transformer_config(model, parallel)` with the pipeline's p2p dtype."""
+    `transformer_config` defaults to `to_transformer_config(model, parallel)` with the pipeline's p2p dtype;
+    `init_seed` as `EncoderDecoderModel`'s."""
     from megatron.core.enums import ModelType
     from megatron.core.process_groups_config import ProcessGroupCollection
 
@@ -347,7 +349,7 @@ def build_stage(model: ModelConfig, parallel: ParallelConfig, *, pg_collection=N
                          f"has {pg_collection.pp.size()} ranks (initialize_model_parallel with the same config)")
     layout = stage_layout(model, parallel, pg_collection.pp.rank())
     stage = EncoderDecoderStage(model, parallel, layout, pg_collection=pg_collection,
-                                transformer_config=transformer_config)
+                                transformer_config=transformer_config, init_seed=init_seed)
     stage.model_type = ModelType.encoder_or_decoder
     return stage
 

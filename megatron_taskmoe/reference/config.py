@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Optional
 
 FORMAT = "megatron-taskmoe/reference"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+"""Version 1 has no `model.embedding_scale` (its models used 1.0)."""
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.model"
@@ -63,7 +65,8 @@ class MoESpec:
     renormalize: bool
     """Top-k weights = softmax over the k selected logits (GShard top-2) instead of the raw softmax probabilities."""
     capacity_factor: Optional[float]
-    """None: dropless. Else an expert keeps ceil(tokens * topk / E * factor) tokens of a batch (also at inference)."""
+    """The capacity factor at inference (the trained model's outside training). None: no token is dropped; else an
+    expert keeps ceil(tokens * topk / E * factor) tokens of a batch."""
     drop_policy: str
     pad_to_capacity: bool
     router_fp32: bool
@@ -97,6 +100,8 @@ class ArchConfig:
     normalization: str
     layernorm_epsilon: float
     bias: bool
+    embedding_scale: float = 1.0
+    """Token embeddings are multiplied by this before positions are added (sqrt(hidden_size) or 1)."""
     moe: Optional[MoESpec] = None
 
     @property
@@ -161,8 +166,8 @@ def parse_config(data: dict, where: str = CONFIG_FILE) -> ExportConfig:
     """`config.json`'s contents -> ExportConfig, with every field the reference model relies on checked."""
     _check(isinstance(data, dict), where, "not a JSON object")
     _check(data.get("format") == FORMAT, where, f"format {data.get('format')!r}, expected {FORMAT!r}")
-    _check(data.get("format_version") == FORMAT_VERSION, where,
-           f"format_version {data.get('format_version')!r}, this reader knows {FORMAT_VERSION}")
+    _check(data.get("format_version") in READABLE_VERSIONS, where,
+           f"format_version {data.get('format_version')!r}, this reader knows {list(READABLE_VERSIONS)}")
     model = dict(data.get("model") or {})
     moe = model.pop("moe", None)
     if moe is not None:
@@ -185,6 +190,8 @@ def parse_config(data: dict, where: str = CONFIG_FILE) -> ExportConfig:
     _check(arch.activation in ("relu", "gelu", "swiglu"), where, f"model.activation={arch.activation!r}")
     _check(arch.normalization in ("LayerNorm", "RMSNorm"), where, f"model.normalization={arch.normalization!r}")
     _check(arch.hidden_size % arch.num_attention_heads == 0, where, "hidden_size not divisible by the heads")
+    _check(isinstance(arch.embedding_scale, (int, float)) and arch.embedding_scale > 0, where,
+           f"model.embedding_scale={arch.embedding_scale!r} must be a positive number")
     rest = {k: v for k, v in data.items() if k != "model"}
     cfg = _build(ExportConfig, {**rest, "model": arch}, where)
     _check(set(cfg.special_ids) >= {"pad", "unk", "bos", "eos"}, where, "special_ids needs pad, unk, bos, eos")

@@ -6,15 +6,16 @@ torch, safetensors and two pure modules of this package (`model/routing.py`'s to
 dropping cannot drift from the trainer's; nothing here imports megatron, and a test checks it).
 
 What it reproduces of `model/encdec.py` (eval mode, no dropout):
-  * embeddings: word embedding + learned absolute position (positions 0..n-1 on each side, no scaling), one table
-    for source and target, and the word embedding (its first V rows) is the output projection;
+  * embeddings: word embedding times `embedding_scale` (sqrt(d) or 1) + learned absolute position (positions
+    0..n-1 on each side), one table for source and target, and the word embedding (its first V rows) is the
+    output projection;
   * pre-norm layers: x + SelfAttn(N(x)); [decoder: x + CrossAttn(N(x), encoder)]; x + FFN(N(x)); a final norm per
     side. N is LayerNorm or RMSNorm with the configured epsilon;
   * attention: torch SDPA with scale 1/sqrt(head dim), padding keys masked, causal in decoder self-attention, and a
     query whose keys are all masked attends everywhere (it belongs to padding) instead of producing NaN;
   * FFN: relu / gelu (exact) / swiglu (first half of fc1 through silu times the second half);
-  * MoE FFN: router logits by mode (token; sentence = masked mean of the sentence; task = task table through the
-    gate; task_token = gate over concat(token, task embedding)), softmax top-k (renormalized over the k or raw),
+  * MoE FFN: router logits by mode (token; sentence = the masked mean of the sentence in the encoder, of the
+    source sentence's encoder output in the decoder; task = task table through the gate; task_token = gate over concat(token, task embedding)), softmax top-k (renormalized over the k or raw),
     optional capacity with token dropping over the whole batch in megatron's s-major token order, experts as FFNs,
     output = sum_k p_k * expert_k(x); then task adapters (static / dynamic / shared-dynamic) on the MoE output.
 
@@ -56,6 +57,12 @@ class Ids:
     def select(self, index_N: torch.Tensor) -> "Ids":
         pick = (lambda x: None if x is None else x.index_select(0, index_N))
         return Ids(pick(self.task_B), pick(self.tgt_lang_B))
+
+
+def masked_mean(x_SBD: torch.Tensor, padding_SB: torch.Tensor) -> torch.Tensor:
+    """Each sequence's mean over its real positions, [B, D] (zero for an all-padding sequence)."""
+    valid_SB1 = (~padding_SB).unsqueeze(-1).to(x_SBD.dtype)
+    return (x_SBD * valid_SB1).sum(dim=0) / valid_SB1.sum(dim=(0, 2)).clamp(min=1).unsqueeze(-1)
 
 
 def token_ids(ids_B: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -122,7 +129,8 @@ class FFN(nn.Module):
         self.fc1 = nn.Linear(dim, hidden * (2 if activation == "swiglu" else 1), bias=bias)
         self.fc2 = nn.Linear(hidden, dim, bias=bias)
 
-    def forward(self, x_SBD: torch.Tensor, padding_SB: torch.Tensor, ids: Ids) -> torch.Tensor:
+    def forward(self, x_SBD: torch.Tensor, padding_SB: torch.Tensor, ids: Ids,
+                memory_mean_BD: Optional[torch.Tensor] = None) -> torch.Tensor:
         return self.fc2(activate(self.fc1(x_SBD), self.activation))
 
 
@@ -140,17 +148,17 @@ class Router(nn.Module):
         self.task_embedding = (nn.Parameter(torch.empty(moe.num_task_rows(spec.task_source), spec.task_embed_dim))
                                if spec.mode in ("task", "task_token") else None)
 
-    def forward(self, x_SBD: torch.Tensor, padding_SB: torch.Tensor, ids: Ids) -> torch.Tensor:
+    def forward(self, x_SBD: torch.Tensor, padding_SB: torch.Tensor, ids: Ids,
+                memory_mean_BD: Optional[torch.Tensor] = None) -> torch.Tensor:
         s, b, d = x_SBD.shape
         dtype = torch.float32 if self.fp32 else x_SBD.dtype
         weight = self.weight.to(dtype)
         if self.mode == "token":
             return F.linear(x_SBD.reshape(-1, d).to(dtype), weight)
         if self.mode == "sentence":
-            valid_SB1 = (~padding_SB).unsqueeze(-1).to(dtype)
-            sum_BD, count_B = (x_SBD.to(dtype) * valid_SB1).sum(dim=0), valid_SB1.sum(dim=(0, 2))
-            mean_BD = sum_BD / count_B.clamp(min=1).unsqueeze(-1)
-            return F.linear(mean_BD, weight).unsqueeze(0).expand(s, -1, -1).reshape(s * b, -1)
+            # The decoder routes by its source sentence (the encoder output's mean), the encoder by its own input.
+            mean_BD = memory_mean_BD if memory_mean_BD is not None else masked_mean(x_SBD, padding_SB)
+            return F.linear(mean_BD.to(dtype), weight).unsqueeze(0).expand(s, -1, -1).reshape(s * b, -1)
         ids_T = token_ids(ids.get(self.task_source), s)
         if self.mode == "task":
             return F.linear(self.task_embedding.to(dtype), weight).index_select(0, ids_T)
@@ -229,10 +237,11 @@ class MoEFFN(nn.Module):
                                arch.activation)
         self.adapters = Adapters(moe, arch.hidden_size, arch.layernorm_epsilon) if moe.adapters.mode != "none" else None
 
-    def forward(self, x_SBD: torch.Tensor, padding_SB: torch.Tensor, ids: Ids) -> torch.Tensor:
+    def forward(self, x_SBD: torch.Tensor, padding_SB: torch.Tensor, ids: Ids,
+                memory_mean_BD: Optional[torch.Tensor] = None) -> torch.Tensor:
         s, b, d = x_SBD.shape
         spec = self.spec
-        logits_TE = self.router(x_SBD, padding_SB, ids)
+        logits_TE = self.router(x_SBD, padding_SB, ids, memory_mean_BD)
         probs_TE, map_TE = R.topk_routing(logits_TE, spec.topk, renormalize=spec.renormalize)
         if spec.capacity_factor is not None:
             capacity = R.expert_capacity(logits_TE.shape[0], self.capacity_num_experts or logits_TE.shape[1],
@@ -267,13 +276,13 @@ class Layer(nn.Module):
         self.ffn = (MoEFFN(arch, side) if moe
                     else FFN(arch.hidden_size, arch.ffn_hidden_size, arch.activation, arch.bias))
 
-    def forward(self, x_SBD, padding_SB, ids: Ids, memory_KBD=None, memory_padding_BK=None):
+    def forward(self, x_SBD, padding_SB, ids: Ids, memory_KBD=None, memory_padding_BK=None, memory_mean_BD=None):
         h_SBD = self.self_attn_norm(x_SBD)
         x_SBD = x_SBD + self.self_attn(h_SBD, h_SBD, padding_SB.t(), causal=self.decoder)
         if self.decoder:
             h_SBD = self.cross_attn_norm(x_SBD)
             x_SBD = x_SBD + self.cross_attn(h_SBD, memory_KBD, memory_padding_BK, causal=False)
-        return x_SBD + self.ffn(self.ffn_norm(x_SBD), padding_SB, ids)
+        return x_SBD + self.ffn(self.ffn_norm(x_SBD), padding_SB, ids, memory_mean_BD)
 
 
 class Stack(nn.Module):
@@ -285,8 +294,9 @@ class Stack(nn.Module):
         self.final_norm = Norm(arch.normalization, arch.hidden_size, arch.layernorm_epsilon)
 
     def forward(self, x_SBD, padding_SB, ids: Ids, memory_KBD=None, memory_padding_BK=None):
+        memory_mean_BD = None if memory_KBD is None else masked_mean(memory_KBD, memory_padding_BK.t())
         for layer in self.layers:
-            x_SBD = layer(x_SBD, padding_SB, ids, memory_KBD, memory_padding_BK)
+            x_SBD = layer(x_SBD, padding_SB, ids, memory_KBD, memory_padding_BK, memory_mean_BD)
         return self.final_norm(x_SBD)
 
 
@@ -311,12 +321,13 @@ class ReferenceModel(nn.Module):
         self.decoder = Stack(arch, "decoder")
 
     def embed(self, tokens_BX: torch.Tensor) -> torch.Tensor:
-        """Word + position embeddings, [X, B, D]."""
+        """Scaled word + position embeddings, [X, B, D]."""
         length = tokens_BX.shape[1]
         if length > self.arch.max_positions:
             raise ValueError(f"sequence of {length} tokens exceeds the {self.arch.max_positions} learned positions")
         positions = torch.arange(length, device=tokens_BX.device)
-        return (self.embed_tokens(tokens_BX) + self.embed_positions(positions)[None]).transpose(0, 1).contiguous()
+        tokens_BXD = self.embed_tokens(tokens_BX) * self.arch.embedding_scale
+        return (tokens_BXD + self.embed_positions(positions)[None]).transpose(0, 1).contiguous()
 
     @torch.no_grad()
     def encode(self, src_tokens_BS: torch.Tensor, src_padding_BS: torch.Tensor, *,

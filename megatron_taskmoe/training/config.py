@@ -154,7 +154,11 @@ class EvalSection:
     max_len_a: float = 1.2
     max_len_b: int = 10
     early_stopping_patience: int = 0
-    """Stop after this many evaluations without a better average BLEU (the paper: 2); 0 disables."""
+    """Stop after this many evaluations (every `interval` steps) without a better average BLEU; 0 disables. Pham et
+    al. stop after 2 epochs without improvement: with `interval` the steps of an epoch, 2 is their rule."""
+    bleu_tokenize: Optional[str] = None
+    """sacrebleu tokenizer for validation BLEU (e.g. "flores200"); None: by target language (13a, zh, ja-mecab,
+    ko-mecab; evaluation.bleu_tokenizer)."""
 
     def __post_init__(self):
         if self.interval < 0 or self.beam_size < 1 or self.max_sentences < 1 or self.early_stopping_patience < 0:

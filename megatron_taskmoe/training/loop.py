@@ -1,8 +1,8 @@
 """The training loop of `pretrain_mt.py`: megatron-core schedules, logging, validation, checkpoints, resume.
 
-Loss normalisation is megatron-core's default (`calculate_per_token_loss=False`): each micro-batch contributes its
-mean token loss, averaged over the step's micro-batches and data-parallel ranks, and the MoE auxiliary losses are
-scaled the same way by megatron's schedule.
+Loss normalisation is per token (`calculate_per_token_loss=True`, set in setup.py): the step's loss is the sum of the
+label-smoothed token losses of all its micro-batches on all data-parallel ranks divided by their target-token count,
+and the MoE auxiliary losses are weighted by their side's token count the same way (router.py).
 
 Exact resume: a checkpoint holds the model, the optimizer, the scheduler, the step, the data stream position
 (`consumed_samples`, the global counter of data/batching.py) and every RNG state; a resumed run therefore sees
@@ -28,7 +28,7 @@ from megatron_taskmoe import platform
 from megatron_taskmoe.config_io import ConfigError, dump_yaml, to_dict
 from megatron_taskmoe.data.batching import BatchingConfig, BatchIterator
 from megatron_taskmoe.data.dataset import MultilingualDataset
-from megatron_taskmoe.model.config import ModelConfig
+from megatron_taskmoe.model.config import RECORD_DEFAULTS, ModelConfig
 from megatron_taskmoe.training import checkpointing as ckpt
 from megatron_taskmoe.training.config import RunConfig
 from megatron_taskmoe.training.metrics import MetricsWriter
@@ -80,13 +80,14 @@ def batching_config(cfg: RunConfig, model_cfg: ModelConfig, tensor_parallel: int
                           pad_to_multiple=cfg.data.pad_to_multiple, seed=cfg.train.seed)
 
 
-def make_forward_step(model_cfg: ModelConfig):
-    """megatron-core's forward_step_func: runs the model on the next micro-batch and returns its loss function."""
+def make_forward_step(model_cfg: ModelConfig, label_smoothing: Optional[float] = None):
+    """megatron-core's forward_step_func: runs the model on the next micro-batch and returns its loss function.
+    `label_smoothing` replaces the model's (0.0 for the plain NLL)."""
 
     def forward_step(data_iterator: Iterator[dict], model):
         batch = next(data_iterator)
         loss_mask_BT = batch["loss_mask"]
-        loss_BT = model(**{k: batch[k] for k in BATCH_KEYS})
+        loss_BT = model(**{k: batch[k] for k in BATCH_KEYS}, label_smoothing=label_smoothing)
 
         def loss_func(output_BT: torch.Tensor):
             loss_sum = (output_BT.float() * loss_mask_BT).sum()
@@ -225,6 +226,8 @@ class Trainer:
                 raise ConfigError(f"checkpoint.load: {e}") from e
         check_task_map(info.meta.get("task_map"), self.corpus)
         saved_model = info.meta.get("model_config")
+        if saved_model is not None:
+            saved_model = {**RECORD_DEFAULTS, **saved_model}
         if saved_model is not None and saved_model != to_dict(self.model_cfg):
             diffs = _dict_diff(saved_model, to_dict(self.model_cfg))
             raise ConfigError(f"{info.path} holds a different model than the config builds: "
@@ -353,7 +356,7 @@ class Trainer:
         validator = Validator(self) if cfg.eval.interval > 0 else None
         bar = tqdm(total=cfg.train.steps, initial=self.state.step, disable=self.rank != 0 or not cfg.train.progress_bar,
                    unit="step", dynamic_ncols=True)
-        window_start, window_tokens = time.perf_counter(), 0
+        window_start = time.perf_counter()
         self.batches.tokens = 0
         while self.state.step < cfg.train.steps:
             out = self.train_step()
@@ -400,7 +403,8 @@ class Trainer:
         bleu = results["bleu_avg"]
         self.metrics.write("eval", step, **results)
         if self.rank == 0:
-            log.info("step %d validation: loss %.4f, BLEU %.2f (%s)", step, results["loss_avg"], bleu,
+            log.info("step %d validation: loss %.4f (label-smoothed), NLL %.4f (ppl %.2f), BLEU %.2f (%s)", step,
+                     results["loss_avg"], results["nll_avg"], math.exp(min(results["nll_avg"], 100.0)), bleu,
                      json.dumps({k: round(v, 2) for k, v in results["bleu"].items()}))
         improved = self.state.best_bleu is None or bleu > self.state.best_bleu
         if improved:

@@ -169,11 +169,16 @@ def build(cfg: RunConfig, model_cfg: ModelConfig) -> Built:
     tconfig = to_transformer_config(model_cfg, p, **({"pipeline_dtype": dtype} if p.pipeline > 1 else {}))
     tconfig.bf16 = bf16
     tconfig.params_dtype = dtype
-    tconfig.calculate_per_token_loss = False
+    # fairseq's normalisation: the step's loss is the sum over its target tokens (all micro-batches and data-parallel
+    # ranks) divided by their count, so a token weighs the same in a short and in a long micro-batch. megatron's
+    # schedules then leave the loss unscaled and `finalize_model_grads` divides the gradients by the token count.
+    tconfig.calculate_per_token_loss = True
     if p.pipeline > 1:
-        module = pipeline.build_stage(model_cfg, p, pg_collection=pg, transformer_config=tconfig)
+        module = pipeline.build_stage(model_cfg, p, pg_collection=pg, transformer_config=tconfig,
+                                      init_seed=cfg.train.seed)
     else:
-        module = EncoderDecoderModel(model_cfg, p, pg_collection=pg, transformer_config=tconfig)
+        module = EncoderDecoderModel(model_cfg, p, pg_collection=pg, transformer_config=tconfig,
+                                     init_seed=cfg.train.seed)
         module.model_type = ModelType.encoder_or_decoder
     if torch.cuda.is_available():
         module.cuda(torch.cuda.current_device())

@@ -5,8 +5,11 @@ collective over the experts' and tensors' groups) and it makes the result identi
 decide on early stopping. Validation sets are small (`eval.max_sentences` per direction), so the duplicated work
 across data-parallel ranks is cheap.
 
-References are the validation targets decoded from their sentence pieces, so they match the raw text up to
-sentencepiece's normalisation; `tools/evaluate.py` scores against raw test text.
+Translations are scored against the raw reference text that `tools/preprocess_data.py` keeps beside the indexed
+data (`references` in the manifest), as `tools/evaluate.py` scores test text; for a data directory without them the
+references are the targets decoded from their (possibly truncated) pieces, with a warning. BLEU uses the target
+language's sacrebleu tokenizer (`evaluation.bleu_tokenizer`), the same for early stopping and the best checkpoint.
+The loss is reported twice: label-smoothed (the training objective) and as the plain NLL with its perplexity.
 
 With pipeline parallelism the loss goes forward-only through megatron's 1F1B schedule and the translations through
 the stages one decoding step at a time (`parallel/pipeline_decoding.py`); each stage counts the routing of its own
@@ -15,7 +18,10 @@ layers and the counts are gathered over the pipeline group, so the record is the
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import logging
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import sentencepiece as spm
@@ -32,6 +38,8 @@ from megatron_taskmoe.model.moe import (all_reduce_routing_stats, pause_routing_
 
 if TYPE_CHECKING:
     from megatron_taskmoe.training.loop import Trainer
+
+log = logging.getLogger(__name__)
 
 _MODEL_KEYS = ("src_tokens", "src_padding_mask", "tgt_input", "tgt_padding_mask", "labels", "task_ids",
                "src_lang_ids", "tgt_lang_ids")
@@ -69,9 +77,28 @@ class Validator:
                                    max_len_a=cfg.eval.max_len_a, max_len_b=cfg.eval.max_len_b)
         self.batching = BatchingConfig(max_tokens=cfg.data.max_tokens, pad_to_multiple=cfg.data.pad_to_multiple)
         self.max_sentences = cfg.eval.max_sentences
+        self.bleu_tokenize = cfg.eval.bleu_tokenize
+        self.references = {d: self._raw_references(corpus, d, cfg.data.valid_split) for d in directions}
+
+    def _raw_references(self, corpus, direction: str, split: str) -> Optional[list[str]]:
+        """The raw target text of the direction's validation pairs, or None for data preprocessed without it."""
+        name = corpus.manifest["directions"][direction]["splits"][split].get("references")
+        if name is None:
+            if self.trainer.rank == 0:
+                log.warning("%s has no raw references for %s %s (preprocessed by an older tools/preprocess_data.py): "
+                            "validation BLEU is scored against the decoded target pieces", corpus.data_dir,
+                            split, direction)
+            return None
+        lines = (Path(corpus.data_dir) / name).read_text(encoding="utf-8").split("\n")
+        return lines[:-1] if lines and lines[-1] == "" else lines
 
     def _batches(self, direction: str):
         """Length-sorted batches of the direction's first max_sentences sentences (deterministic)."""
+        for _, batch in self._indexed_batches(direction):
+            yield batch
+
+    def _indexed_batches(self, direction: str):
+        """(item indexes within the direction, batch) of `_batches`."""
         d = self.data.directions.index(direction)
         lo = int(self.data.offsets_D[d])
         n = min(int(self.data.sizes_D[d]), self.max_sentences)
@@ -85,7 +112,8 @@ class Validator:
                 if longest * (end - start + 1) > budget:
                     break
                 end += 1
-            yield collate([self.data[lo + int(i)] for i in order[start:end]], self.batching)
+            yield [int(i) for i in order[start:end]], collate([self.data[lo + int(i)] for i in order[start:end]],
+                                                               self.batching)
             start = end
 
     @property
@@ -107,8 +135,8 @@ class Validator:
         must be in eval mode)."""
         return [ids for batch in self._batches(direction) for ids in self.translate(batch)]
 
-    def _pipeline_losses(self) -> dict[str, float]:
-        """Mean token loss per direction, forward-only through the pipeline stages."""
+    def _pipeline_losses(self, label_smoothing: Optional[float] = None) -> dict[str, float]:
+        """Mean token loss per direction, forward-only through the pipeline stages (`label_smoothing` 0.0: NLL)."""
         from megatron_taskmoe.parallel import pipeline
         from megatron_taskmoe.training.loop import make_forward_step
 
@@ -120,7 +148,7 @@ class Validator:
 
         return pipeline.validation_losses(
             self.trainer.built.model, {d: list(device_batches(d)) for d in self.data.directions},
-            make_forward_step(self.trainer.model_cfg), self.trainer.built.pg_collection)
+            make_forward_step(self.trainer.model_cfg, label_smoothing), self.trainer.built.pg_collection)
 
     def _routing_summary(self, model) -> dict:
         """Per layer: each task's share of its routed tokens per expert (or adapter), from the validation pass.
@@ -147,6 +175,17 @@ class Validator:
             summary[module_name] = {"kind": kind, "share": rows}
         return summary
 
+    def corpus_target(self, direction: str) -> str:
+        return self.trainer.corpus.manifest["directions"][direction]["tgt"]
+
+    def _references(self, direction: str, items: list[int], batch: dict) -> list[str]:
+        """References of a batch's rows: the raw text, or the decoded target pieces when there is none."""
+        raw = self.references[direction]
+        if raw is not None:
+            return [raw[i] for i in items]
+        return [self.sp.decode([t for t in labels[m.bool()].tolist() if t not in (EOS_ID, BOS_ID)])
+                for labels, m in zip(batch["labels"], batch["loss_mask"])]
+
     @torch.no_grad()
     def run(self) -> dict:
         model = self.trainer.built.module
@@ -154,30 +193,40 @@ class Validator:
         model.eval()
         set_routing_stats(model, True)
         try:
-            loss = self._pipeline_losses() if self.pipelined else {}
-            bleu, chrf = {}, {}
+            if self.pipelined:
+                loss = self._pipeline_losses()
+                pause_routing_stats(model, True)  # the same tokens again: count them once
+                nll = self._pipeline_losses(label_smoothing=0.0)
+                pause_routing_stats(model, False)
+            else:
+                loss, nll = {}, {}
+            bleu, chrf, signatures = {}, {}, {}
             for direction in self.data.directions:
-                loss_sum, tokens, hyps, refs = 0.0, 0.0, [], []
-                for batch in self._batches(direction):
+                sums = {"loss": 0.0, "nll": 0.0, "tokens": 0.0}
+                hyps, refs = [], []
+                for items, batch in self._indexed_batches(direction):
                     if not self.pipelined:
                         dev_batch = {k: batch[k].to(platform.device()) for k in _MODEL_KEYS}
-                        loss_BT = model(**dev_batch)
-                        mask = batch["loss_mask"].to(loss_BT.device)
-                        loss_sum += float((loss_BT.float() * mask).sum())
-                        tokens += float(mask.sum())
+                        mask = batch["loss_mask"].to(platform.device())
+                        sums["loss"] += float((model(**dev_batch).float() * mask).sum())
+                        pause_routing_stats(model, True)  # the same tokens again: count them once
+                        sums["nll"] += float((model(**dev_batch, label_smoothing=0.0).float() * mask).sum())
+                        pause_routing_stats(model, False)
+                        sums["tokens"] += float(mask.sum())
                     pause_routing_stats(model, True)  # decoding re-routes prefixes: keep it out of the statistics
                     hyps.extend(self.sp.decode(ids) for ids in self.translate(batch))
                     pause_routing_stats(model, False)
-                    for labels, m in zip(batch["labels"], batch["loss_mask"]):
-                        ids = [t for t in labels[m.bool()].tolist() if t not in (EOS_ID, BOS_ID)]
-                        refs.append(self.sp.decode(ids))
-                score = score_corpus(hyps, refs)
+                    refs.extend(self._references(direction, items, batch))
+                score = score_corpus(hyps, refs, tgt_lang=self.corpus_target(direction), tokenize=self.bleu_tokenize)
                 if not self.pipelined:
-                    loss[direction] = loss_sum / max(tokens, 1.0)
+                    loss[direction] = sums["loss"] / max(sums["tokens"], 1.0)
+                    nll[direction] = sums["nll"] / max(sums["tokens"], 1.0)
                 bleu[direction], chrf[direction] = score.bleu, score.chrf
-            return {"loss": loss, "bleu": bleu, "chrf": chrf, "loss_avg": mean(loss.values()),
+                signatures[direction] = score.signature
+            return {"loss": loss, "nll": nll, "ppl": {d: math.exp(min(v, 100.0)) for d, v in nll.items()},
+                    "bleu": bleu, "chrf": chrf, "loss_avg": mean(loss.values()), "nll_avg": mean(nll.values()),
                     "bleu_avg": mean(bleu.values()), "chrf_avg": mean(chrf.values()),
-                    "routing": self._routing_summary(model)}
+                    "bleu_signature": signatures, "routing": self._routing_summary(model)}
         finally:
             set_routing_stats(model, False)
             model.train(was_training)

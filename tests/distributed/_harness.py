@@ -149,7 +149,9 @@ def local_slice(name: str, param: torch.Tensor, full: torch.Tensor) -> torch.Ten
     per = full.shape[dim] // size
     if per != param.shape[dim]:
         raise AssertionError(f"{name}: {size}-way split of {tuple(full.shape)} along {dim} != {tuple(param.shape)}")
-    return full.narrow(dim, rank * per, per)
+    # megatron's partition stride (2 for a gated fc1: rank r holds the r-th part of the gate and of the up half)
+    stride = getattr(param, "partition_stride", 1)
+    return torch.cat(full.split(per // stride, dim=dim)[rank::size], dim=dim)
 
 
 def _local_experts(model: torch.nn.Module) -> int:
@@ -271,3 +273,21 @@ def _compare_one(rank, model_cfg, parallel_cfg, shard, dp_rank, ref: Reference, 
                                    msg=lambda m, n=name: f"rank {rank} grad of {n}: {m}")
         checked += 1
     assert checked == len(list(model.parameters())) > 0
+
+
+def check_initialisation(rank: int, world_size: int, items, parallel_cfg, seed: int = 1234) -> None:
+    """Worker body: for each (model config, reference path), build the shard from `seed` and check that every
+    parameter equals its slice of the single-process model built from the same seed (no weights loaded)."""
+    platform.initialize_model_parallel(
+        tensor=parallel_cfg.tensor, pipeline=parallel_cfg.pipeline, expert=parallel_cfg.expert,
+        expert_tensor=parallel_cfg.expert_tensor,
+    )
+    for model_cfg, ref_path in items:
+        model = build_model(model_cfg, parallel_cfg, seed=seed)
+        full = torch.load(ref_path, weights_only=False).state
+        checked = 0
+        for name, param, piece in named_full_slices(model, full):
+            torch.testing.assert_close(param.detach(), piece, atol=0, rtol=0,
+                                       msg=lambda m, n=name: f"rank {rank}: initial {n} differs: {m}")
+            checked += 1
+        assert checked == len(list(model.parameters())) > 0

@@ -51,6 +51,22 @@ def h_input(seed=2):
     return torch.randn(S, B, D, generator=torch.Generator().manual_seed(seed))
 
 
+def as_trained(adapters):
+    """Give the zero-initialised up-projections the values training would (random ones)."""
+    with torch.no_grad():
+        adapters.up_AHD.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(4))
+    return adapters
+
+
+@pytest.mark.parametrize("mode", ["static", "dynamic", "shared_dynamic"])
+def test_a_new_adapter_has_no_effect(mode):
+    adapters, _, ctx = make(mode)
+    assert adapters.up_AHD.abs().sum() == 0 and adapters.down_ADH.abs().sum() > 0
+    h_SBD = h_input()
+    with ctx.micro_batch(task_ids_B=TASKS):
+        torch.testing.assert_close(adapters(h_SBD), h_SBD, atol=0, rtol=0)
+
+
 def test_number_of_dynamic_adapters_is_ceil_log2_tasks():
     adapters, _, _ = make("dynamic")
     assert adapters.num_adapters == math.ceil(math.log2(G)) == 3
@@ -61,6 +77,7 @@ def test_number_of_dynamic_adapters_is_ceil_log2_tasks():
 @pytest.mark.parametrize("mode,topk", [("static", 1), ("dynamic", 1), ("dynamic", 2), ("shared_dynamic", 1)])
 def test_every_mode_forward_backward(mode, topk):
     adapters, router, ctx = make(mode, topk)
+    as_trained(adapters)
     h_SBD = h_input().requires_grad_(True)
     with ctx.micro_batch(task_ids_B=TASKS):
         out_SBD = adapters(h_SBD)
@@ -79,6 +96,7 @@ def test_every_mode_forward_backward(mode, topk):
 
 def test_static_adapter_is_the_tasks_own():
     adapters, _, ctx = make("static")
+    as_trained(adapters)
     h_SBD = h_input()
     with ctx.micro_batch(task_ids_B=TASKS):
         out_SBD = adapters(h_SBD)
@@ -105,6 +123,7 @@ def test_static_adapter_is_the_tasks_own():
 @pytest.mark.parametrize("mode", ["static", "dynamic", "shared_dynamic"])
 def test_a_sequence_output_does_not_depend_on_the_rest_of_the_batch(mode):
     adapters, _, ctx = make(mode, topk=2 if mode != "static" else 1)
+    as_trained(adapters)
     h_SBD = h_input()
     with ctx.micro_batch(task_ids_B=TASKS):
         full = adapters(h_SBD)

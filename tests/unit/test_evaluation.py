@@ -41,3 +41,30 @@ def test_table_averages_and_formats():
     assert json.loads(t.to_json())["rows"][1]["system"] == "moe"
     with pytest.raises(ValueError, match="unknown table format"):
         t.render("html")
+
+
+def test_bleu_tokenizer_follows_the_target_language():
+    from megatron_taskmoe.evaluation import bleu_tokenizer
+
+    assert bleu_tokenizer("de") == bleu_tokenizer(None) == "13a"
+    assert bleu_tokenizer("zh") == "zh"
+    # Japanese / Korean: MeCab's tokenizers where their extras are installed, else characters
+    assert bleu_tokenizer("ja") in ("ja-mecab", "char") and bleu_tokenizer("ko") in ("ko-mecab", "char")
+    assert bleu_tokenizer("de", "flores200") == "flores200"
+    hyps, refs = ["我喜欢猫"], ["我喜欢狗"]
+    zh = score_corpus(hyps, refs, tgt_lang="zh")
+    assert "tok:zh" in zh.signature and zh.bleu == pytest.approx(sacrebleu.corpus_bleu(hyps, [refs], tokenize="zh").score)
+    assert score_corpus(hyps, refs, tgt_lang="de").bleu != zh.bleu  # 13a leaves the sentence one token
+    assert "tok:char" in score_corpus(hyps, refs, tokenize="char").signature
+
+
+def test_tables_carry_their_sacrebleu_signatures():
+    t = ResultTable(metric="bleu")
+    t.add("moe", {"en-de": score_corpus(["a b c d"], ["a b c d"], tgt_lang="de"),
+                  "en-zh": score_corpus(["我喜欢猫"], ["我喜欢猫"], tgt_lang="zh")})
+    md = t.to_markdown()
+    assert "sacrebleu bleu: " in md and "tok:13a" in md and "tok:zh" in md and "(en-zh)" in md
+    assert set(json.loads(t.to_json())["signatures"]) == set(t.signatures)
+    chrf = ResultTable(metric="chrf")
+    chrf.add("moe", {"en-de": score_corpus(["a b"], ["a b"])})
+    assert chrf.to_markdown().rstrip().splitlines()[-1].startswith("sacrebleu chrf: nrefs:1")

@@ -87,7 +87,8 @@ def test_cli_export_writes_a_verified_standalone_directory(cli_export, runs):
     step = checkpoints / (checkpoints / "latest").read_text().strip()
     record = json.loads((step / "checkpoint.json").read_text())
     config = json.loads((out / "config.json").read_text())
-    assert config["format"] == "megatron-taskmoe/reference" and config["format_version"] == 1
+    assert config["format"] == "megatron-taskmoe/reference" and config["format_version"] == 2
+    assert config["model"]["embedding_scale"] == pytest.approx(record["model_config"]["hidden_size"] ** 0.5)
     assert config["task_map"] == record["task_map"] and config["languages"] == record["languages"]
     assert config["special_ids"] == {"pad": 0, "unk": 1, "bos": 2, "eos": 3}
     assert (out / "tokenizer.model").read_bytes() == (step / "tokenizer.model").read_bytes()
@@ -194,6 +195,29 @@ def test_reference_rejects_unknown_directions_and_broken_exports(cli_export, tmp
     (broken / "tokenizer.model").write_bytes(b"other")
     with pytest.raises(ExportFormatError, match=r"tokenizer\.model: sha256 differs"):
         load(broken)
+
+
+def test_a_version_1_export_reads_with_unscaled_embeddings(cli_export, tmp_path):
+    """Exports written before `embedding_scale` existed (format 1) came from unscaled models, and load that way."""
+    import shutil
+
+    import torch
+
+    from megatron_taskmoe.reference import load
+
+    out = cli_export[0]
+    old = tmp_path / "v1"
+    shutil.copytree(out, old)
+    config = json.loads((old / "config.json").read_text())
+    config["format_version"] = 1
+    del config["model"]["embedding_scale"]
+    (old / "config.json").write_text(json.dumps(config))
+    new_model, old_model = load(out), load(old)
+    assert new_model.config.model.embedding_scale > 1 and old_model.config.model.embedding_scale == 1.0
+    tokens = torch.tensor([[5, 6, 7]])
+    torch.testing.assert_close(old_model.model.embed(tokens) - old_model.model.embed_positions.weight[:3, None],
+                               (new_model.model.embed(tokens) - new_model.model.embed_positions.weight[:3, None])
+                               / new_model.config.model.embedding_scale)
 
 
 def test_cli_bad_inputs_fail_cleanly(cli_export, runs, tmp_path):

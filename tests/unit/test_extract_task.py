@@ -217,8 +217,9 @@ def test_capacity_models_drop_the_same_tokens(drop_policy):
     from megatron_taskmoe.model import presets
 
     cfg = presets.get("token_enc_task_dec", "tiny", num_tasks=4, num_languages=3)
+    # eval_capacity_factor: the logits compared below are evaluation-mode ones, which drop nothing by default
     moe = replace(cfg.moe, decoder=replace(cfg.moe.decoder, layer_freq=1), capacity_factor=1.0,
-                  drop_policy=drop_policy)
+                  eval_capacity_factor=1.0, drop_policy=drop_policy)
     full = _random(replace(cfg, moe=moe))
     for tasks in (["en-fr", "de-en"], ["en-fr"]):
         sub, report = extract(full, tasks=tasks)

@@ -152,3 +152,20 @@ def test_partial_saves_are_ignored_and_a_wrong_tokenizer_is_refused(run, tmp_pat
     (root / "step_00000015" / "tokenizer.model").unlink()
     with pytest.raises(CheckpointError, match="tokenizer not found"):
         load_checkpoint(root)
+
+
+def test_a_record_without_the_initialisation_fields_loads_as_the_unscaled_model_it_was(run, loaded, tmp_path):
+    """checkpoint.json written before `init_method` / `scale_embedding` existed: such models were built with
+    megatron's recipe and unscaled token embeddings, and load that way (same weights, other embedding scale)."""
+    _, run_dir = run
+    copy = tmp_path / "step_00000030"
+    shutil.copytree(run_dir / "checkpoints" / "step_00000030", copy)
+    meta = json.loads((copy / "checkpoint.json").read_text())
+    assert meta["model_config"]["scale_embedding"] is True and loaded.model.embedding.scale > 1
+    del meta["model_config"]["scale_embedding"], meta["model_config"]["init_method"]
+    (copy / "checkpoint.json").write_text(json.dumps(meta))
+    old = load_checkpoint(copy, device="cpu")
+    assert (old.model_config.scale_embedding, old.model_config.init_method) == (False, "normal")
+    assert old.model.embedding.scale == 1.0
+    weights = dict(old.model.named_parameters())
+    assert all(torch.equal(weights[n], p) for n, p in loaded.model.named_parameters())

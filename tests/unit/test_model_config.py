@@ -3,8 +3,10 @@
 from dataclasses import replace
 
 import pytest
+import torch
 import torch.nn.functional as F
 
+from megatron_taskmoe.config_io import to_dict
 from megatron_taskmoe.model import presets
 from megatron_taskmoe.model.config import ModelConfig, ParallelConfig, to_transformer_config
 from megatron_taskmoe.model.moe_config import MoEConfig, RoutingConfig
@@ -84,30 +86,83 @@ def test_presets_set_the_papers_systems():
     base = presets.paper_base()
     assert (base.encoder_layers, base.decoder_layers, base.hidden_size, base.ffn_hidden_size) == (12, 12, 1024, 4096)
     assert base.num_attention_heads == 16 and base.dropout == 0.3 and base.moe is None
+    tb = presets.transformer_base()
+    assert (tb.encoder_layers, tb.decoder_layers, tb.hidden_size, tb.ffn_hidden_size, tb.num_attention_heads,
+            tb.dropout) == (6, 6, 512, 2048, 8, 0.1)
     systems = {name: presets.get(name, num_tasks=6, num_languages=4) for name in presets.SYSTEMS}
     assert systems["dense"].moe is None
+    # Pham et al.: every FFN an MoE layer of 8 experts, top-2
+    for name in ("moe_token", "moe_sentence", "moe_task_static", "moe_task_dynamic", "moe_task_shared_dynamic",
+                 "moe_token_adapters_static", "moe_token_adapters_dynamic"):
+        moe = systems[name].moe
+        assert (moe.num_experts, moe.topk, moe.encoder.layer_freq, moe.decoder.layer_freq) == (8, 2, 1, 1), name
+        assert systems[name].num_moe_layers() == 24, name
     token = systems["moe_token"].moe
-    assert (token.num_experts, token.topk, token.encoder.mode, token.decoder.mode) == (8, 2, "token", "token")
-    assert token.encoder.layer_freq == 2 and token.num_tasks == 6 and token.num_languages == 4
+    assert (token.encoder.mode, token.decoder.mode, token.num_tasks, token.num_languages) == ("token", "token", 6, 4)
     assert systems["moe_sentence"].moe.encoder.mode == systems["moe_sentence"].moe.decoder.mode == "sentence"
-    assert systems["moe_task_static"].moe.adapters.mode == "static"
-    assert systems["moe_task_static"].moe.adapters.hidden_size == 256
-    assert systems["moe_task_dynamic"].moe.adapters.mode == "dynamic"
-    shared = systems["moe_task_shared_dynamic"].moe
-    assert shared.adapters.mode == "shared_dynamic" and shared.encoder.mode == shared.decoder.mode == "task_token"
-    kudugunta = systems["token_enc_task_dec"].moe
-    assert kudugunta.encoder.mode == "token"
-    assert (kudugunta.decoder.mode, kudugunta.decoder.task_source) == ("task", "target_language")
+    # Table 3's three "MoE + Task" rows route the MoE by task; only the adapters (and the sharing) differ
+    for name, adapters in (("moe_task_static", "static"), ("moe_task_dynamic", "dynamic"),
+                           ("moe_task_shared_dynamic", "shared_dynamic")):
+        moe = systems[name].moe
+        assert moe.encoder.mode == moe.decoder.mode == "task_token", name
+        assert (moe.adapters.mode, moe.adapters.hidden_size, moe.adapters.task_embed_dim) == (adapters, 256, 64), name
+    for name in ("moe_token_adapters_static", "moe_token_adapters_dynamic"):
+        assert systems[name].moe.encoder.mode == "token", name
     for name in ("dense_task_static", "dense_task_dynamic"):
         moe = systems[name].moe
         assert (moe.num_experts, moe.topk, moe.aux_loss_coeff) == (1, 1, 0.0), name
         assert moe.adapters.mode == name.rsplit("_", 1)[1] and moe.encoder.mode == "token", name
+        assert systems[name].num_moe_layers() == 24, name
+    # Kudugunta et al.: alternate layers, 32 experts, routing per side
+    for name, enc, dec in (("kudugunta_token", ("token", "task"), ("token", "task")),
+                           ("kudugunta_pair", ("task", "task"), ("task", "task")),
+                           ("kudugunta_target", ("task", "target_language"), ("task", "target_language")),
+                           ("token_enc_pair_dec", ("token", "task"), ("task", "task")),
+                           ("token_enc_task_dec", ("token", "task"), ("task", "target_language"))):
+        moe = systems[name].moe
+        assert (moe.num_experts, moe.topk, moe.encoder.layer_freq) == (32, 2, 2), name
+        assert (moe.encoder.mode, moe.encoder.task_source) == enc and (moe.decoder.mode, moe.decoder.task_source) == dec
+    kudugunta = presets.get("token_enc_task_dec", "transformer_base", num_tasks=6, num_languages=4)
+    assert kudugunta.num_moe_layers() == 6 and kudugunta.hidden_size == 512
     for name, cfg in systems.items():
         assert cfg.hidden_size == 1024, name
-    assert presets.get("moe_token", "tiny").hidden_size == 32
+    for name in presets.SYSTEMS:
+        cfg = presets.get(name, "tiny")
+        assert cfg.hidden_size == 32 and (cfg.moe is None or cfg.moe.num_experts in (1, 4)), name
     with pytest.raises(ValueError, match="unknown model preset 'nope'"):
         presets.get("nope")
     with pytest.raises(ValueError, match="unknown model size 'huge'"):
         presets.get("dense", "huge")
     assert isinstance(presets.get("tiny", vocab_size=99), ModelConfig)
     assert isinstance(token, MoEConfig)
+
+
+def test_initialisation_is_a_model_choice():
+    import math
+
+    from megatron_taskmoe.model.config import RECORD_DEFAULTS, xavier_uniform_init
+
+    cfg = presets.tiny()
+    assert (cfg.init_method, cfg.scale_embedding, cfg.embedding_scale) == ("xavier_uniform", True, math.sqrt(32))
+    tc = to_transformer_config(cfg)
+    assert tc.init_method is xavier_uniform_init and tc.output_layer_init_method is xavier_uniform_init
+    table = torch.empty(4000, 32)
+    tc.embedding_init_method(table)
+    assert abs(float(table.std()) - 32 ** -0.5) < 0.01
+    weight = torch.empty(96, 32)
+    xavier_uniform_init(weight)
+    bound = math.sqrt(6 / (96 + 32))
+    assert float(weight.abs().max()) <= bound and float(weight.abs().max()) > 0.9 * bound
+    bias = torch.ones(7)
+    assert torch.equal(xavier_uniform_init(bias), torch.zeros(7))
+    legacy = to_transformer_config(replace(cfg, init_method="normal", init_std=0.03))
+    assert legacy.init_method_std == 0.03 and legacy.init_method is not xavier_uniform_init
+    with pytest.raises(ValueError, match="init_method='kaiming'"):
+        presets.tiny(init_method="kaiming")
+    # a record written before these fields existed describes a model built with megatron's recipe, unscaled
+    record = to_dict(presets.tiny())
+    for key in RECORD_DEFAULTS:
+        del record[key]
+    old = ModelConfig.from_record(record)
+    assert (old.init_method, old.scale_embedding, old.embedding_scale) == ("normal", False, 1.0)
+    assert ModelConfig.from_record(to_dict(cfg)) == cfg

@@ -11,7 +11,7 @@ from megatron_taskmoe import platform
 from megatron_taskmoe.model import presets
 from megatron_taskmoe.model.encdec import EncoderDecoderModel
 
-V = 256
+V = 250  # the tiny table is padded to 256 rows: the loss must ignore the padded ones
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +25,15 @@ def megatron_world1():
 def build(cfg, seed=0):
     platform.model_parallel_manual_seed(seed)
     return EncoderDecoderModel(cfg)
+
+
+def system(name, **moe_overrides):
+    """A tiny preset with V pieces and every FFN an MoE layer (so every layer routes)."""
+    cfg = presets.get(name, "tiny", num_tasks=3, num_languages=4, vocab_size=V)
+    if cfg.moe is None:
+        return cfg
+    return replace(cfg, moe=replace(cfg.moe, encoder=replace(cfg.moe.encoder, layer_freq=1),
+                                    decoder=replace(cfg.moe.decoder, layer_freq=1), **moe_overrides))
 
 
 def batch(B=3, S=7, T=5, seed=0):
@@ -43,13 +52,12 @@ def batch(B=3, S=7, T=5, seed=0):
 
 
 def tiny_moe():
-    cfg = presets.get("moe_token", "tiny", num_tasks=3, num_languages=4)
-    return replace(cfg, moe=replace(cfg.moe, encoder=replace(cfg.moe.encoder, layer_freq=1),
-                                    decoder=replace(cfg.moe.decoder, layer_freq=1)))
+    return system("moe_token")
 
 
 def test_loss_shape_padding_and_agreement_with_logits(megatron_world1):
-    cfg = presets.tiny()
+    cfg = presets.tiny(vocab_size=V)
+    assert cfg.padded_vocab_size() > V
     model = build(cfg).eval()
     b = batch()
     loss = model(**b)
@@ -58,15 +66,17 @@ def test_loss_shape_padding_and_agreement_with_logits(megatron_world1):
     logits = model(**{k: v for k, v in b.items() if k != "labels"})
     assert logits.shape == (3, 5, V)
     eps = cfg.label_smoothing
-    padded_v = cfg.padded_vocab_size()
+    # label smoothing over the real vocabulary only (fairseq's eps / (V - 1) per other token)
     expected = F.cross_entropy(logits.reshape(-1, V), b["labels"].reshape(-1), reduction="none",
-                               label_smoothing=eps * padded_v / (padded_v - 1)).view(3, 5)
+                               label_smoothing=eps * V / (V - 1)).view(3, 5)
     torch.testing.assert_close(loss[~b["tgt_padding_mask"]], expected[~b["tgt_padding_mask"]], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("system", ["dense", "moe_token"])
-def test_extra_padding_and_future_tokens_do_not_change_the_loss(megatron_world1, system):
-    cfg = tiny_moe() if system == "moe_token" else presets.tiny()
+@pytest.mark.parametrize("name", list(presets.SYSTEMS))
+def test_extra_padding_and_future_tokens_do_not_change_the_loss(megatron_world1, name):
+    """Causality in every system: padding and the target's future never change a real position's loss (decoder
+    sentence routing reads the source, capacity dropping is off outside training)."""
+    cfg = system(name)
     model = build(cfg).eval()
     b = batch()
     loss = model(**b)
@@ -164,3 +174,67 @@ def test_stage_flags_build_partial_models(megatron_world1):
         encoder_stage.encode(b["src_tokens"], b["src_padding_mask"])
     with pytest.raises(ValueError, match="exceeds the 64 learned positions"):
         build(cfg)(**batch(S=70))
+
+
+@pytest.mark.parametrize("adapters", ["static", "dynamic", "shared_dynamic"])
+def test_adding_adapters_to_a_trained_model_leaves_its_outputs_unchanged(megatron_world1, adapters):
+    with_adapters = system({"static": "moe_task_static", "dynamic": "moe_task_dynamic",
+                            "shared_dynamic": "moe_task_shared_dynamic"}[adapters])
+    without = replace(with_adapters, moe=replace(with_adapters.moe, adapters=replace(with_adapters.moe.adapters,
+                                                                                     mode="none")))
+    trained = build(without, seed=1).eval()
+    with torch.no_grad():  # weights no initialisation would give
+        for p in trained.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    extended = build(with_adapters, seed=2).eval()
+    missing, unexpected = extended.load_state_dict(trained.state_dict(), strict=False)
+    assert not unexpected and missing and all(".adapters." in k for k in missing)
+    b = batch()
+    keys = [k for k in b if k != "labels"]
+    torch.testing.assert_close(extended(**{k: b[k] for k in keys}), trained(**{k: b[k] for k in keys}), atol=0, rtol=0)
+
+
+def test_capacity_drops_in_training_only_so_a_sentence_translates_alone_as_in_its_batch(megatron_world1):
+    from megatron_taskmoe.generation import beam_search
+
+    cfg = system("moe_token", capacity_factor=0.5)
+    model = build(cfg)
+    b = batch(B=3, S=7, T=5)
+    keys = [k for k in b if k != "labels"]
+    one = {k: v[1:2] for k, v in b.items()}
+    model.train()
+    with torch.no_grad():
+        dropped_in_batch = model(**{k: b[k] for k in keys})[1]
+        dropped_alone = model(**{k: one[k] for k in keys})[0]
+    assert not torch.allclose(dropped_in_batch, dropped_alone, atol=1e-4)  # the capacity is live in training
+    model.eval()
+    torch.testing.assert_close(model(**{k: one[k] for k in keys})[0], model(**{k: b[k] for k in keys})[1],
+                               atol=1e-5, rtol=1e-5)
+    ids = ("task_ids", "src_lang_ids", "tgt_lang_ids")
+
+    def translate(rows):
+        state = model.encode(b["src_tokens"][rows], b["src_padding_mask"][rows], **{k: b[k][rows] for k in ids})
+        return beam_search(model.step_fn(state), batch_size=len(rows), bos=2, eos=3, max_lengths=[6] * len(rows),
+                           beam_size=3)
+
+    assert translate([1]) == translate([0, 1, 2])[1:2]
+
+
+def test_decoder_sentence_routing_follows_the_source_sentence(megatron_world1):
+    cfg = system("moe_sentence")
+    model = build(cfg).eval()
+    maps = []
+    routers = [m for n, m in model.named_modules() if n.startswith("decoder") and n.endswith("mlp.router")]
+    hooks = [r.register_forward_hook(lambda m, i, out: maps.append(out[1].reshape(-1, len(i[0][0]), out[1].shape[-1])))
+             for r in routers]
+    b = batch()
+    keys = [k for k in b if k != "labels"]
+    model(**{k: b[k] for k in keys})
+    other_target = dict(b, tgt_input=torch.randint(4, V, b["tgt_input"].shape, generator=torch.Generator().manual_seed(9)))
+    model(**{k: other_target[k] for k in keys})
+    for h in hooks:
+        h.remove()
+    first, second = maps[: len(routers)], maps[len(routers):]
+    for map_TBE, again_TBE in zip(first, second):
+        assert (map_TBE == map_TBE[:1]).all(), "every target token of a sentence goes to the same experts"
+        assert torch.equal(map_TBE, again_TBE), "the decoder's routing depends on the source only"

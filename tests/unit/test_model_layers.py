@@ -77,18 +77,23 @@ def test_sequence_parallel_norm_matches_torch_and_marks_params(megatron_world1, 
 
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
-def test_label_smoothed_ce_matches_torch(megatron_world1, smoothing):
+@pytest.mark.parametrize("real_vocab", [16, 13])
+def test_label_smoothed_ce_matches_torch(megatron_world1, smoothing, real_vocab):
+    """Over the real vocabulary: the rows padding the table (13 real of 16) take no probability or smoothing."""
     from megatron.core import parallel_state as ps
 
     from megatron_taskmoe.model.encdec import vocab_parallel_label_smoothed_ce
 
     g = torch.Generator().manual_seed(0)
-    T, B, V = 4, 3, 16
-    logits = torch.randn(T, B, V, generator=g, requires_grad=True)
+    T, B, Vp, V = 4, 3, 16, real_vocab
+    logits = torch.randn(T, B, Vp, generator=g, requires_grad=True)
     target = torch.randint(0, V, (T, B), generator=g)
-    got = vocab_parallel_label_smoothed_ce(logits.clone(), target, smoothing, ps.get_tensor_model_parallel_group())
+    before = logits.detach().clone()
+    got = vocab_parallel_label_smoothed_ce(logits, target, smoothing, ps.get_tensor_model_parallel_group(),
+                                           vocab_size=V)
+    assert torch.equal(logits.detach(), before)
     # fairseq/megatron convention: eps' = eps * V / (V - 1) in torch's parametrization
-    expected = F.cross_entropy(logits.reshape(-1, V), target.reshape(-1), reduction="none",
+    expected = F.cross_entropy(logits[..., :V].reshape(-1, V), target.reshape(-1), reduction="none",
                                label_smoothing=smoothing * V / (V - 1)).view(T, B)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     got.sum().backward()

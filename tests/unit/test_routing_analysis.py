@@ -62,7 +62,8 @@ def test_counts_add_up_to_the_routed_tokens(setup, stats):
             src_tokens[s["task_id"]] += len(s["src"])
             tgt_tokens[s["task_id"]] += len(s["tgt_in"])
     assert stats.tasks == list(DIRECTIONS)
-    assert len(stats.experts()) == 2 and len(stats.adapters()) == 2  # one MoE layer per side, adapters on each
+    moe_layers = loaded.model_config.num_moe_layers()  # every FFN of the shared-dynamic preset, adapters on each
+    assert moe_layers == 4 and len(stats.experts()) == moe_layers and len(stats.adapters()) == moe_layers
     for layer in stats.layers:
         want = src_tokens if layer.name.startswith("encoder.") else tgt_tokens
         np.testing.assert_array_equal(layer.tokens_G, want)
