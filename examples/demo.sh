@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The `make demo` job, end to end on CPU: real Bible bitext -> joint tokenizer -> indexed datasets -> sampling
 # summary -> a tiny shared-dynamic task-MoE trained with expert parallelism over 2 processes -> per-task BLEU table
-# on the test books -> routing picture (tasks x experts / adapters). About 15 minutes on 2 CPU cores.
+# on the test books -> routing pictures (tasks x experts / adapters, and over training from the logged routing
+# records). About 15 minutes on 2 CPU cores.
 # Usage: bash examples/demo.sh OUTPUT_DIR   (uses the `python` on PATH; `make demo` puts .venv/bin first)
 set -euo pipefail
 OUT="${1:?usage: examples/demo.sh OUTPUT_DIR}"
@@ -34,4 +35,6 @@ python tools/evaluate.py --checkpoint "$OUT/run" --data "$OUT/bible" --split tes
   --max-sentences "${DEMO_TEST_SENTENCES:-60}" --metric both --output "$OUT/test_scores.md" \
   --routing-json "$OUT/routing.json" --routing-png "$OUT/routing.png"
 cat "$OUT/test_scores.md"
-echo "training log: $OUT/run/metrics.jsonl; routing picture: $OUT/routing.png; scores: $OUT/test_scores.md"
+python tools/analyze_routing.py --metrics "$OUT/run/metrics.jsonl" --out "$OUT/routing_over_training" --overwrite
+echo "training log: $OUT/run/metrics.jsonl; routing picture: $OUT/routing.png, over training:" \
+  "$OUT/routing_over_training/; scores: $OUT/test_scores.md"

@@ -1,11 +1,25 @@
 #!/usr/bin/env python
-"""Which experts and adapters each task uses, and do similar languages share them? Routing analysis of a checkpoint.
+"""Which experts and adapters each task uses, and do similar languages share them? Routing analysis of a checkpoint,
+or of a run's routing over training from its logs.
 
   python tools/analyze_routing.py --checkpoint demo_output/run --data demo_output/bible --split test \\
       --max-sentences 200 --out routing_analysis
+  python tools/analyze_routing.py --metrics demo_output/run/metrics.jsonl --out routing_over_training
 
-Runs the checkpoint teacher-forced over --data (a raw bitext directory as tools/evaluate.py reads, or a
-tools/preprocess_data.py output with manifest.json) and writes into --out (a new directory, made atomically):
+With --metrics (a metrics.jsonl, or the run directory holding it) the pictures come from the `routing` records the
+trainer logs every train.log_interval steps (train.routing_stats), without loading the model:
+
+  load.png        per MoE layer over the steps: max/mean expert load (and its p50/p95 over layers), router
+                  entropy, share of assignments dropped by capacity, experts that received nothing
+  families.png    within- vs across-family similarity of the tasks' expert use (and adapter use) over the steps
+  adapters.png    per dynamic adapter block: each task's most used adapter over the steps (models with adapters)
+  routing.png     the last record's per-task expert/adapter use, as heatmaps
+  telemetry.json  {"source", "series" (the per-layer time series), "families" (per step), "warnings" (collapses
+                  the trainer reported)}
+
+With --checkpoint it runs the checkpoint teacher-forced over --data (a raw bitext directory as tools/evaluate.py
+reads, or a tools/preprocess_data.py output with manifest.json) and writes into --out (a new directory, made
+atomically):
 
   routing.png     per-task expert usage of every MoE layer and adapter choice of every adapter block, as heatmaps
                   (Kudugunta et al. 2021, Figure 3)
@@ -37,9 +51,12 @@ from translate import quiet_megatron  # noqa: E402
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", required=True, type=Path, help="checkpoint directory, checkpoint root or run dir")
-    p.add_argument("--data", required=True, type=Path,
-                   help="raw bitext directory ({split}.{a}-{b}.{a}/.{b}, TSV, JSONL) or preprocessed directory")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", type=Path, help="checkpoint directory, checkpoint root or run dir")
+    source.add_argument("--metrics", type=Path, help="a run's metrics.jsonl (or its run directory): routing over "
+                        "training from the logged routing records, without the model")
+    p.add_argument("--data", type=Path, help="with --checkpoint: raw bitext directory ({split}.{a}-{b}.{a}/.{b}, "
+                   "TSV, JSONL) or preprocessed directory")
     p.add_argument("--split", default="test", help="split to run (e.g. valid, test)")
     p.add_argument("--directions", nargs="+", default=None, help="e.g. de-en en-de (default: all trained ones)")
     p.add_argument("--max-sentences", type=int, default=500, help="first N pairs per direction; 0: all")
@@ -134,6 +151,76 @@ def analyze(stats, *, families=None, pivot: str = "en", metric: str = "js") -> d
     return doc, sims, clustering
 
 
+def analyze_metrics(args, fail) -> int:
+    """--metrics mode: pictures over training steps from the routing records (see the module docstring)."""
+    from megatron_taskmoe.analysis.similarity import METRIC_NAMES
+    from megatron_taskmoe.analysis.telemetry import TelemetryError, read_routing_records, record_routing_stats
+    from megatron_taskmoe.analysis.routing import plot_routing
+    from megatron_taskmoe.analysis.telemetry_plots import (adapter_blocks, family_series, plot_adapters, plot_family,
+                                                           plot_load, telemetry_series)
+    from megatron_taskmoe.checkpoint_tools.io import CheckpointToolError, atomic_dir, check_output
+
+    path = args.metrics / "metrics.jsonl" if args.metrics.is_dir() else args.metrics
+    try:
+        check_output(args.out, args.overwrite)
+        families = load_families(args.families)
+        if not path.is_file():
+            raise AnalysisError(f"--metrics {path}: no such file")
+        records = read_routing_records(path)
+        if not records:
+            raise AnalysisError(f"--metrics {path}: no routing records (the run logs them with "
+                                "train.routing_stats=true, every train.log_interval steps, for models with MoE layers)")
+        series = telemetry_series(records)
+        points = family_series(records, families, metric=args.metric, pivot=args.pivot)
+        written = []
+        with atomic_dir(args.out, overwrite=args.overwrite) as tmp:
+            name = path.parent.name or str(path)
+            if any(s["kind"] == "experts" for s in series["layers"].values()):
+                plot_load(series, tmp / "load.png", title=f"expert load per MoE layer: {name}")
+                written.append("load.png")
+            try:
+                plot_family(points, tmp / "families.png", metric_name=METRIC_NAMES[args.metric],
+                            title=f"routing similarity of tasks within vs across language families: {name}")
+                written.append("families.png")
+            except ValueError as e:  # e.g. tasks without a known family: the other pictures still say something
+                print(f"analyze_routing.py: no families.png: {e}", file=sys.stderr)
+            if adapter_blocks(records):
+                plot_adapters(records, tmp / "adapters.png", title=f"adapter assignment per task: {name}")
+                written.append("adapters.png")
+            last = record_routing_stats(records[-1])
+            if last.layers:
+                plot_routing(last, tmp / "routing.png", title=f"routing per task at step {records[-1]['step']}: {name}")
+                written.append("routing.png")
+            doc = {"source": {"metrics": str(path), "records": len(records), "first_step": records[0]["step"],
+                              "last_step": records[-1]["step"]},
+                   "series": series, "families": points,
+                   "warnings": [w for r in records for w in r.get("warnings", [])]}
+            text = json.dumps(_nan_to_none(doc), indent=1, allow_nan=False) + "\n"
+            (tmp / "telemetry.json").write_text(text, encoding="utf-8")
+            written.append("telemetry.json")
+    except (AnalysisError, TelemetryError, CheckpointToolError) as e:
+        return fail(str(e))
+    last_point = points[-1] if points else None
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    print(f"{len(records)} routing records, steps {records[0]['step']}-{records[-1]['step']}; load ratio p95 at the "
+          f"last step {fmt(records[-1].get('load_ratio_p95'))}"
+          + (f"; family similarity within {fmt(last_point['within'])}, across {fmt(last_point['across'])}"
+             if last_point else "")
+          + f"\nwrote {args.out}/{', '.join(written)}")
+    return 0
+
+
+def _nan_to_none(o):
+    """NaN (a series' missing value) as JSON null, throughout."""
+    if isinstance(o, float) and o != o:
+        return None
+    if isinstance(o, dict):
+        return {k: _nan_to_none(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_nan_to_none(v) for v in o]
+    return o
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     quiet_megatron(args.verbose)
@@ -142,6 +229,10 @@ def main(argv=None) -> int:
         print(f"analyze_routing.py: error: {message}", file=sys.stderr)
         return 2
 
+    if args.metrics is not None:
+        return analyze_metrics(args, fail)
+    if args.data is None:
+        return fail("--data is required with --checkpoint")
     if args.max_sentences < 0:
         return fail(f"--max-sentences must be >= 0, got {args.max_sentences}")
     if args.batch_size < 1:

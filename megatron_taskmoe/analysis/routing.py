@@ -33,6 +33,13 @@ _BATCH_KEYS = ("src_tokens", "src_padding_mask", "tgt_input", "tgt_padding_mask"
 _LAYER = re.compile(r"(encoder|decoder)\.layers\.(\d+)\.")
 
 
+def layer_label(name: str, kind: str) -> str:
+    """A module name as a reader says it: `decoder.layers.3.mlp.router`, "experts" -> "decoder layer 4 experts"."""
+    m = _LAYER.search(name)
+    where = f"{m.group(1)} layer {int(m.group(2)) + 1}" if m else name
+    return f"{where} {kind}"
+
+
 def row_fractions(counts_GX: np.ndarray) -> np.ndarray:
     """Each task's share of its assignments per expert/adapter (rows sum to 1; NaN for a task never seen)."""
     counts_GX = np.asarray(counts_GX, dtype=np.float64)
@@ -55,9 +62,7 @@ class LayerRouting:
 
     @property
     def label(self) -> str:
-        m = _LAYER.search(self.name)
-        where = f"{m.group(1)} layer {int(m.group(2)) + 1}" if m else self.name
-        return f"{where} {self.kind}"
+        return layer_label(self.name, self.kind)
 
     @property
     def load_GX(self) -> np.ndarray:

@@ -36,6 +36,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_taskmoe.model.moe_config import MoEConfig
+from megatron_taskmoe.model.routing_counts import RoutingCounters, add_task_counts_
 from megatron_taskmoe.model.task_context import TaskContext
 
 
@@ -119,6 +120,8 @@ class TaskAdapters(MegatronModule):
         self.collect_stats = False
         self.stats_assignments_GA: torch.Tensor | None = None
         self.stats_tokens_G: torch.Tensor | None = None
+        # Training telemetry of the dynamic gates (routing_counts.RoutingCounters); `moe.set_routing_telemetry`.
+        self.telemetry: RoutingCounters | None = None
 
     def reset_parameters(self, dtype: torch.dtype) -> None:
         with torch.no_grad():
@@ -184,22 +187,24 @@ class TaskAdapters(MegatronModule):
                 self.eps,
             )
             out_TD = out_TD.index_add(0, idx_N, delta_ND * weights_TA.index_select(0, idx_N)[:, a : a + 1])
-        if self.collect_stats:
-            self._record_stats(map_TA, padding_mask_LB)
+        training = self.training and torch.is_grad_enabled()
+        if self.collect_stats or (training and self.telemetry is not None):
+            self._record_stats(map_TA, padding_mask_LB, training)
         return out_TD.reshape(local_len, batch, hidden)
 
-    def _record_stats(self, map_TA: torch.Tensor, padding_mask_LB: torch.Tensor | None) -> None:
+    def _record_stats(self, map_TA: torch.Tensor, padding_mask_LB: torch.Tensor | None, training: bool) -> None:
+        """Validation statistics (`collect_stats`) and, in training, telemetry (`routing_counts.py`)."""
         if not self.task_context.has_ids("task"):
             return
         with torch.no_grad():
             ids_T = self.task_context.token_ids("task", map_TA.shape[0], device=map_TA.device)
-            weight_T = torch.ones(map_TA.shape[0], dtype=torch.float64, device=map_TA.device)
-            if padding_mask_LB is not None:
-                weight_T = weight_T * (~padding_mask_LB.reshape(-1).bool())
-            if self.stats_assignments_GA is None:
-                self.init_stats(map_TA.device)
-            self.stats_assignments_GA.index_add_(0, ids_T, map_TA.to(torch.float64) * weight_T.unsqueeze(-1))
-            self.stats_tokens_G.index_add_(0, ids_T, weight_T)
+            valid_T = None if padding_mask_LB is None else ~padding_mask_LB.reshape(-1).bool()
+            if training and self.telemetry is not None:
+                self.telemetry.add_adapters(map_TA, valid_T, ids_T)
+            if self.collect_stats:
+                if self.stats_assignments_GA is None:
+                    self.init_stats(map_TA.device)
+                add_task_counts_(self.stats_assignments_GA, self.stats_tokens_G, ids_T, map_TA, valid_T)
 
     def init_stats(self, device: torch.device) -> None:
         rows = self.moe_config.num_tasks
@@ -209,3 +214,7 @@ class TaskAdapters(MegatronModule):
     def reset_stats(self) -> None:
         self.stats_assignments_GA = None
         self.stats_tokens_G = None
+
+    def init_telemetry(self, device: torch.device) -> None:
+        self.telemetry = RoutingCounters("adapters", num_choices=self.num_adapters,
+                                         num_task_rows=self.moe_config.num_tasks, device=device)

@@ -13,6 +13,11 @@ adapter; `routing_stats(model)` returns them keyed by module name, `reset_routin
 Counts are this rank's: sum them over the tensor-parallel (sequence-parallel shards) and data-parallel ranks with
 `all_reduce_routing_stats`.
 
+Training telemetry: `set_routing_telemetry(model, True)` gives every router and dynamic adapter block running
+counters (`routing_counts.RoutingCounters`: expert load before and after capacity dropping, dropped tokens, router
+entropy, per-task assignments) that only training forwards add to; `routing_telemetry(model)` lists them and
+`zero_routing_telemetry(model)` starts the next window (`training/routing_telemetry.py` reduces and reports them).
+
 Legend: G tasks, E experts, A adapters.
 """
 
@@ -178,11 +183,78 @@ def routing_stats(model: torch.nn.Module) -> dict[str, dict[str, torch.Tensor]]:
     return out
 
 
+def pack_routing_stats(stats: dict[str, dict[str, torch.Tensor]]) -> tuple[torch.Tensor, list]:
+    """All statistics in one flat buffer (sorted by module name, then key: the same order on every rank holding
+    the same layers) and its layout [(name, key, shape)]; `unpack_routing_stats` inverts it."""
+    layout = [(name, key, tuple(stats[name][key].shape)) for name in sorted(stats) for key in sorted(stats[name])]
+    if not layout:
+        return torch.zeros(0, dtype=torch.float64), layout
+    return torch.cat([stats[name][key].reshape(-1) for name, key, _ in layout]), layout
+
+
+def unpack_routing_stats(flat, layout: list) -> dict[str, dict]:
+    """{name: {key: piece of `flat` (a tensor or a numpy array) in its shape}}."""
+    out: dict[str, dict] = {}
+    offset = 0
+    for name, key, shape in layout:
+        size = 1
+        for dim in shape:
+            size *= dim
+        out.setdefault(name, {})[key] = flat[offset : offset + size].reshape(shape)
+        offset += size
+    return out
+
+
 def all_reduce_routing_stats(stats: dict[str, dict[str, torch.Tensor]], group=None) -> dict:
-    """Sum every statistic over `group` in place (iteration order is sorted, so it matches on every rank)."""
-    if not (dist.is_available() and dist.is_initialized()):
+    """Sum every statistic over `group` in place, with one collective on the packed buffer."""
+    if not (dist.is_available() and dist.is_initialized()) or not stats:
         return stats
-    for name in sorted(stats):
-        for key in sorted(stats[name]):
-            dist.all_reduce(stats[name][key], group=group)
+    flat, layout = pack_routing_stats(stats)
+    dist.all_reduce(flat, group=group)
+    for name, entry in unpack_routing_stats(flat, layout).items():
+        for key, part in entry.items():
+            stats[name][key].copy_(part)
     return stats
+
+
+# ------------------------------------------------------------------------------------------ training telemetry
+
+
+def _telemetry_modules(model: torch.nn.Module):
+    """Routers, and adapter blocks with a gate (static adapters are one per task by construction)."""
+    for name, module in _stat_modules(model):
+        if isinstance(module, TaskTopKRouter) or module.adapter_config.is_dynamic:
+            yield name, module
+
+
+def set_routing_telemetry(model: torch.nn.Module, enabled: bool = True) -> int:
+    """Give every router and dynamic adapter block of `model` zeroed training counters (`routing_counts.py`), or
+    remove them; returns how many modules count."""
+    count = 0
+    for _, module in _telemetry_modules(model):
+        if enabled:
+            module.init_telemetry(next(module.parameters()).device)
+            count += 1
+        else:
+            module.telemetry = None
+    return count
+
+
+def routing_telemetry(model: torch.nn.Module) -> dict[str, dict]:
+    """{module name: {"kind": "experts" | "adapters", "mode": routing or adapter mode, "topk", "counts": {key:
+    tensor}}} for every module counting telemetry, in module order (encoder layers first). The tensors are the
+    live counters: `pack_routing_stats` copies them into one buffer to reduce, `zero_routing_telemetry` restarts
+    them."""
+    out = {}
+    for name, module in _telemetry_modules(model):
+        if module.telemetry is None:
+            continue
+        kind = module.telemetry.kind
+        out[name] = {"kind": kind, "mode": module.mode, "topk": module.topk, "counts": module.telemetry.values}
+    return out
+
+
+def zero_routing_telemetry(model: torch.nn.Module) -> None:
+    for _, module in _telemetry_modules(model):
+        if module.telemetry is not None:
+            module.telemetry.zero_()

@@ -11,7 +11,7 @@ What differs from megatron's router:
     the sequence-parallel ranks, so the weighted losses sum to the global one too);
   * token dropping where padding tokens never displace real ones, with a deterministic tie-break, in training only
     unless `MoEConfig.eval_capacity_factor` says otherwise (a translation must not depend on its batch);
-  * routing statistics (expert load per task) for the trainer.
+  * routing statistics (expert load per task) for validation, and training telemetry (`routing_counts.py`).
 Task ids come from the model's `TaskContext` (the router is called with `(hidden_states, padding_mask)` only).
 
 Parameters replicated across tensor-parallel ranks (gate weight, task table) get the `sequence_parallel`
@@ -35,6 +35,7 @@ from megatron.core.utils import get_pg_rank, get_pg_size
 from megatron_taskmoe import mcore_compat
 from megatron_taskmoe.model import routing as R
 from megatron_taskmoe.model.moe_config import MoEConfig
+from megatron_taskmoe.model.routing_counts import RoutingCounters, add_task_counts_
 from megatron_taskmoe.model.task_context import TaskContext
 
 
@@ -89,6 +90,9 @@ class TaskTopKRouter(TopKRouter):
         self.collect_stats = False
         self.stats_assignments_GE: torch.Tensor | None = None
         self.stats_tokens_G: torch.Tensor | None = None
+        # Training telemetry (routing_counts.RoutingCounters), counted in training forwards only; enabled by
+        # `moe.set_routing_telemetry(model, True)`.
+        self.telemetry: RoutingCounters | None = None
         self.last_aux_loss: torch.Tensor | None = None
         self.last_z_loss: torch.Tensor | None = None
 
@@ -227,22 +231,26 @@ class TaskTopKRouter(TopKRouter):
             self.last_aux_loss = aux.detach()
             self._log("load_balancing_loss", aux.detach())
 
-        if self.collect_stats:
-            self._record_stats(routing_map_TE, valid_T)
+        if self.collect_stats or (training and self.telemetry is not None):
+            self._record_stats(logits_TE, routing_map_TE, valid_T, training)
         return probs_TE, routing_map_TE
 
-    def _record_stats(self, routing_map_TE: torch.Tensor, valid_T: torch.Tensor | None) -> None:
-        if self.task_context is None or not self.task_context.has_ids("task"):
-            return
+    def _record_stats(self, logits_TE, routing_map_TE, valid_T, training: bool) -> None:
+        """Validation statistics (`collect_stats`) and, in training, telemetry (`routing_counts.py`), which also
+        counts the choices before capacity dropping (the top-k of the same logits, recomputed when dropping)."""
         with torch.no_grad():
-            ids_T = self.task_context.token_ids("task", routing_map_TE.shape[0], device=routing_map_TE.device)
-            weight_T = torch.ones(routing_map_TE.shape[0], dtype=torch.float64, device=routing_map_TE.device)
-            if valid_T is not None:
-                weight_T = weight_T * valid_T
-            if self.stats_assignments_GE is None:
-                self.init_stats(ids_T.device)
-            self.stats_assignments_GE.index_add_(0, ids_T, routing_map_TE.to(torch.float64) * weight_T.unsqueeze(-1))
-            self.stats_tokens_G.index_add_(0, ids_T, weight_T)
+            ids_T = None
+            if self.task_context is not None and self.task_context.has_ids("task"):
+                ids_T = self.task_context.token_ids("task", routing_map_TE.shape[0], device=routing_map_TE.device)
+            if training and self.telemetry is not None:
+                routed_map_TE = routing_map_TE
+                if self.config.moe_expert_capacity_factor is not None:
+                    routed_map_TE = R.topk_routing(logits_TE.detach(), self.topk)[1]
+                self.telemetry.add_router(logits_TE, routed_map_TE, routing_map_TE, valid_T, ids_T)
+            if self.collect_stats and ids_T is not None:
+                if self.stats_assignments_GE is None:
+                    self.init_stats(ids_T.device)
+                add_task_counts_(self.stats_assignments_GE, self.stats_tokens_G, ids_T, routing_map_TE, valid_T)
 
     def init_stats(self, device: torch.device) -> None:
         rows = self.moe_config.num_tasks
@@ -252,6 +260,10 @@ class TaskTopKRouter(TopKRouter):
     def reset_stats(self) -> None:
         self.stats_assignments_GE = None
         self.stats_tokens_G = None
+
+    def init_telemetry(self, device: torch.device) -> None:
+        self.telemetry = RoutingCounters("experts", num_choices=self.num_experts,
+                                         num_task_rows=self.moe_config.num_tasks, device=device)
 
     # ------------------------------------------------------------------------------------------ forward
     def forward(self, input: torch.Tensor, padding_mask: torch.Tensor | None = None):

@@ -115,10 +115,18 @@ class TrainSection:
     bf16: Optional[bool] = None
     """None: bf16 on GPU, fp32 on CPU."""
     progress_bar: bool = True
+    routing_stats: bool = True
+    """Routing telemetry: per MoE layer, every log_interval steps, a `routing` record in metrics.jsonl and
+    TensorBoard (expert load, drops, entropy, per-task expert and adapter use; training/routing_telemetry.py)."""
+    routing_collapse_share: float = 0.9
+    """Warn that a layer collapsed when one expert is chosen by at least this share of its tokens, or a dynamic
+    adapter gate sends at least this share of every task's tokens to one adapter."""
 
     def __post_init__(self):
         if self.steps < 1 or self.micro_batches < 1 or self.log_interval < 1:
             raise ValueError("train.steps, train.micro_batches and train.log_interval must be >= 1")
+        if not 0 < self.routing_collapse_share <= 1:
+            raise ValueError(f"train.routing_collapse_share={self.routing_collapse_share} must be in (0, 1]")
 
 
 @dataclass(kw_only=True)

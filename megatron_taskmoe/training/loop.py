@@ -32,6 +32,7 @@ from megatron_taskmoe.model.config import RECORD_DEFAULTS, ModelConfig
 from megatron_taskmoe.training import checkpointing as ckpt
 from megatron_taskmoe.training.config import RunConfig
 from megatron_taskmoe.training.metrics import MetricsWriter
+from megatron_taskmoe.training.routing_telemetry import RoutingTelemetry, has_routing
 from megatron_taskmoe.training.setup import Built, Corpus, build, check_task_map
 
 log = logging.getLogger(__name__)
@@ -158,6 +159,10 @@ class Trainer:
                                               max_src_len=model_cfg.max_source_positions - 2,
                                               max_tgt_len=model_cfg.max_target_positions - 1)
         self._maybe_resume()
+        self.routing = RoutingTelemetry(  # routing telemetry: counted on the device, reduced at each log step
+            self.built.module, pg, task_names=corpus.manifest["task_map"]["tasks"],
+            enabled=cfg.train.routing_stats and has_routing(model_cfg),
+            collapse_share=cfg.train.routing_collapse_share, logging_rank=self.rank == 0, start_step=self.state.step)
         self.batches = _DeviceBatches(BatchIterator(
             self.train_data, temperature=cfg.data.temperature,
             batching=batching_config(cfg, model_cfg, cfg.parallel.tensor), dp_rank=self.dp_rank,
@@ -366,6 +371,7 @@ class Trainer:
                 record = {"loss": out["loss"], "lr": lr, "grad_norm": out["grad_norm"], "tokens_per_s": tps,
                           "consumed_samples": self.state.consumed_samples, **{f"aux/{k}": v for k, v in aux.items()}}
                 self.metrics.write("train", step, **record)
+                self.routing.log(step, self.metrics)
                 bar.set_postfix(loss=f"{out['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:.0f}")
                 window_start, self.batches.tokens = time.perf_counter(), 0
             stop_early = False

@@ -1,8 +1,9 @@
 """Run metrics: `metrics.jsonl` (one JSON object per logged step or evaluation) and TensorBoard.
 
-`metrics.jsonl` is the machine-readable record that scripts compare runs by. Each line has a `kind` ("train" or
-"eval"), the `step`, and flat numeric fields; nested mappings (per-task BLEU) are kept as mappings in the JSON line and
-flattened to `a/b` tags for TensorBoard. Only the logging rank (rank 0) writes.
+`metrics.jsonl` is the machine-readable record that scripts compare runs by. Each line has a `kind` ("train",
+"eval" or "routing"), the `step`, and flat numeric fields; nested mappings (per-task BLEU) are kept as mappings in the
+JSON line and flattened to `a/b` tags for TensorBoard. A writer may instead name the TensorBoard scalars itself and
+add histograms (the routing telemetry: `training/routing_telemetry.py`). Only the logging rank (rank 0) writes.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 
 def _flatten(prefix: str, value: Any, out: dict[str, float]) -> None:
@@ -39,7 +40,11 @@ class MetricsWriter:
 
             self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
 
-    def write(self, kind: str, step: int, **fields: Any) -> None:
+    def write(self, kind: str, step: int, *, tb_scalars: Optional[Mapping[str, float]] = None,
+              tb_histograms: Optional[Mapping[str, Sequence[float]]] = None, **fields: Any) -> None:
+        """One JSON line {"kind", "step", **fields}. TensorBoard gets the fields' numbers (flattened to `kind/a/b`
+        tags), or `tb_scalars` instead when given, and `tb_histograms`: {tag: counts per index}, drawn as a
+        histogram over the indexes (e.g. tokens per expert)."""
         if not self.enabled:
             return
         record = {"kind": kind, "step": step, **fields}
@@ -47,9 +52,27 @@ class MetricsWriter:
         self._file.flush()
         if self._tb is not None:
             scalars: dict[str, float] = {}
-            _flatten(kind, fields, scalars)
+            if tb_scalars is None:
+                _flatten(kind, fields, scalars)
+            else:
+                _flatten("", tb_scalars, scalars)
             for tag, value in scalars.items():
                 self._tb.add_scalar(tag, value, step)
+            for tag, counts in (tb_histograms or {}).items():
+                self._index_histogram(tag, counts, step)
+
+    def _index_histogram(self, tag: str, counts: Sequence[float], step: int) -> None:
+        """A histogram whose bucket i holds counts[i] (value i): TensorBoard's raw histogram, one bucket per index."""
+        used = [i for i, c in enumerate(counts) if c > 0]
+        if not used:
+            return
+        total = float(sum(counts))
+        self._tb.add_histogram_raw(
+            tag, min=float(used[0]), max=float(used[-1]), num=total,
+            sum=float(sum(i * c for i, c in enumerate(counts))),
+            sum_squares=float(sum(i * i * c for i, c in enumerate(counts))),
+            bucket_limits=[i + 0.5 for i in range(len(counts))], bucket_counts=[float(c) for c in counts],
+            global_step=step)
 
     def close(self) -> None:
         if self._file is not None:

@@ -78,7 +78,8 @@ def prepare_data(root: Path) -> tuple[Path, Path]:
 def train(root: Path, run_dir: Path, *, steps: int = 30, nproc: int = 1, overrides: tuple[str, ...] = (),
           python: str = PYTHON) -> Path:
     """Train `steps` steps into `run_dir` (torchrun with `nproc` gloo processes when nproc > 1) with the
-    interpreter `python` (this one by default); a run directory with a checkpoint resumes from it."""
+    interpreter `python` (this one by default); a run directory with a checkpoint resumes from it. The trainer's
+    log (stderr) is kept as `run_dir/train.log`."""
     _, binary = prepare_data(root)
     args = ["pretrain_mt.py", "--config", "examples/configs/tiny_cpu.yaml",
             "--set", f"data.data_dir={binary}", "--set", f"train.run_dir={run_dir}", "--set", f"train.steps={steps}",
@@ -92,7 +93,8 @@ def train(root: Path, run_dir: Path, *, steps: int = 30, nproc: int = 1, overrid
                str(free_port()), *args]
     else:
         cmd = [python, *args]
-    run(cmd, timeout=600)
+    result = run(cmd, timeout=600)
+    (run_dir / "train.log").write_text(result.stderr, encoding="utf-8")
     return run_dir
 
 
