@@ -12,7 +12,7 @@ from setuptools import find_packages, setup
 INSTALL_REQUIRES = [
     "torch>=2.6",
     "megatron-core==0.16.1",
-    "sentencepiece>=0.2",
+    "sentencepiece>=0.2.2",  # encode(out_type="numpy") and the batch encoder that releases the GIL
     "sacrebleu>=2.4",
     "numpy>=1.26",
     "tqdm>=4.66",
