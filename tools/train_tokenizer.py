@@ -3,7 +3,8 @@
 
 Training sentences are drawn per language with temperature (p_L ~ n_L^(1/T)) so that low-resource languages get
 their share of the vocabulary; each language's tag `<2xx>` is a user-defined symbol, and pad/unk/bos/eos have the
-fixed ids 0/1/2/3. Deterministic given the data and --seed.
+fixed ids 0/1/2/3. Deterministic given the data and --seed. A language without any non-blank sentence is an error
+naming its files (nothing is written); a blank side of one bitext, whose language has sentences elsewhere, a warning.
 
   python tools/train_tokenizer.py --input-dir data/bible --output-prefix data/spm --vocab-size 8000
 """

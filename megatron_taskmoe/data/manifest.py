@@ -154,7 +154,8 @@ def _check_fields(manifest: dict, path: Path) -> None:
 
 def check_data_files(data_dir: Path, manifest: dict, split: str | None = None) -> None:
     """Every .bin/.idx the manifest names (of `split`, or of all splits) exists and holds the sentences and tokens
-    the manifest records; reads index headers and file sizes only. DataError naming the file otherwise."""
+    the manifest records (index headers and file sizes only), and so does every reference text it names (one line
+    per sentence). DataError naming the file otherwise."""
     for entry in manifest["directions"].values():
         for name, info in entry["splits"].items():
             if split is None or name == split:
@@ -162,6 +163,15 @@ def check_data_files(data_dir: Path, manifest: dict, split: str | None = None) -
                                       tokens=info["src_tokens"])
                 check_indexed_dataset(Path(data_dir) / info["tgt_prefix"], sentences=info["sentences"],
                                       tokens=info["tgt_tokens"])
+                if "references" in info:
+                    path = Path(data_dir) / str(info["references"])
+                    try:
+                        lines = path.read_bytes().count(b"\n")
+                    except OSError as e:
+                        raise DataError(f"{path}: cannot read the reference text: {e.strerror}") from None
+                    if lines != info["sentences"]:
+                        raise DataError(f"{path}: {lines} lines, but manifest.json says {info['sentences']} "
+                                        "sentences")
 
 
 def check_task_map_compatible(saved: dict, current: dict) -> None:

@@ -11,6 +11,9 @@ How it is built (the goal is sentencepiece's own speed as a whole process; see b
     `write` per chunk and side, while the threads encode the next ones;
   * a source and a target file are written once per bitext; the reverse direction's files are hard links to them
     (xx-en's `.xx` is en-xx's `.xx`), so both directions come from one pass and cost no extra disk;
+  * for every split but `train`, each direction also gets its raw target text, one line per kept pair in dataset
+    order (`{split}.{src}-{tgt}.ref.{tgt}`, newlines inside a sentence replaced by spaces): the references that
+    validation scores against, instead of decoded (and possibly truncated) pieces;
   * everything is written under `OUT/.tmp-preprocess-*` and moved into place only when every check has passed:
     the old `manifest.json` is removed first and the new one is moved in last, so OUT never holds a manifest that
     disagrees with its files. A bitext whose pairs the filters remove entirely is an error (nothing is written).
@@ -114,6 +117,8 @@ class EncodedChunk:
     tgt_lengths_N: np.ndarray
     removed: dict[str, int]
     lines: int
+    keep_N: np.ndarray
+    """Which of the chunk's pairs were kept."""
 
 
 def filter_mask(src_len, tgt_len, max_len: int, max_ratio: float) -> dict[str, np.ndarray]:
@@ -140,12 +145,26 @@ def encode_pairs(tokenizer: Tokenizer, src: list, tgt: list, *, max_len: int, ma
         src_len_N, tgt_len_N = src_len_N[keep_N], tgt_len_N[keep_N]
     return EncodedChunk(src_tokens_T=src_tokens_T.astype(dtype), src_lengths_N=src_len_N,
                         tgt_tokens_T=tgt_tokens_T.astype(dtype), tgt_lengths_N=tgt_len_N,
-                        removed={k: int(v.sum()) for k, v in masks.items()}, lines=len(src))
+                        removed={k: int(v.sum()) for k, v in masks.items()}, lines=len(src), keep_N=keep_N)
 
 
 def direction_files(split: str, src: str, tgt: str) -> tuple[str, str]:
     """Path prefixes (relative to OUT) of the source and target datasets of direction src->tgt."""
     return f"{split}.{src}-{tgt}.{src}", f"{split}.{src}-{tgt}.{tgt}"
+
+
+def reference_file(split: str, src: str, tgt: str) -> str:
+    """File name (relative to OUT) of the raw target text of direction src->tgt."""
+    return f"{split}.{src}-{tgt}.ref.{tgt}"
+
+
+def _reference_lines(lines: list) -> bytes:
+    """Sentences (UTF-8 bytes, or str from JSONL) as UTF-8 text of one line each: line breaks inside a sentence
+    (only JSONL strings can hold a newline; any input a carriage return) become spaces."""
+    if lines and isinstance(lines[0], str):
+        lines = [line.replace("\r\n", " ").replace("\n", " ").encode("utf-8") for line in lines]
+    text = b"".join(line + b"\n" for line in lines)
+    return text.replace(b"\r", b" ") if b"\r" in text else text
 
 
 def _files(b: Bitext) -> str:
@@ -205,7 +224,7 @@ def run_preprocess(cfg: PreprocessConfig) -> dict:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     results = [BitextResult(bitext=b) for b in bitexts]
-    writers: dict[int, tuple[IndexedDatasetWriter, IndexedDatasetWriter]] = {}
+    writers: dict[int, tuple[list, list]] = {}  # bitext -> (its two dataset writers, its reference files)
     committed = False
     try:
         _encode_all(cfg, tokenizer, dtype, texts, results, writers, tmp)
@@ -234,9 +253,11 @@ def run_preprocess(cfg: PreprocessConfig) -> dict:
         os.replace(tmp / MANIFEST_NAME, cfg.output_dir / MANIFEST_NAME)
         committed = True
     finally:
-        for pair in writers.values():
-            for w in pair:
+        for datasets, references in writers.values():
+            for w in datasets:
                 w.close()
+            for f, _ in references:
+                f.close()
         shutil.rmtree(tmp, ignore_errors=True)
         if created and not committed:
             shutil.rmtree(cfg.output_dir, ignore_errors=True)
@@ -260,34 +281,47 @@ def _encode_all(cfg: PreprocessConfig, tokenizer: Tokenizer, dtype, texts, resul
                                                   tgt[j: j + cfg.chunk_pairs], max_len=cfg.max_len,
                                                   max_ratio=cfg.max_ratio, dtype=dtype)))
                 while len(pending) > in_flight:
-                    _write_chunk(*pending.popleft(), results, writers, last_chunk, dtype, tmp, bar)
+                    _write_chunk(*pending.popleft(), texts, cfg, results, writers, last_chunk, dtype, tmp, bar)
             while pending:
-                _write_chunk(*pending.popleft(), results, writers, last_chunk, dtype, tmp, bar)
+                _write_chunk(*pending.popleft(), texts, cfg, results, writers, last_chunk, dtype, tmp, bar)
         except BaseException:
             pool.shutdown(wait=True, cancel_futures=True)
             raise
 
 
-def _write_chunk(i: int, j: int, future, results: list[BitextResult], writers: dict, last_chunk: dict, dtype,
-                 tmp: Path, bar) -> None:
+def _write_chunk(i: int, j: int, future, texts, cfg: PreprocessConfig, results: list[BitextResult], writers: dict,
+                 last_chunk: dict, dtype, tmp: Path, bar) -> None:
     chunk: EncodedChunk = future.result()
     r = results[i]
     b = r.bitext
     if i not in writers:
-        writers[i] = tuple(IndexedDatasetWriter(tmp / p, dtype) for p in direction_files(b.split, b.src, b.tgt))
-    for writer, tokens_T, lengths_N, side in ((writers[i][0], chunk.src_tokens_T, chunk.src_lengths_N, r.src),
-                                             (writers[i][1], chunk.tgt_tokens_T, chunk.tgt_lengths_N, r.tgt)):
+        datasets = [IndexedDatasetWriter(tmp / p, dtype) for p in direction_files(b.split, b.src, b.tgt)]
+        references = []  # (file, side of the bitext holding its text)
+        if b.split != TRAIN_SPLIT:
+            references.append((open(tmp / reference_file(b.split, b.src, b.tgt), "wb"), 1))
+            if cfg.both_directions:
+                references.append((open(tmp / reference_file(b.split, b.tgt, b.src), "wb"), 0))
+        writers[i] = (datasets, references)
+    datasets, references = writers[i]
+    for writer, tokens_T, lengths_N, side in ((datasets[0], chunk.src_tokens_T, chunk.src_lengths_N, r.src),
+                                             (datasets[1], chunk.tgt_tokens_T, chunk.tgt_lengths_N, r.tgt)):
         writer.add(tokens_T, lengths_N)
         side.sentences += len(lengths_N)
         side.tokens += int(lengths_N.sum(dtype=np.int64))
         if len(lengths_N):
             side.max_len = max(side.max_len, int(lengths_N.max()))
+    for f, side in references:
+        lines = texts[i][side][j: j + cfg.chunk_pairs]
+        f.write(_reference_lines([lines[k] for k in np.flatnonzero(chunk.keep_N)]))
     r.lines += chunk.lines
     for k, v in chunk.removed.items():
         r.removed[k] += v
     if last_chunk[i] == j:
-        for writer in writers.pop(i):
+        for writer in datasets:
             writer.finalize()
+        for f, _ in references:
+            f.close()
+        del writers[i]
     bar.update(chunk.lines)
 
 
@@ -321,6 +355,8 @@ def _manifest(cfg, tokenizer, languages, tag_ids, dtype, directions, task_map, r
                 "max_src_len": src_side.max_len, "max_tgt_len": tgt_side.max_len,
                 "from_bitext": b.name,
             }
+            if b.split != TRAIN_SPLIT:
+                splits[b.split]["references"] = reference_file(b.split, src_lang, tgt_lang)
         dir_entries[direction] = {"src": src_lang, "tgt": tgt_lang,
                                   "task_id": task_map["direction_to_task"][direction], "splits": splits}
     return {

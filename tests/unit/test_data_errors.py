@@ -198,3 +198,16 @@ def test_dataset_refuses_a_direction_without_sentences(data_dir):
     with pytest.raises(DataError, match="direction.s. de-en have no 'train' sentences"):
         MultilingualDataset(data_dir, "train")
     assert len(MultilingualDataset(data_dir, "train", directions=["en-de"])) == 40
+
+
+def test_data_stats_checks_the_reference_texts(spm_model, tmp_path, capsys):
+    write_pair(tmp_path / "in", "train", "de", "en", DE, EN)
+    write_pair(tmp_path / "in", "valid", "de", "en", DE[:10], EN[:10])
+    assert preprocess(tmp_path / "in", tmp_path / "bin", spm_model) == 0
+    assert data_stats.main(["--data-dir", str(tmp_path / "bin"), "--split", "valid"]) == 0
+    capsys.readouterr()
+    ref = tmp_path / "bin" / "valid.de-en.ref.en"
+    assert ref.read_text(encoding="utf-8") == "".join(s + "\n" for s in EN[:10])
+    ref.write_text("".join(s + "\n" for s in EN[:9]), encoding="utf-8")
+    assert data_stats.main(["--data-dir", str(tmp_path / "bin"), "--split", "valid"]) == 2
+    assert "valid.de-en.ref.en: 9 lines, but manifest.json says 10 sentences" in one_error_line(capsys, "data_stats.py")
