@@ -185,7 +185,8 @@ def _read_inputs(bitexts: list[Bitext], progress: bool) -> list[tuple[list, list
         for side, lang in ((src, b.src), (tgt, b.tgt)):
             if not any(s.strip() for s in side):
                 raise DataError(f"{_files(b)}: every {lang} side of the {len(side)} pairs of {b.name} is blank: the "
-                                f"'empty' filter would remove all of them (empty {len(side)}, too_long 0, ratio 0)")
+                                f"'empty' filter would remove all of them (empty {len(side)}, too_long 0, ratio 0): "
+                                "nothing was written")
         texts.append((src, tgt))
     return texts
 
