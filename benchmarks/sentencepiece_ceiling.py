@@ -4,7 +4,7 @@ whole process that does nothing else (no checks, no filters, no output).
 
   --mode threads     one process: each file is read and encoded with `sp.encode(lines, num_threads=W)`
   --mode processes   all files are read, then W forked processes encode a contiguous 1/W of the lines each, with
-                     `sp.encode(batch)` on batches of 8192 lines
+                     `sp.encode(batch, num_threads=1)` on batches of 65536 lines
 
 Prints the number of sentences and pieces encoded, so that the peers can be checked to have done the same work.
 
@@ -20,7 +20,7 @@ import sentencepiece as spm
 
 _LINES: list[str] = []  # the lines to encode, inherited by the forked processes
 _SP: list = []
-BATCH = 8192
+BATCH = 65536
 
 
 def bitext_files(input_dir: Path) -> list[Path]:
@@ -38,7 +38,7 @@ def read_lines(path: Path) -> list[str]:
 
 def _encode_range(bounds: tuple[int, int]) -> int:
     start, stop = bounds
-    return sum(sum(map(len, _SP[0].encode(_LINES[i: min(i + BATCH, stop)]))) for i in range(start, stop, BATCH))
+    return sum(sum(map(len, _SP[0].encode(_LINES[i: min(i + BATCH, stop)], num_threads=1))) for i in range(start, stop, BATCH))
 
 
 def main(argv=None) -> int:

@@ -134,9 +134,12 @@ def filter_mask(src_len, tgt_len, max_len: int, max_ratio: float) -> dict[str, n
 
 def encode_pairs(tokenizer: Tokenizer, src: list, tgt: list, *, max_len: int, max_ratio: float,
                  dtype) -> EncodedChunk:
-    """Encode aligned sentences (str or UTF-8 bytes), filter the pairs, return the kept ones (thread-safe)."""
-    src_tokens_T, src_len_N = tokenizer.encode_flat(src)
-    tgt_tokens_T, tgt_len_N = tokenizer.encode_flat(tgt)
+    """Encode aligned sentences (str or UTF-8 bytes), filter the pairs, return the kept ones (thread-safe). Both
+    sides go to sentencepiece in one call (each call hands the work to a thread of its own and back)."""
+    tokens_T, len_N = tokenizer.encode_flat(src + tgt)
+    src_len_N, tgt_len_N = len_N[: len(src)], len_N[len(src):]
+    src_count = int(src_len_N.sum(dtype=np.int64))
+    src_tokens_T, tgt_tokens_T = tokens_T[:src_count], tokens_T[src_count:]
     masks = filter_mask(src_len_N, tgt_len_N, max_len, max_ratio)
     keep_N = ~(masks["empty"] | masks["too_long"] | masks["ratio"])
     if not keep_N.all():
