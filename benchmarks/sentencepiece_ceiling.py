@@ -38,7 +38,8 @@ def read_lines(path: Path) -> list[str]:
 
 def _encode_range(bounds: tuple[int, int]) -> int:
     start, stop = bounds
-    return sum(sum(map(len, _SP[0].encode(_LINES[i: min(i + BATCH, stop)], num_threads=1))) for i in range(start, stop, BATCH))
+    batches = (_LINES[i: min(i + BATCH, stop)] for i in range(start, stop, BATCH))
+    return sum(sum(map(len, _SP[0].encode(batch, num_threads=1))) for batch in batches)
 
 
 def main(argv=None) -> int:
