@@ -2,7 +2,8 @@
 """Per-direction sizes, temperature-sampling probabilities and expected epochs of a preprocessed data directory.
 
 Expected epochs = samples * p_d / n_d: with T=5 a small direction can repeat many times while a large one is not
-even seen once; check this before choosing the number of training steps.
+even seen once; check this before choosing the number of training steps. The directory is checked first (manifest
+fields, every .bin/.idx of the split present and of the recorded size): a broken one is a one-line error.
 
   python tools/data_stats.py --data-dir data/bin --temperature 5 --samples 1000000
 """
@@ -15,7 +16,7 @@ import sys
 from pathlib import Path
 
 from megatron_taskmoe.data.bitext import DataError
-from megatron_taskmoe.data.manifest import load_manifest
+from megatron_taskmoe.data.manifest import check_data_files, load_manifest
 from megatron_taskmoe.data.tokenizer import temperature_probabilities
 
 
@@ -24,6 +25,9 @@ def direction_stats(manifest: dict, split: str, temperature: float, samples: int
     if not names:
         raise DataError(f"no direction has a {split!r} split")
     sizes = [manifest["directions"][d]["splits"][split]["sentences"] for d in names]
+    if sum(sizes) <= 0 or min(sizes) < 0:
+        raise DataError(f"the {split!r} split has no sentences in any direction ({', '.join(names)}): nothing to "
+                        "sample from (re-run tools/preprocess_data.py, which refuses such data)")
     probs = temperature_probabilities(sizes, temperature)
     return {d: {"sentences": n, "probability": float(p), "epochs": float(samples * p / n) if n else 0.0}
             for d, n, p in zip(names, sizes, probs)}
@@ -43,6 +47,7 @@ def main(argv=None) -> int:
             raise DataError("--temperature must be > 0 and --samples >= 0")
         manifest = load_manifest(args.data_dir)
         stats = direction_stats(manifest, args.split, args.temperature, args.samples)
+        check_data_files(args.data_dir, manifest, args.split)
     except DataError as e:
         print(f"data_stats.py: error: {e}", file=sys.stderr)
         return 2
@@ -59,13 +64,17 @@ def main(argv=None) -> int:
         info = manifest["directions"][d]["splits"][args.split]
         print(f"{d:10} {manifest['directions'][d]['task_id']:4d} {s['sentences']:10d} {info['src_tokens']:10d} "
               f"{info['tgt_tokens']:10d} {s['probability']:9.4f} {s['epochs']:8.2f}")
-    epochs = [s["epochs"] for s in stats.values()]
+    empty = [d for d, s in stats.items() if s["sentences"] == 0]
+    if empty:
+        print(f"data_stats.py: warning: direction(s) {' '.join(empty)} have no {args.split!r} sentences and are never "
+              "sampled", file=sys.stderr)
+    epochs = [s["epochs"] for s in stats.values() if s["sentences"]]
     print(f"{args.samples} samples at T={args.temperature}: epochs per direction range {min(epochs):.2f} to "
           f"{max(epochs):.2f} (ratio {max(epochs) / max(min(epochs), 1e-12):.1f}x)")
     removed = manifest["filters"]["removed"]
-    total = {k: sum(r[k] for r in removed.values()) for k in manifest["filters"]["order"]}
+    total = {k: sum(r.get(k, 0) for r in removed.values()) for k in manifest["filters"]["order"]}
     print("filtered pairs: " + ", ".join(f"{k} {v}" for k, v in total.items()) +
-          f" (max_len {manifest['filters']['max_len']}, max_ratio {manifest['filters']['max_ratio']})")
+          f" (max_len {manifest['filters'].get('max_len')}, max_ratio {manifest['filters'].get('max_ratio')})")
     return 0
 
 

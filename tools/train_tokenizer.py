@@ -3,7 +3,8 @@
 
 Training sentences are drawn per language with temperature (p_L ~ n_L^(1/T)) so that low-resource languages get
 their share of the vocabulary; each language's tag `<2xx>` is a user-defined symbol, and pad/unk/bos/eos have the
-fixed ids 0/1/2/3. Deterministic given the data and --seed.
+fixed ids 0/1/2/3. Deterministic given the data and --seed. A language without any non-blank sentence is an error
+naming its files (nothing is written); a blank side of one bitext, whose language has sentences elsewhere, a warning.
 
   python tools/train_tokenizer.py --input-dir data/bible --output-prefix data/spm --vocab-size 8000
 """
@@ -40,6 +41,29 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def read_sentences(bitexts) -> tuple[dict[str, list[str]], list[str]]:
+    """Distinct non-blank sentences per language, and warnings about blank bitext sides; a language without any
+    sentence is an error naming its files (a tokenizer trained without it could not encode it)."""
+    by_lang: dict[str, dict[str, None]] = {lang: {} for lang in languages_of(bitexts)}
+    blank: dict[str, list[str]] = {lang: [] for lang in by_lang}  # the sides without a sentence, described
+    for b in tqdm(bitexts, desc="reading", unit="file"):
+        src, tgt = read_bitext(b)
+        for lang, side, path in ((b.src, src, b.paths[0]), (b.tgt, tgt, b.paths[-1])):
+            # dict keys: a language shared by several pairs (English) counts each distinct sentence once
+            by_lang[lang].update(dict.fromkeys(s for s in side if s.strip()))
+            if not any(s.strip() for s in side):
+                where = f"{path} ({len(side)} lines, all blank)" if b.kind == "aligned" else \
+                    f"the {lang} side of {path} ({len(side)} pairs, all blank)"
+                blank[lang].append(where)
+    missing = [lang for lang, s in by_lang.items() if not s]
+    if missing:
+        raise DataError("; ".join(f"language '{lang}' has no sentences to train on: {', '.join(blank[lang])}"
+                                  for lang in missing))
+    warnings = [f"{where}: no {lang} sentences there (the language has {len(by_lang[lang])} elsewhere)"
+                for lang, wheres in blank.items() for where in wheres]
+    return {lang: list(s) for lang, s in by_lang.items()}, warnings
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     start = time.time()
@@ -47,13 +71,7 @@ def main(argv=None) -> int:
         if args.vocab_size < 16 or args.sentences < 1 or args.temperature <= 0:
             raise DataError("--vocab-size must be >= 16, --sentences >= 1 and --temperature > 0")
         bitexts = discover_bitexts(args.input_dir, splits={args.split}, extra_codes=args.extra_language_codes)
-        by_lang: dict[str, dict[str, None]] = {lang: {} for lang in languages_of(bitexts)}
-        for b in tqdm(bitexts, desc="reading", unit="file"):
-            src, tgt = read_bitext(b)
-            # dict keys: a language shared by several pairs (English) counts each distinct sentence once
-            by_lang[b.src].update(dict.fromkeys(s for s in src if s.strip()))
-            by_lang[b.tgt].update(dict.fromkeys(t for t in tgt if t.strip()))
-        sentences = {lang: list(s) for lang, s in by_lang.items()}
+        sentences, warnings = read_sentences(bitexts)
         sample = sample_corpus(sentences, args.sentences, args.temperature, args.seed)
         args.output_prefix.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=args.output_prefix.parent, prefix=".tmp-spm-") as tmp:
@@ -67,13 +85,15 @@ def main(argv=None) -> int:
                                 model_type=args.model_type, languages=list(sentences),
                                 character_coverage=args.character_coverage, seed=args.seed,
                                 num_threads=args.threads)
-            for ext in ("model", "vocab"):
+            Tokenizer(Path(tmp) / "spm.model").check_languages(sentences)
+            for ext in ("vocab", "model"):  # the model last: it is what the other tools look for
                 os.replace(Path(tmp) / f"spm.{ext}", f"{args.output_prefix}.{ext}")
         tok = Tokenizer(f"{args.output_prefix}.model")
-        tok.check_languages(sentences)
     except DataError as e:
         print(f"train_tokenizer.py: error: {e}", file=sys.stderr)
         return 2
+    for warning in warnings:
+        print(f"train_tokenizer.py: warning: {warning}", file=sys.stderr)
     probs = temperature_probabilities([len(sentences[lang]) for lang in sorted(sentences)], args.temperature)
     print(f"{'lang':6} {'sentences':>10} {'drawn':>8} {'share':>7}")
     for lang, p in zip(sorted(sentences), probs):

@@ -3,7 +3,8 @@
 bitext.py      finding/reading fairseq-style, TSV and JSONL parallel text (DataError for bad input)
 tokenizer.py   the joint sentencepiece model (pad=0 unk=1 bos=2 eos=3, <2xx> tags), temperature probabilities
 preprocess.py  bitext -> megatron-core indexed datasets + manifest.json (tools/preprocess_data.py)
-manifest.py    manifest I/O and direction -> task id maps
+indexed.py     megatron-core's .bin/.idx format written and checked without importing megatron-core
+manifest.py    manifest I/O and checks, direction -> task id maps
 dataset.py     MultilingualDataset: memory-mapped sentence pairs of one split, samples with tag/bos/eos
 sampler.py     TemperatureSampler: deterministic, resumable, rank-sharded global stream
 batching.py    token-budget bucketing, collation to the batch dict, BatchIterator, eval_batches

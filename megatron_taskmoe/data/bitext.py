@@ -97,22 +97,24 @@ def discover_bitexts(input_dir: Path, splits=None, extra_codes=()) -> list[Bitex
     return sorted(found, key=lambda b: (b.split, b.pair))
 
 
-def _read_lines(path: Path) -> list[str]:
-    """Lines of a UTF-8 file without their line ends; invalid UTF-8 is reported with its line number."""
+def _read_bytes(path: Path) -> bytes:
     try:
-        data = path.read_bytes()
+        return path.read_bytes()
     except OSError as e:
         raise DataError(f"{path}: cannot read: {e.strerror}") from None
-    return decode_lines(data, str(path))
+
+
+def _decode(data: bytes, name: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{name}:{line}: invalid UTF-8 ({e.reason} at byte {e.start})") from None
 
 
 def decode_lines(data: bytes, name: str) -> list[str]:
     """UTF-8 lines without their line ends (a final newline is optional); bad bytes are reported as `name:line`."""
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        raise DataError(f"{name}:{line}: invalid UTF-8 ({e.reason} at byte {e.start})") from None
+    text = _decode(data, name)
     if text.startswith("\ufeff"):
         text = text[1:]
     lines = text.split("\n")  # not splitlines(): U+2028 and friends are text, not line breaks
@@ -121,33 +123,75 @@ def decode_lines(data: bytes, name: str) -> list[str]:
     return [line[:-1] if line.endswith("\r") else line for line in lines]
 
 
-def read_bitext(bitext: Bitext) -> tuple[list[str], list[str]]:
-    """(source sentences, target sentences), aligned by index."""
-    if bitext.kind == "aligned":
-        src, tgt = (_read_lines(p) for p in bitext.paths)
-        if len(src) != len(tgt):
-            raise DataError(f"{bitext.paths[0]} has {len(src)} lines but {bitext.paths[1]} has {len(tgt)}: "
-                            "aligned files must have the same number of lines")
-        return src, tgt
-    path = bitext.paths[0]
+def split_lines(data: bytes, name: str) -> list[bytes]:
+    """`decode_lines` without decoding: the same lines, as UTF-8 bytes (checked to be valid UTF-8)."""
+    if not data.isascii():
+        _decode(data, name)
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    lines = data.split(b"\n")  # a newline byte never occurs inside a multi-byte UTF-8 character
+    if lines and lines[-1] == b"":
+        lines.pop()
+    if b"\r" in data:
+        lines = [line[:-1] if line.endswith(b"\r") else line for line in lines]
+    return lines
+
+
+def _check_aligned(bitext: Bitext, src, tgt) -> None:
+    if len(src) != len(tgt):
+        raise DataError(f"{bitext.paths[0]} has {len(src)} lines but {bitext.paths[1]} has {len(tgt)}: "
+                        "aligned files must have the same number of lines")
+
+
+def _split_tsv(path: Path, lines, tab):
     src, tgt = [], []
-    for number, line in enumerate(_read_lines(path), start=1):
-        if bitext.kind == "tsv":
-            fields = line.split("\t")
-            if len(fields) != 2:
-                raise DataError(f"{path}:{number}: expected 2 tab-separated fields, found {len(fields)}")
-        else:
-            try:
-                record = json.loads(line)
-                fields = [record["src"], record["tgt"]]
-            except (json.JSONDecodeError, TypeError, KeyError) as e:
-                raise DataError(f"{path}:{number}: expected a JSON object with string fields 'src' and 'tgt' "
-                                f"({type(e).__name__}: {e})") from None
-            if not all(isinstance(f, str) for f in fields):
-                raise DataError(f"{path}:{number}: 'src' and 'tgt' must be strings")
+    for number, line in enumerate(lines, start=1):
+        fields = line.split(tab)
+        if len(fields) != 2:
+            raise DataError(f"{path}:{number}: expected 2 tab-separated fields, found {len(fields)}")
         src.append(fields[0])
         tgt.append(fields[1])
     return src, tgt
+
+
+def _parse_jsonl(path: Path, lines: list[str]) -> tuple[list[str], list[str]]:
+    src, tgt = [], []
+    for number, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line)
+            fields = [record["src"], record["tgt"]]
+        except (json.JSONDecodeError, TypeError, KeyError) as e:
+            raise DataError(f"{path}:{number}: expected a JSON object with string fields 'src' and 'tgt' "
+                            f"({type(e).__name__}: {e})") from None
+        if not all(isinstance(f, str) for f in fields):
+            raise DataError(f"{path}:{number}: 'src' and 'tgt' must be strings")
+        src.append(fields[0])
+        tgt.append(fields[1])
+    return src, tgt
+
+
+def read_bitext(bitext: Bitext) -> tuple[list[str], list[str]]:
+    """(source sentences, target sentences), aligned by index."""
+    if bitext.kind == "aligned":
+        src, tgt = (decode_lines(_read_bytes(p), str(p)) for p in bitext.paths)
+        _check_aligned(bitext, src, tgt)
+        return src, tgt
+    path = bitext.paths[0]
+    lines = decode_lines(_read_bytes(path), str(path))
+    return _split_tsv(path, lines, "\t") if bitext.kind == "tsv" else _parse_jsonl(path, lines)
+
+
+def read_bitext_raw(bitext: Bitext) -> tuple[list, list]:
+    """`read_bitext` for the encoder: the same sentences, with the same checks, as UTF-8 `bytes` (aligned and TSV
+    files: no decoding, which sentencepiece would undo) or `str` (JSONL). sentencepiece encodes either."""
+    if bitext.kind == "aligned":
+        src, tgt = (split_lines(_read_bytes(p), str(p)) for p in bitext.paths)
+        _check_aligned(bitext, src, tgt)
+        return src, tgt
+    path = bitext.paths[0]
+    if bitext.kind == "tsv":
+        return _split_tsv(path, split_lines(_read_bytes(path), str(path)), b"\t")
+    return _parse_jsonl(path, decode_lines(_read_bytes(path), str(path)))
 
 
 def languages_of(bitexts) -> list[str]:

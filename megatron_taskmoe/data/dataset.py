@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from megatron_taskmoe.data.bitext import DataError
+from megatron_taskmoe.data.indexed import check_indexed_dataset
 from megatron_taskmoe.data.manifest import load_manifest
 from megatron_taskmoe.data.tokenizer import BOS_ID, EOS_ID
 
@@ -42,6 +43,10 @@ class MultilingualDataset:
         if unknown:
             raise DataError(f"{self.data_dir}: direction(s) {' '.join(unknown)} have no {split!r} split "
                             f"(available: {' '.join(available)})")
+        empty = [d for d in directions if self.manifest["directions"][d]["splits"][split]["sentences"] <= 0]
+        if empty:
+            raise DataError(f"{self.data_dir}: direction(s) {' '.join(empty)} have no {split!r} sentences (all their "
+                            "pairs were filtered out; re-run tools/preprocess_data.py, which refuses such data)")
         self.split = split
         self.directions = list(directions)
         self.language_ids = self.manifest["language_ids"]
@@ -53,6 +58,8 @@ class MultilingualDataset:
         for d in self.directions:
             entry = self.manifest["directions"][d]
             info = entry["splits"][split]
+            for prefix, tokens in ((info["src_prefix"], info["src_tokens"]), (info["tgt_prefix"], info["tgt_tokens"])):
+                check_indexed_dataset(self.data_dir / prefix, sentences=info["sentences"], tokens=tokens)
             self._src.append(IndexedDataset(str(self.data_dir / info["src_prefix"])))
             self._tgt.append(IndexedDataset(str(self.data_dir / info["tgt_prefix"])))
             sizes.append(len(self._src[-1]))

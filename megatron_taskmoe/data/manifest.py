@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 from megatron_taskmoe.data.bitext import DataError
+from megatron_taskmoe.data.indexed import check_indexed_dataset
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
@@ -97,16 +98,80 @@ def write_json_atomic(path: Path, data: dict) -> None:
 
 
 def load_manifest(data_dir: Path) -> dict:
-    path = Path(data_dir) / MANIFEST_NAME
+    """The manifest of a preprocessed directory, checked for the fields the readers use (DataError otherwise)."""
+    data_dir = Path(data_dir)
+    path = data_dir / MANIFEST_NAME
+    if not data_dir.is_dir():
+        raise DataError(f"{data_dir}: data directory does not exist")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise DataError(f"{path}: not found (is {data_dir} the output of tools/preprocess_data.py?)") from None
-    except json.JSONDecodeError as e:
+    except OSError as e:
+        raise DataError(f"{path}: cannot read: {e.strerror}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: invalid JSON: {e}") from None
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise DataError(f"{path}: format_version {manifest.get('format_version')!r}, expected {FORMAT_VERSION}")
+    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+        version = manifest.get("format_version") if isinstance(manifest, dict) else None
+        raise DataError(f"{path}: format_version {version!r}, expected {FORMAT_VERSION}")
+    _check_fields(manifest, path)
     return manifest
+
+
+# field -> type, for the fields every reader relies on; "*" stands for every key of a mapping
+_SCHEMA = {
+    "languages": list, "language_ids": dict, "dtype": str,
+    "tokenizer": dict, "tokenizer.vocab_size": int, "tokenizer.lang_tag_ids": dict, "tokenizer.path": str,
+    "tokenizer.sha256": str,
+    "task_map": dict, "task_map.mode": str, "task_map.tasks": list, "task_map.direction_to_task": dict,
+    "directions": dict, "directions.*": dict, "directions.*.src": str, "directions.*.tgt": str,
+    "directions.*.task_id": int, "directions.*.splits": dict, "directions.*.splits.*": dict,
+    "directions.*.splits.*.src_prefix": str, "directions.*.splits.*.tgt_prefix": str,
+    "directions.*.splits.*.sentences": int, "directions.*.splits.*.src_tokens": int,
+    "directions.*.splits.*.tgt_tokens": int,
+    "filters": dict, "filters.order": list, "filters.removed": dict, "filters.removed.*": dict,
+}
+
+
+def _check_fields(manifest: dict, path: Path) -> None:
+    for spec, kind in _SCHEMA.items():
+        nodes = [("", manifest)]
+        for part in spec.split("."):
+            children = []
+            for name, node in nodes:
+                keys = list(node) if part == "*" else [part]
+                for key in keys:
+                    where = f"{name}.{key}" if name else key
+                    if key not in node:
+                        raise DataError(f"{path}: missing field {where!r} (a damaged manifest; re-run "
+                                        "tools/preprocess_data.py)")
+                    children.append((where, node[key]))
+            nodes = children
+        for where, value in nodes:
+            if not isinstance(value, kind) or isinstance(value, bool):
+                raise DataError(f"{path}: field {where!r} should be of type {kind.__name__}, found {value!r:.40}")
+
+
+def check_data_files(data_dir: Path, manifest: dict, split: str | None = None) -> None:
+    """Every .bin/.idx the manifest names (of `split`, or of all splits) exists and holds the sentences and tokens
+    the manifest records (index headers and file sizes only), and so does every reference text it names (one line
+    per sentence). DataError naming the file otherwise."""
+    for entry in manifest["directions"].values():
+        for name, info in entry["splits"].items():
+            if split is None or name == split:
+                check_indexed_dataset(Path(data_dir) / info["src_prefix"], sentences=info["sentences"],
+                                      tokens=info["src_tokens"])
+                check_indexed_dataset(Path(data_dir) / info["tgt_prefix"], sentences=info["sentences"],
+                                      tokens=info["tgt_tokens"])
+                if "references" in info:
+                    path = Path(data_dir) / str(info["references"])
+                    try:
+                        lines = path.read_bytes().count(b"\n")
+                    except OSError as e:
+                        raise DataError(f"{path}: cannot read the reference text: {e.strerror}") from None
+                    if lines != info["sentences"]:
+                        raise DataError(f"{path}: {lines} lines, but manifest.json says {info['sentences']} "
+                                        "sentences")
 
 
 def check_task_map_compatible(saved: dict, current: dict) -> None:

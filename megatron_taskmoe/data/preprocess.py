@@ -1,36 +1,48 @@
 """Bitext -> megatron-core indexed datasets, one tokenization pass per bitext for both translation directions.
 
-Why it is built this way (the goal is sentencepiece's own speed, see benchmarks/preprocess.py):
-  * the main process reads and validates every input first (nothing is written for bad input), then cuts the
-    bitexts into chunks of a few thousand pairs; worker processes batch-encode both sides of a chunk with one
-    `sp.encode(list)` call each, apply the filters, and return flat token arrays (uint16 when the vocabulary allows,
-    so the pickles are small); the main process only appends bytes to `IndexedDatasetBuilder`s, in input order;
+How it is built (the goal is sentencepiece's own speed as a whole process; see benchmarks/preprocess.py):
+  * one process, no torch or megatron-core import: `indexed.py` writes megatron-core's .bin/.idx format itself
+    (byte-identical, tested), which keeps start-up to a fraction of a second;
+  * the main thread reads and checks every input first (UTF-8, line counts, fields, blank sides: nothing is encoded
+    for bad input), keeping aligned and TSV text as UTF-8 bytes, the form sentencepiece encodes;
+  * `workers` threads encode chunks of a few thousand pairs with sentencepiece's batch encoder, which releases
+    the GIL while it encodes, take its output as flat int32 buffers (no Python int per piece), apply the filters
+    with numpy and narrow the tokens to the file dtype; the main thread writes the chunks in input order, one
+    `write` per chunk and side, while the threads encode the next ones;
   * a source and a target file are written once per bitext; the reverse direction's files are hard links to them
     (xx-en's `.xx` is en-xx's `.xx`), so both directions come from one pass and cost no extra disk;
-  * everything is written under `OUT/.tmp-preprocess-*` and moved into place when complete; `manifest.json` is
-    written last, atomically. An error leaves no `.bin/.idx` behind.
+  * for every split but `train`, each direction also gets its raw target text, one line per kept pair in dataset
+    order (`{split}.{src}-{tgt}.ref.{tgt}`, newlines inside a sentence replaced by spaces): the references that
+    validation scores against, instead of decoded (and possibly truncated) pieces;
+  * everything is written under `OUT/.tmp-preprocess-*` and moved into place only when every check has passed:
+    the old `manifest.json` is removed first and the new one is moved in last, so OUT never holds a manifest that
+    disagrees with its files. A bitext whose pairs the filters remove entirely is an error (nothing is written).
 Sequences hold sentence pieces only: the `<2xx>` tag, bos and eos are added when batches are built, so one file
 serves both directions.
+
+Legend: N sentences (pairs) of a chunk, T tokens of a chunk's side.
 """
 
 from __future__ import annotations
 
-import itertools
-import multiprocessing as mp
+import collections
 import os
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from megatron_taskmoe.data.bitext import Bitext, DataError, discover_bitexts, languages_of, read_bitext
+from megatron_taskmoe.data.bitext import Bitext, DataError, discover_bitexts, languages_of, read_bitext_raw
+from megatron_taskmoe.data.indexed import IndexedDatasetWriter, optimal_dtype
 from megatron_taskmoe.data.manifest import FORMAT_VERSION, MANIFEST_NAME, build_task_map, write_json_atomic
-from megatron_taskmoe.data.tokenizer import Tokenizer
+from megatron_taskmoe.data.tokenizer import Tokenizer, encode_flat
 
 FILTERS = ("empty", "too_long", "ratio")
+TRAIN_SPLIT = "train"
 
 
 @dataclass(kw_only=True)
@@ -38,17 +50,31 @@ class PreprocessConfig:
     """Options of tools/preprocess_data.py."""
 
     input_dir: Path
+    """Directory of bitext files (see bitext.py for the accepted names and formats)."""
     tokenizer: Path
+    """sentencepiece model written by tools/train_tokenizer.py."""
     output_dir: Path
+    """Where the .bin/.idx files and manifest.json go (created if missing)."""
     workers: int = 1
-    max_len: int = 256  # pieces per side (tag/bos/eos not counted); 0 disables the filter
-    max_ratio: float = 3.0  # longer side / shorter side in pieces; 0 disables the filter
-    splits: tuple[str, ...] | None = None  # None: every split found
-    both_directions: bool = True  # xx-yy files also give yy-xx
-    task_map: str = "direction"  # a mode of manifest.TASK_MAP_MODES or a groups file
+    """Encoding threads."""
+    max_len: int = 256
+    """Pieces per side (tag/bos/eos not counted) above which a pair is removed; 0 disables the filter."""
+    max_ratio: float = 3.0
+    """Longer side / shorter side in pieces above which a pair is removed; 0 disables the filter."""
+    splits: tuple[str, ...] | None = None
+    """Only these splits; None: every split found (then a `train` split is required)."""
+    both_directions: bool = True
+    """xx-yy files also give yy-xx."""
+    task_map: str = "direction"
+    """A mode of manifest.TASK_MAP_MODES or a groups file."""
     chunk_pairs: int = 4096
+    """Pairs per encoding work item."""
+    warn_removed: float = 0.1
+    """Warn about a bitext that loses more than this share of its pairs to the filters."""
     extra_language_codes: tuple[str, ...] = ()
+    """Language codes accepted besides ISO 639-1."""
     progress: bool = True
+    """Show progress bars."""
 
     def __post_init__(self):
         self.input_dir, self.tokenizer, self.output_dir = Path(self.input_dir), Path(self.tokenizer), Path(
@@ -60,7 +86,9 @@ class PreprocessConfig:
         if self.max_ratio and self.max_ratio < 1:
             raise DataError(f"--max-ratio must be >= 1 (or 0 to disable), got {self.max_ratio}")
         if self.chunk_pairs < 1:
-            raise DataError("chunk_pairs must be >= 1")
+            raise DataError("--chunk-pairs must be >= 1")
+        if not 0 <= self.warn_removed <= 1:
+            raise DataError(f"--warn-removed must lie in [0, 1], got {self.warn_removed}")
 
 
 @dataclass(kw_only=True)
@@ -79,59 +107,91 @@ class BitextResult:
     tgt: SideStats = field(default_factory=SideStats)
 
 
-# ---- worker side ---------------------------------------------------------------------------------------------------
-_WORKER: dict = {}
+@dataclass(kw_only=True)
+class EncodedChunk:
+    """Kept pairs of one chunk, both sides as flat tokens in the file dtype, and the filters' removal counts."""
+
+    src_tokens_T: np.ndarray
+    src_lengths_N: np.ndarray
+    tgt_tokens_T: np.ndarray
+    tgt_lengths_N: np.ndarray
+    removed: dict[str, int]
+    lines: int
+    keep_N: np.ndarray
+    """Which of the chunk's pairs were kept."""
 
 
-def _init_worker(model_path: str, dtype_name: str, max_len: int, max_ratio: float) -> None:
-    import sentencepiece as spm
-
-    sp = spm.SentencePieceProcessor()
-    sp.Load(model_path)
-    _WORKER.update(sp=sp, dtype=np.dtype(dtype_name), max_len=max_len, max_ratio=max_ratio)
-
-
-def _flatten(ids: list[list[int]], keep: np.ndarray, dtype) -> tuple[np.ndarray, np.ndarray]:
-    kept = [ids[i] for i in np.flatnonzero(keep)]
-    lengths = np.fromiter(map(len, kept), dtype=np.int32, count=len(kept))
-    tokens = np.fromiter(itertools.chain.from_iterable(kept), dtype=dtype, count=int(lengths.sum()))
-    return tokens, lengths
-
-
-def filter_mask(src_empty, src_len, tgt_empty, tgt_len, max_len: int, max_ratio: float) -> dict[str, np.ndarray]:
-    """Boolean masks of removed pairs per filter; a pair counts under the first filter that removes it."""
-    empty = np.asarray(src_empty) | np.asarray(tgt_empty)
+def filter_mask(src_len, tgt_len, max_len: int, max_ratio: float) -> dict[str, np.ndarray]:
+    """Boolean masks of removed pairs per filter, from the pieces per side; a pair counts under the first filter
+    that removes it. `empty`: a side without pieces (blank, or only characters the tokenizer drops)."""
+    src_len, tgt_len = np.asarray(src_len), np.asarray(tgt_len)
+    empty = (src_len == 0) | (tgt_len == 0)
     too_long = ~empty & ((src_len > max_len) | (tgt_len > max_len)) if max_len else np.zeros_like(empty)
     longer, shorter = np.maximum(src_len, tgt_len), np.maximum(np.minimum(src_len, tgt_len), 1)
     ratio = ~empty & ~too_long & (longer > max_ratio * shorter) if max_ratio else np.zeros_like(empty)
     return {"empty": empty, "too_long": too_long, "ratio": ratio}
 
 
-def encode_chunk(task: tuple[int, list[str], list[str]]):
-    """(bitext index, source lines, target lines) -> flat kept tokens and lengths of both sides, removal counts."""
-    index, src_lines, tgt_lines = task
-    sp = _WORKER["sp"]
-    src_ids = sp.encode(src_lines, out_type=int, num_threads=1)
-    tgt_ids = sp.encode(tgt_lines, out_type=int, num_threads=1)
-    src_len = np.fromiter(map(len, src_ids), dtype=np.int64, count=len(src_ids))
-    tgt_len = np.fromiter(map(len, tgt_ids), dtype=np.int64, count=len(tgt_ids))
-    masks = filter_mask([not s.strip() for s in src_lines], src_len, [not t.strip() for t in tgt_lines], tgt_len,
-                        _WORKER["max_len"], _WORKER["max_ratio"])
-    keep = ~(masks["empty"] | masks["too_long"] | masks["ratio"])
-    src = _flatten(src_ids, keep, _WORKER["dtype"])
-    tgt = _flatten(tgt_ids, keep, _WORKER["dtype"])
-    return index, len(src_lines), src, tgt, {k: int(v.sum()) for k, v in masks.items()}
+def encode_pairs(tokenizer: Tokenizer, src: list, tgt: list, *, max_len: int, max_ratio: float,
+                 dtype) -> EncodedChunk:
+    """Encode aligned sentences (str or UTF-8 bytes), filter the pairs, return the kept ones (thread-safe). Both
+    sides go to sentencepiece in one call (each call hands the work to a thread of its own and back)."""
+    tokens_T, len_N = tokenizer.encode_flat(src + tgt)
+    src_len_N, tgt_len_N = len_N[: len(src)], len_N[len(src):]
+    src_count = int(src_len_N.sum(dtype=np.int64))
+    src_tokens_T, tgt_tokens_T = tokens_T[:src_count], tokens_T[src_count:]
+    masks = filter_mask(src_len_N, tgt_len_N, max_len, max_ratio)
+    keep_N = ~(masks["empty"] | masks["too_long"] | masks["ratio"])
+    if not keep_N.all():
+        src_tokens_T = src_tokens_T[np.repeat(keep_N, src_len_N)]
+        tgt_tokens_T = tgt_tokens_T[np.repeat(keep_N, tgt_len_N)]
+        src_len_N, tgt_len_N = src_len_N[keep_N], tgt_len_N[keep_N]
+    return EncodedChunk(src_tokens_T=src_tokens_T.astype(dtype), src_lengths_N=src_len_N,
+                        tgt_tokens_T=tgt_tokens_T.astype(dtype), tgt_lengths_N=tgt_len_N,
+                        removed={k: int(v.sum()) for k, v in masks.items()}, lines=len(src), keep_N=keep_N)
 
 
-# ---- main side -----------------------------------------------------------------------------------------------------
-def _dtype_for(vocab_size: int):
-    import warnings
+def direction_files(split: str, src: str, tgt: str) -> tuple[str, str]:
+    """Path prefixes (relative to OUT) of the source and target datasets of direction src->tgt."""
+    return f"{split}.{src}-{tgt}.{src}", f"{split}.{src}-{tgt}.{tgt}"
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # megatron.core warns about missing Apex/TE on import
-        from megatron.core.datasets.indexed_dataset import DType
 
-    return DType.optimal_dtype(vocab_size)
+def reference_file(split: str, src: str, tgt: str) -> str:
+    """File name (relative to OUT) of the raw target text of direction src->tgt."""
+    return f"{split}.{src}-{tgt}.ref.{tgt}"
+
+
+def _reference_lines(lines: list) -> bytes:
+    """Sentences (UTF-8 bytes, or str from JSONL) as UTF-8 text of one line each: line breaks inside a sentence
+    (only JSONL strings can hold a newline; any input a carriage return) become spaces."""
+    if lines and isinstance(lines[0], str):
+        lines = [line.replace("\r\n", " ").replace("\n", " ").encode("utf-8") for line in lines]
+    text = b"".join(line + b"\n" for line in lines)
+    return text.replace(b"\r", b" ") if b"\r" in text else text
+
+
+def _files(b: Bitext) -> str:
+    return ", ".join(str(p) for p in b.paths)
+
+
+def _counts(removed: dict[str, int]) -> str:
+    return ", ".join(f"{k} {removed[k]}" for k in FILTERS)
+
+
+def _read_inputs(bitexts: list[Bitext], progress: bool) -> list[tuple[list, list]]:
+    """Read and check every bitext; a bitext without lines or with a blank side is an error here already."""
+    texts = []
+    for b in tqdm(bitexts, desc="reading", unit="file", disable=not progress):
+        src, tgt = read_bitext_raw(b)
+        if not src:
+            raise DataError(f"{_files(b)}: no lines: {b.name} has no pairs")
+        for side, lang in ((src, b.src), (tgt, b.tgt)):
+            if not any(s.strip() for s in side):
+                raise DataError(f"{_files(b)}: every {lang} side of the {len(side)} pairs of {b.name} is blank: the "
+                                f"'empty' filter would remove all of them (empty {len(side)}, too_long 0, ratio 0): "
+                                "nothing was written")
+        texts.append((src, tgt))
+    return texts
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -141,128 +201,150 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
-def direction_files(split: str, src: str, tgt: str) -> tuple[str, str]:
-    """Path prefixes (relative to OUT) of the source and target datasets of direction src->tgt."""
-    return f"{split}.{src}-{tgt}.{src}", f"{split}.{src}-{tgt}.{tgt}"
-
-
 def run_preprocess(cfg: PreprocessConfig) -> dict:
     """Preprocess everything; returns the manifest (also written to OUT/manifest.json)."""
     start = time.time()
     bitexts = discover_bitexts(cfg.input_dir, set(cfg.splits) if cfg.splits else None, cfg.extra_language_codes)
+    if (cfg.splits is None or TRAIN_SPLIT in cfg.splits) and not any(b.split == TRAIN_SPLIT for b in bitexts):
+        found = sorted({b.split for b in bitexts})
+        raise DataError(f"{cfg.input_dir}: no training pairs: no {TRAIN_SPLIT}.* bitext files (splits found: "
+                        f"{', '.join(found)}; to preprocess only those, pass --splits {' '.join(found)})")
     tokenizer = Tokenizer(cfg.tokenizer)
     languages = languages_of(bitexts)
     tag_ids = tokenizer.check_languages(languages)
-
     directions: dict[str, list[tuple[Bitext, bool]]] = {}  # direction -> [(bitext, reversed)]
     for b in bitexts:
         directions.setdefault(f"{b.src}-{b.tgt}", []).append((b, False))
         if cfg.both_directions:
             directions.setdefault(f"{b.tgt}-{b.src}", []).append((b, True))
     task_map = build_task_map(list(directions), cfg.task_map)
+    dtype = optimal_dtype(tokenizer.vocab_size)
+    texts = _read_inputs(bitexts, cfg.progress)
+    encode_flat(tokenizer.sp, ["a"])  # picks the encoder path once, before the threads start
 
-    texts = {}
-    for i, b in enumerate(tqdm(bitexts, desc="reading", unit="file", disable=not cfg.progress)):
-        texts[i] = read_bitext(b)
-    tasks = [(i, src[j: j + cfg.chunk_pairs], tgt[j: j + cfg.chunk_pairs])
-             for i, (src, tgt) in texts.items() for j in range(0, len(src), cfg.chunk_pairs)]
-    total_pairs = sum(len(src) for src, _ in texts.values())
-    del texts
-    dtype = _dtype_for(tokenizer.vocab_size)  # imports megatron.core (seconds): only once the input is known good
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
+    created = not cfg.output_dir.exists()
     cfg.output_dir.mkdir(parents=True, exist_ok=True)
     tmp = cfg.output_dir / f".tmp-preprocess-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    results = {i: BitextResult(bitext=b) for i, b in enumerate(bitexts)}
-    remaining = {i: 0 for i in results}
-    for i, _, _ in tasks:
-        remaining[i] += 1
-    pool = None
+    results = [BitextResult(bitext=b) for b in bitexts]
+    writers: dict[int, tuple[list, list]] = {}  # bitext -> (its two dataset writers, its reference files)
+    committed = False
     try:
-        builders = {}
-        init_args = (str(tokenizer.path), np.dtype(dtype).name, cfg.max_len, cfg.max_ratio)
-        if cfg.workers == 1:
-            _init_worker(*init_args)
-            chunk_results = map(encode_chunk, tasks)
-        else:
-            pool = mp.get_context("fork" if os.name == "posix" else "spawn").Pool(
-                cfg.workers, initializer=_init_worker, initargs=init_args)
-            chunk_results = pool.imap(encode_chunk, tasks)
-        with tqdm(total=total_pairs, desc="encoding", unit="pairs", unit_scale=True, disable=not cfg.progress) as bar:
-            for i, n, src, tgt, removed in chunk_results:
-                r = results[i]
-                b = r.bitext
-                if i not in builders:
-                    prefixes = direction_files(b.split, b.src, b.tgt)
-                    builders[i] = [IndexedDatasetBuilder(str(tmp / f"{p}.bin"), dtype=dtype) for p in prefixes]
-                for builder, (tokens, lengths), side in zip(builders[i], (src, tgt), (r.src, r.tgt)):
-                    if len(lengths):
-                        builder.add_document(tokens, lengths.tolist())
-                        side.max_len = max(side.max_len, int(lengths.max()))
-                    side.sentences += len(lengths)
-                    side.tokens += int(lengths.sum())
-                r.lines += n
-                for k, v in removed.items():
-                    r.removed[k] += v
-                remaining[i] -= 1
-                if remaining[i] == 0:
-                    _finalize(builders.pop(i), tmp, b)
-                bar.update(n)
-        if pool is not None:
-            pool.close()
-            pool.join()
-        for i, r in results.items():  # bitexts with no lines at all
-            if r.lines == 0:
-                b = r.bitext
-                empty = [IndexedDatasetBuilder(str(tmp / f"{p}.bin"), dtype=dtype)
-                         for p in direction_files(b.split, b.src, b.tgt)]
-                _finalize(empty, tmp, b)
-        for i, r in results.items():
+        _encode_all(cfg, tokenizer, dtype, texts, results, writers, tmp)
+        del texts
+        emptied = [r for r in results if r.src.sentences == 0]
+        if emptied:
+            raise DataError("; ".join(
+                f"{_files(r.bitext)}: the filters removed all {r.lines} pairs of {r.bitext.name} "
+                f"({_counts(r.removed)}; --max-len {cfg.max_len}, --max-ratio {cfg.max_ratio})" for r in emptied)
+                + ": nothing was written")
+        for r in results:
             b = r.bitext
             if cfg.both_directions:
-                for fwd, bwd in zip(direction_files(b.split, b.src, b.tgt), direction_files(b.split, b.tgt, b.src)[::-1]):
+                for fwd, bwd in zip(direction_files(b.split, b.src, b.tgt),
+                                    direction_files(b.split, b.tgt, b.src)[::-1]):
                     for ext in (".bin", ".idx"):
                         _link_or_copy(tmp / f"{fwd}{ext}", tmp / f"{bwd}{ext}")
+        manifest = _manifest(cfg, tokenizer, languages, tag_ids, dtype, directions, task_map, results,
+                             time.time() - start)
+        write_json_atomic(tmp / MANIFEST_NAME, manifest)
+        # commit: no manifest while the data files are replaced, the new one last
+        (cfg.output_dir / MANIFEST_NAME).unlink(missing_ok=True)
         for path in sorted(tmp.iterdir()):
-            os.replace(path, cfg.output_dir / path.name)
+            if path.name != MANIFEST_NAME:
+                os.replace(path, cfg.output_dir / path.name)
+        os.replace(tmp / MANIFEST_NAME, cfg.output_dir / MANIFEST_NAME)
+        committed = True
     finally:
-        if pool is not None:
-            pool.terminate()
+        for datasets, references in writers.values():
+            for w in datasets:
+                w.close()
+            for f, _ in references:
+                f.close()
         shutil.rmtree(tmp, ignore_errors=True)
-
-    manifest = _manifest(cfg, tokenizer, languages, tag_ids, dtype, directions, task_map, results,
-                         time.time() - start)
-    write_json_atomic(cfg.output_dir / MANIFEST_NAME, manifest)
+        if created and not committed:
+            shutil.rmtree(cfg.output_dir, ignore_errors=True)
     return manifest
 
 
-def _finalize(builders, tmp: Path, b: Bitext) -> None:
-    """Close the builders' .bin files and write their .idx in megatron-core's format.
+def _encode_all(cfg: PreprocessConfig, tokenizer: Tokenizer, dtype, texts, results: list[BitextResult],
+                writers: dict, tmp: Path) -> None:
+    """Encode every bitext in chunks on `cfg.workers` threads; write the chunks in input order."""
+    chunks = [(i, j) for i, (src, _) in enumerate(texts) for j in range(0, len(src), cfg.chunk_pairs)]
+    last_chunk = {i: j for i, j in chunks}
+    in_flight = 2 * cfg.workers + 1  # enough queued work to keep every thread busy while the main thread writes
+    pending: collections.deque = collections.deque()
+    total = sum(len(src) for src, _ in texts)
+    with tqdm(total=total, desc="encoding", unit="pairs", unit_scale=True, disable=not cfg.progress) as bar, \
+            ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="encode") as pool:
+        try:
+            for i, j in chunks:
+                src, tgt = texts[i]
+                pending.append((i, j, pool.submit(encode_pairs, tokenizer, src[j: j + cfg.chunk_pairs],
+                                                  tgt[j: j + cfg.chunk_pairs], max_len=cfg.max_len,
+                                                  max_ratio=cfg.max_ratio, dtype=dtype)))
+                while len(pending) > in_flight:
+                    _write_chunk(*pending.popleft(), texts, cfg, results, writers, last_chunk, dtype, tmp, bar)
+            while pending:
+                _write_chunk(*pending.popleft(), texts, cfg, results, writers, last_chunk, dtype, tmp, bar)
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
 
-    `IndexedDatasetBuilder.finalize` computes the byte offsets in a Python loop (seconds per million sentences, in
-    the serial part of the pipeline); the same `_IndexWriter` with a vectorized `_sequence_pointers` writes the
-    identical file. One document per sentence, as an NMT reader expects.
-    """
-    from megatron.core.datasets.indexed_dataset import DType, _IndexWriter
 
-    class _VectorizedIndexWriter(_IndexWriter):
-        def _sequence_pointers(self, sequence_lengths):
-            lengths = np.asarray(sequence_lengths, dtype=np.int64)
-            pointers = np.zeros(len(lengths), dtype=np.int64)
-            np.cumsum(lengths[:-1] * DType.size(self.dtype), out=pointers[1:])
-            return pointers
+def _write_chunk(i: int, j: int, future, texts, cfg: PreprocessConfig, results: list[BitextResult], writers: dict,
+                 last_chunk: dict, dtype, tmp: Path, bar) -> None:
+    chunk: EncodedChunk = future.result()
+    r = results[i]
+    b = r.bitext
+    if i not in writers:
+        datasets = [IndexedDatasetWriter(tmp / p, dtype) for p in direction_files(b.split, b.src, b.tgt)]
+        references = []  # (file, side of the bitext holding its text)
+        if b.split != TRAIN_SPLIT:
+            references.append((open(tmp / reference_file(b.split, b.src, b.tgt), "wb"), 1))
+            if cfg.both_directions:
+                references.append((open(tmp / reference_file(b.split, b.tgt, b.src), "wb"), 0))
+        writers[i] = (datasets, references)
+    datasets, references = writers[i]
+    for writer, tokens_T, lengths_N, side in ((datasets[0], chunk.src_tokens_T, chunk.src_lengths_N, r.src),
+                                             (datasets[1], chunk.tgt_tokens_T, chunk.tgt_lengths_N, r.tgt)):
+        writer.add(tokens_T, lengths_N)
+        side.sentences += len(lengths_N)
+        side.tokens += int(lengths_N.sum(dtype=np.int64))
+        if len(lengths_N):
+            side.max_len = max(side.max_len, int(lengths_N.max()))
+    for f, side in references:
+        lines = texts[i][side][j: j + cfg.chunk_pairs]
+        f.write(_reference_lines([lines[k] for k in np.flatnonzero(chunk.keep_N)]))
+    r.lines += chunk.lines
+    for k, v in chunk.removed.items():
+        r.removed[k] += v
+    if last_chunk[i] == j:
+        for writer in datasets:
+            writer.finalize()
+        for f, _ in references:
+            f.close()
+        del writers[i]
+    bar.update(chunk.lines)
 
-    for builder, prefix in zip(builders, direction_files(b.split, b.src, b.tgt)):
-        builder.data_file.close()
-        lengths = np.asarray(builder.sequence_lengths, dtype=np.int32)
-        with _VectorizedIndexWriter(str(tmp / f"{prefix}.idx"), builder.dtype) as writer:
-            writer.write(lengths, None, np.arange(len(lengths) + 1, dtype=np.int64))
+
+def removal_warnings(manifest: dict, share: float) -> list[str]:
+    """One line per bitext that lost more than `share` of its pairs to the filters, with the counts."""
+    lines = []
+    for name, info in manifest["inputs"].items():
+        removed = manifest["filters"]["removed"][name]
+        lost = info["lines"] - info["kept"]
+        if info["lines"] and lost / info["lines"] > share:
+            lines.append(f"{', '.join(info['files'])}: the filters removed {lost} of the {info['lines']} pairs of "
+                         f"{name} ({100 * lost / info['lines']:.1f}%, more than {100 * share:g}%: "
+                         f"{_counts(removed)}; --max-len {manifest['filters']['max_len']}, --max-ratio "
+                         f"{manifest['filters']['max_ratio']})")
+    return lines
 
 
 def _manifest(cfg, tokenizer, languages, tag_ids, dtype, directions, task_map, results, seconds) -> dict:
-    by_bitext = {r.bitext: r for r in results.values()}
+    by_bitext = {r.bitext: r for r in results}
     dir_entries = {}
     for direction in sorted(directions):
         src_lang, tgt_lang = direction.split("-")
@@ -277,6 +359,8 @@ def _manifest(cfg, tokenizer, languages, tag_ids, dtype, directions, task_map, r
                 "max_src_len": src_side.max_len, "max_tgt_len": tgt_side.max_len,
                 "from_bitext": b.name,
             }
+            if b.split != TRAIN_SPLIT:
+                splits[b.split]["references"] = reference_file(b.split, src_lang, tgt_lang)
         dir_entries[direction] = {"src": src_lang, "tgt": tgt_lang,
                                   "task_id": task_map["direction_to_task"][direction], "splits": splits}
     return {
@@ -291,10 +375,11 @@ def _manifest(cfg, tokenizer, languages, tag_ids, dtype, directions, task_map, r
         "directions": dir_entries,
         "filters": {
             "max_len": cfg.max_len, "max_ratio": cfg.max_ratio, "order": list(FILTERS),
-            "removed": {r.bitext.name: dict(r.removed) for r in results.values()},
+            "removed": {r.bitext.name: dict(r.removed) for r in results},
+            "warn_removed": cfg.warn_removed,
         },
         "inputs": {r.bitext.name: {"files": [str(p) for p in r.bitext.paths], "format": r.bitext.kind,
-                                   "lines": r.lines, "kept": r.src.sentences} for r in results.values()},
+                                   "lines": r.lines, "kept": r.src.sentences} for r in results},
         "both_directions": cfg.both_directions,
         "seconds": round(seconds, 2),
     }

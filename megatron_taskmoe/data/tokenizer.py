@@ -94,6 +94,10 @@ class Tokenizer:
     def encode(self, sentences: list[str], num_threads: int = 1) -> list[list[int]]:
         return self.sp.encode(sentences, out_type=int, num_threads=num_threads)
 
+    def encode_flat(self, sentences: list) -> tuple[np.ndarray, np.ndarray]:
+        """(pieces of all `sentences` back to back, pieces per sentence), both int32; see `encode_flat`."""
+        return encode_flat(self.sp, sentences)
+
     def decode(self, ids) -> str:
         return self.sp.decode([int(i) for i in ids])
 
@@ -103,6 +107,55 @@ class Tokenizer:
     def banned_ids(self) -> list[int]:
         """Ids a translation never contains: pad, bos, unk and every `<2xx>` tag."""
         return sorted({PAD_ID, BOS_ID, UNK_ID, *language_tag_ids(self.sp)})
+
+
+def _encode_buffers(sp: spm.SentencePieceProcessor, sentences: list) -> list:
+    """sentencepiece's batch encoder, returning its raw per-sentence int32 buffers (what `encode(out_type="numpy")`
+    wraps one numpy array at a time), with one thread: callers run several in threads, as the encoding itself
+    releases the GIL. Not public API: `_raw_buffers_work` checks it before use."""
+    return sp._processor._EncodeAsBufferBatch(sentences, 1, None, False, -1, 0.0, False, False, False)
+
+
+def _raw_buffers_work(sp: spm.SentencePieceProcessor) -> bool:
+    """Whether this sentencepiece has the raw batch encoder with the signature `_encode_buffers` uses (checked by
+    its result on three sentences)."""
+    probe = ["a b", "", "Ab c"]
+    try:
+        got = [list(memoryview(b)) for b in _encode_buffers(sp, probe)]
+    except (AttributeError, TypeError):
+        return False
+    return got == sp.encode(probe, out_type=int)
+
+
+_RAW_BUFFERS: list[bool] = []  # the check's result, once per process (it depends on the library, not the model)
+_SEPARATOR = np.array([-1], dtype=np.int32).tobytes()  # never a piece id
+
+
+def encode_flat(sp: spm.SentencePieceProcessor, sentences: list, *,
+                raw_buffers: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Encode `sentences` (str, or UTF-8 bytes: sentencepiece takes either) into (tokens_T, lengths_N), int32: the
+    pieces of all sentences back to back and the number of pieces of each; equal to `sp.encode(sentences)`
+    flattened. The raw path (`raw_buffers`, default: when it works) joins sentencepiece's buffers with a -1
+    between sentences in one copy and finds the boundaries with numpy: no Python object per piece or sentence
+    besides sentencepiece's own; the public path makes one numpy array per sentence."""
+    if raw_buffers is None:
+        if not _RAW_BUFFERS:
+            _RAW_BUFFERS.append(_raw_buffers_work(sp))
+        raw_buffers = _RAW_BUFFERS[0]
+    if not sentences:
+        return np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.int32)
+    if raw_buffers:
+        joined = np.frombuffer(_SEPARATOR.join(_encode_buffers(sp, sentences)), dtype=np.int32)
+        is_piece = joined >= 0
+        separators = np.flatnonzero(~is_piece)
+        bounds = np.concatenate([[-1], separators, [len(joined)]])
+        lengths_N = (np.diff(bounds) - 1).astype(np.int32)
+        tokens_T = joined[is_piece] if len(separators) else joined
+    else:
+        arrays = sp.encode(sentences, out_type="numpy", num_threads=1)
+        lengths_N = np.fromiter(map(len, arrays), dtype=np.int32, count=len(arrays))
+        tokens_T = np.concatenate(arrays).astype(np.int32, copy=False)
+    return tokens_T, lengths_N
 
 
 def sample_corpus(sentences_by_lang: dict[str, list[str]], total: int, temperature: float,

@@ -172,3 +172,47 @@ def test_eval_batches_cover_the_direction_once(data_dir):
     assert sorted(seen.tolist()) == list(range(30))
     with pytest.raises(DataError, match="no 'valid' split|have no"):
         MultilingualDataset(data_dir, "valid", directions=["de-xx"])
+
+
+def test_references_are_the_raw_targets_of_the_dataset_items(spm_model, tmp_path):
+    """Non-train splits carry each direction's raw target text: line i is the raw target of dataset item i (filtered
+    pairs left out, line breaks inside a sentence turned into spaces)."""
+    rng = np.random.default_rng(1)
+    raw, out = tmp_path / "raw", tmp_path / "bin"
+    raw.mkdir()
+    words = rng.integers(4, 10, size=30)  # the same number of words on every side: no pair hits the ratio filter
+    text = {lang: [_sentence(rng, lang, int(n)) for n in words] for lang in LETTERS}
+    for xx in ("de", "fr"):
+        (raw / f"train.en-{xx}.en").write_text("\n".join(text["en"]) + "\n", encoding="utf-8")
+        (raw / f"train.en-{xx}.{xx}").write_text("\n".join(text[xx]) + "\n", encoding="utf-8")
+    en, de = list(text["en"]), list(text["de"])
+    de[3] = "  "  # empty
+    en[7] = _sentence(rng, "en", 150)  # too long
+    de[11] = "ab\rcd " + de[11]  # a carriage return inside a line
+    (raw / "valid.en-de.en").write_bytes(("\n".join(en) + "\n").encode())
+    (raw / "valid.en-de.de").write_bytes(("\n".join(de) + "\n").encode())
+    records = [{"src": f, "tgt": e} for f, e in zip(text["fr"], text["en"])]
+    records[5]["src"] = "eins\nzwei " + records[5]["src"]  # JSONL strings may hold newlines
+    records[9]["tgt"] = ""
+    (raw / "valid.fr-en.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    assert preprocess_data.main(["--input-dir", str(raw), "--tokenizer", str(spm_model), "--output-dir", str(out),
+                                 "--workers", "2", "--chunk-pairs", "8", "--max-len", "100", "--no-progress"]) == 0
+    manifest = load_manifest(out)
+    tok = Tokenizer(spm_model)
+    kept_en_de = [i for i in range(30) if i not in (3, 7)]
+    kept_fr_en = [i for i in range(30) if i != 9]
+    expected = {"en-de": [de[i] for i in kept_en_de], "de-en": [en[i] for i in kept_en_de],
+                "fr-en": [records[i]["tgt"] for i in kept_fr_en], "en-fr": [records[i]["src"] for i in kept_fr_en]}
+    for direction, targets in expected.items():
+        info = manifest["directions"][direction]["splits"]["valid"]
+        assert info["references"] == f"valid.{direction}.ref.{direction[-2:]}"
+        assert "references" not in manifest["directions"][direction]["splits"]["train"]
+        lines = (out / info["references"]).read_bytes().decode("utf-8").split("\n")
+        assert lines[-1] == "" and len(lines) - 1 == len(targets)
+        ds = MultilingualDataset(out, "valid", directions=[direction])
+        assert len(ds) == len(targets)
+        for i, target in enumerate(targets):
+            assert lines[i] == target.replace("\r", " ").replace("\n", " ")
+            if target == lines[i]:
+                assert tok.encode([lines[i]])[0] == ds[i]["labels"][:-1].tolist()
+    assert sum("\r" in t or "\n" in t for t in expected["en-de"] + expected["en-fr"]) == 2
