@@ -21,7 +21,7 @@ It prints source sentences/s and target tokens/s per path, the speed-up over the
 target tokens) and our time over the peer's (goal <= 1.3; for MoE systems the peer is the dense model of the same
 sizes, so the ratio includes the experts' and adapters' extra work). Each figure is the best of `--repeats` runs
 (the recompute: `--recompute-repeats`), interleaved so that machine noise hits every path alike. Sizes: `demo` is
-examples/configs/demo_bible.yaml's model (d 128, FFN 256, 4 heads, 2+2 layers, 4 experts, vocabulary 8000);
+examples/configs/demo_bible.yaml's model (d 128, FFN 256, 4 heads, 2+2 layers, 4 experts, vocabulary 4000);
 `paper_width` the paper's layer width (d 1024, FFN 4096, 16 heads, 8 experts, vocabulary 32000) with 2+2 layers.
 Weights are random (speed does not depend on them). CPU fp32, or the GPU in bf16 when there is one.
 
@@ -56,7 +56,7 @@ from megatron_taskmoe.model.encdec import EncoderDecoderModel  # noqa: E402
 
 BOS, EOS, PAD, UNK = 2, 3, 0, 1
 SIZES = {
-    "demo": dict(vocab_size=8000, hidden_size=128, ffn_hidden_size=256, num_attention_heads=4, encoder_layers=2,
+    "demo": dict(vocab_size=4000, hidden_size=128, ffn_hidden_size=256, num_attention_heads=4, encoder_layers=2,
                  decoder_layers=2, experts=4),
     "paper_width": dict(vocab_size=32000, hidden_size=1024, ffn_hidden_size=4096, num_attention_heads=16,
                         encoder_layers=2, decoder_layers=2, experts=8),

@@ -89,7 +89,7 @@ class Scale:
     steps: int = 500
     ablation_steps: int = 400
     max_tokens: int = 2048
-    lr: float = 3e-3
+    lr: float = 6e-3
     warmup_steps: int = 100
     test_sentences: int = 40
     """Test pairs per direction (0: all 320 of the held-out books)."""

@@ -15,7 +15,7 @@ echo "== 1/6 prepare Bible bitext (en <-> ${LANGS})"
 python examples/bible/prepare_data.py --output-dir "$OUT/bible" --languages $LANGS
 
 echo "== 2/6 train the joint sentencepiece tokenizer"
-python tools/train_tokenizer.py --input-dir "$OUT/bible" --output-prefix "$OUT/spm" --vocab-size 8000 \
+python tools/train_tokenizer.py --input-dir "$OUT/bible" --output-prefix "$OUT/spm" --vocab-size 4000 \
   --sentences 100000 --temperature 5
 
 echo "== 3/6 preprocess into megatron-core indexed datasets (both directions per bitext)"

@@ -246,7 +246,7 @@ def prepare(args, out: Path, logs: Path) -> dict[str, Path]:
     if not (out / "spm.model").is_file():
         print("== train the joint sentencepiece tokenizer", flush=True)
         run("train_tokenizer", [py, "tools/train_tokenizer.py", "--input-dir", bible, "--output-prefix",
-                                out / "spm", "--vocab-size", "8000", "--sentences", "100000", "--temperature", "5"],
+                                out / "spm", "--vocab-size", "4000", "--sentences", "100000", "--temperature", "5"],
             logs)
     data = {}
     for key, langs in (("a", (a,)), ("b", (b,)), ("union", (a, b))):

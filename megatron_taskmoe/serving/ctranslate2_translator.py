@@ -36,6 +36,7 @@ import torch
 
 from megatron_taskmoe.checkpoint_tools.io import CheckpointToolError
 from megatron_taskmoe.generation import SearchConfig, beam_search
+from megatron_taskmoe.reference.model import ReferenceDecoder
 from megatron_taskmoe.serving.ctranslate2_export import FORMAT, SERVING_FILE, TOKENIZER_FILE, check_directory
 from megatron_taskmoe.serving.source import ReferenceSource
 
@@ -223,7 +224,7 @@ class ReferenceRunner:
         for start in range(0, len(order), self.batch_size):
             chunk = order[start : start + self.batch_size]
             batch = [rows[i] for i in chunk]
-            hyps = beam_search(self.model.step_fn(self._encode(batch, ids)), batch_size=len(batch),
+            hyps = beam_search(ReferenceDecoder(self.model, self._encode(batch, ids), 1), batch_size=len(batch),
                                bos=special["bos"], eos=special["eos"],
                                max_lengths=search.max_lengths([len(r) for r in batch], self.max_tgt_pieces),
                                beam_size=1)
