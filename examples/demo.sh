@@ -2,7 +2,7 @@
 # The `make demo` job, end to end on CPU: real Bible bitext -> joint tokenizer -> indexed datasets -> sampling
 # summary -> a tiny shared-dynamic task-MoE trained with expert parallelism over 2 processes -> per-task BLEU table
 # on the test books -> routing pictures (tasks x experts / adapters, and over training from the logged routing
-# records). About 15 minutes on 2 CPU cores.
+# records). About 17 minutes on 2 CPU cores.
 # Usage: bash examples/demo.sh OUTPUT_DIR   (uses the `python` on PATH; `make demo` puts .venv/bin first)
 set -euo pipefail
 OUT="${1:?usage: examples/demo.sh OUTPUT_DIR}"
