@@ -33,7 +33,6 @@ import os
 import random
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -45,6 +44,9 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from _runner import sh  # noqa: E402
+
 from megatron_taskmoe.fileio import save_figure, write_text_atomic  # noqa: E402
 
 LANGUAGES = ("fr", "es", "de", "ru", "pl")
@@ -126,17 +128,6 @@ class Run:
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def sh(cmd: list[str], log: Path, env: Optional[dict] = None) -> float:
-    """Run `cmd` with output to `log`; raise naming the log on failure; return seconds."""
-    start = time.perf_counter()
-    with open(log, "w") as f:
-        rc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
-    if rc != 0:
-        tail = log.read_text(errors="replace").splitlines()[-15:]
-        raise RuntimeError(f"{' '.join(cmd[:3])}... failed with exit {rc}; see {log}:\n" + "\n".join(tail))
-    return time.perf_counter() - start
-
-
 def subsample_low_resource(full: Path, out: Path, fraction: float, seed: int = 0) -> dict[str, int]:
     """Copy the bitext, keeping a seeded `fraction` of the training pairs of the low-resource languages."""
     tmp = out.with_name(out.name + ".partial")

@@ -38,7 +38,6 @@ import os
 import platform as host_platform
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 import warnings
@@ -50,6 +49,9 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from _runner import sh as run_logged  # noqa: E402
+
 from megatron_taskmoe.fileio import write_text_atomic  # noqa: E402
 
 PY = sys.executable
@@ -65,15 +67,8 @@ SYSTEMS = ("token", "task")
 
 
 def sh(cmd: list[str], log: Path, threads: int) -> float:
-    """Run a repository command with output to `log`; raise naming the log on failure; return seconds."""
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": str(threads)}
-    start = time.perf_counter()
-    with open(log, "w") as f:
-        rc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
-    if rc != 0:
-        tail = log.read_text(errors="replace").splitlines()[-15:]
-        raise RuntimeError(f"{' '.join(cmd[:3])}... failed with exit {rc}; see {log}:\n" + "\n".join(tail))
-    return time.perf_counter() - start
+    """`_runner.sh` with `threads` intra-op threads and warnings off."""
+    return run_logged(cmd, log, {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": str(threads)})
 
 
 # ------------------------------------------------------------------------------------------------ 1. data
