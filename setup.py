@@ -11,7 +11,7 @@ from setuptools import find_packages, setup
 
 INSTALL_REQUIRES = [
     "torch>=2.6",
-    # The tested range (megatron_taskmoe/mcore_compat.py: SUPPORTED_MCORE): 0.16.1 on Python 3.11, 0.19.x on 3.12.
+    # The tested range (megatron_taskmoe/compat/versions.py: SUPPORTED_MCORE): 0.16.1 on Python 3.11, 0.19.x on 3.12.
     "megatron-core>=0.16.1,<0.20",
     "sentencepiece>=0.2.2",  # encode(out_type="numpy") and the batch encoder that releases the GIL
     "sacrebleu>=2.4",

@@ -48,7 +48,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 warnings.filterwarnings("ignore")
 logging.getLogger("megatron").setLevel(logging.ERROR)
 
-from megatron_taskmoe import platform  # noqa: E402
+from megatron_taskmoe import compat  # noqa: E402
+from megatron_taskmoe.parallel import groups  # noqa: E402
 from megatron_taskmoe.generation import PrefixDecoder, SearchConfig, beam_search  # noqa: E402
 from megatron_taskmoe.model import presets  # noqa: E402
 from megatron_taskmoe.model.decoding import ModelDecoder, encode_batch  # noqa: E402
@@ -161,7 +162,7 @@ def build_ours(size: str, system: str, max_positions: int, device, dtype):
     cfg = presets.SYSTEMS[system](base)
     if cfg.moe is not None:
         cfg = replace(cfg, moe=replace(cfg.moe, num_experts=experts, num_tasks=NUM_TASKS, num_languages=NUM_TASKS))
-    platform.model_parallel_manual_seed(0)
+    groups.model_parallel_manual_seed(0)
     return EncoderDecoderModel(cfg).to(device=device, dtype=dtype).eval(), cfg
 
 
@@ -244,9 +245,10 @@ def main() -> None:
         parser.error("--clock cpu measures CPU time; on a GPU use the wall clock")
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
 
-    platform.init_distributed(rank=0, world_size=1, master_port=platform.free_port())
-    platform.initialize_model_parallel()
-    device = platform.device()
+    compat.apply()
+    groups.init_distributed(rank=0, world_size=1, master_port=groups.free_port())
+    groups.initialize_model_parallel()
+    device = groups.device()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     max_positions = args.tokens + 2
     search_of = {beam: SearchConfig(beam_size=beam, max_len_a=0.0, max_len_b=args.tokens, min_len=args.tokens)
@@ -299,7 +301,7 @@ def main() -> None:
                           f"{sent['peer'] * args.tokens:9.0f} | {recompute[1]} {sent['peer'] / sent['ours']:14.2f} "
                           f"{recompute[2]}", flush=True)
             del model
-    platform.destroy()
+    groups.destroy()
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ import torch
 
 from megatron.core.transformer.moe import moe_utils
 
-from megatron_taskmoe.mcore_compat import mcore_permute
+from megatron_taskmoe.compat.moe import mcore_permute
 from megatron_taskmoe.ops import permute, resolved_backend, unpermute
 
 # This project's MoE layers (hidden 1024, 8 experts, top-2; micro-batches of a few thousand tokens) and larger.

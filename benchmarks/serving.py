@@ -184,8 +184,10 @@ def translators(args, paths: dict, out: Path) -> tuple[dict[str, Callable], dict
 
     fns, params = {}, {}
     if args.decoder == "trainer":
+        from megatron_taskmoe import compat
         from megatron_taskmoe.inference import Translator, TranslatorConfig, load_checkpoint
 
+        compat.apply()
         config = TranslatorConfig(beam_size=args.beam, batch_size=args.batch)
         for name, path in (("token-MoE (whole)", out / "token" / "run"), ("task-MoE (whole)", out / "task" / "run"),
                            ("task-MoE (extracted)", paths["extracted"])):

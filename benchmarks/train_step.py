@@ -197,15 +197,17 @@ def main() -> None:
     if args.log_interval < 1 or args.steps < 1 or args.repeats < 1:
         parser.error("--log-interval, --steps and --repeats must be >= 1")
 
-    from megatron_taskmoe import platform
+    from megatron_taskmoe import compat
+    from megatron_taskmoe.parallel import groups
 
-    platform.init_distributed(rank=0, world_size=1, master_port=platform.free_port())
-    platform.initialize_model_parallel()
-    platform.model_parallel_manual_seed(0)
-    device = platform.device()
+    compat.apply()
+    groups.init_distributed(rank=0, world_size=1, master_port=groups.free_port())
+    groups.initialize_model_parallel()
+    groups.model_parallel_manual_seed(0)
+    device = groups.device()
     if args.telemetry:
         time_telemetry(args, device)
-        platform.destroy()
+        groups.destroy()
         return
     systems = ["moe_token", "moe_task_shared_dynamic"]
     models = {s: build(s, args.size, args.tasks, args.vocab) for s in systems}
@@ -230,7 +232,7 @@ def main() -> None:
         print(f"{s:26s} {rate[s]:12,.0f} tokens/s   {best[s] / args.steps * 1e3:8.1f} ms/step   {params:,} params")
     ratio = rate["moe_task_shared_dynamic"] / rate["moe_token"]
     print(f"ratio task/token throughput: {ratio:.3f} (goal >= 0.95: task information costs at most 5%)")
-    platform.destroy()
+    groups.destroy()
 
 
 if __name__ == "__main__":

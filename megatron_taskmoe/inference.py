@@ -110,7 +110,7 @@ def _single_process_groups(device: torch.device):
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from megatron_taskmoe import platform
+    from megatron_taskmoe.parallel import groups
 
     if dist.is_initialized() and dist.get_world_size() > 1:
         raise CheckpointError(
@@ -118,10 +118,10 @@ def _single_process_groups(device: torch.device):
             f"{dist.get_world_size()} processes; call it outside a multi-process job"
         )
     if not dist.is_initialized():
-        platform.init_distributed(rank=0, world_size=1, master_port=platform.free_port(),
+        groups.init_distributed(rank=0, world_size=1, master_port=groups.free_port(),
                                   backend="nccl" if device.type == "cuda" else "gloo")
     if not parallel_state.model_parallel_is_initialized():
-        return platform.initialize_model_parallel()
+        return groups.initialize_model_parallel()
     from megatron.core.process_groups_config import ProcessGroupCollection
 
     return ProcessGroupCollection.use_mpu_process_groups()
@@ -149,7 +149,7 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device | None = Non
     """Load a trainer checkpoint into one process; see the module docstring for what `path` may be."""
     import warnings
 
-    from megatron_taskmoe import platform
+    from megatron_taskmoe.parallel import groups
     from megatron_taskmoe.config_io import ConfigError
     from megatron_taskmoe.model.config import ModelConfig, ParallelConfig, to_transformer_config
 
@@ -167,7 +167,7 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device | None = Non
     if tok.vocab_size != model_cfg.vocab_size:
         raise CheckpointError(f"{tok.path}: {tok.vocab_size} pieces but the model has {model_cfg.vocab_size}")
 
-    device = torch.device(device) if device is not None else platform.device()
+    device = torch.device(device) if device is not None else groups.device()
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InferenceError(f"device {device} requested but CUDA is not available here (use cpu)")
     with warnings.catch_warnings():

@@ -5,9 +5,14 @@ import os
 import pytest
 import torch
 
+from megatron_taskmoe import compat
+
 # Tests are tiny; one intra-op thread per process keeps multi-process tests from oversubscribing 2 cores.
 torch.set_num_threads(1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# megatron-core prepared for this machine once, as every process of the project does at start (spawned workers
+# call it themselves: tests/distributed/_harness.py).
+compat.apply()
 
 
 def pytest_collection_modifyitems(config, items):

@@ -238,11 +238,14 @@ def main(argv=None) -> int:
     if args.batch_size < 1:
         return fail(f"--batch-size must be >= 1, got {args.batch_size}")
 
+    from megatron_taskmoe import compat
     from megatron_taskmoe.analysis.routing import collect_routing_stats, plot_routing
     from megatron_taskmoe.analysis.similarity import plot_similarity
     from megatron_taskmoe.checkpoint_tools.io import CheckpointToolError, atomic_dir, check_output
     from megatron_taskmoe.data.bitext import DataError
     from megatron_taskmoe.inference import InferenceError, find_checkpoint, load_checkpoint
+
+    compat.apply()
 
     try:
         check_output(args.out, args.overwrite)

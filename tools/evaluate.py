@@ -146,10 +146,13 @@ def main(argv=None) -> int:
     if args.max_sentences < 0:
         return fail(f"--max-sentences must be >= 0, got {args.max_sentences}")
 
+    from megatron_taskmoe import compat
     from megatron_taskmoe.data.bitext import DataError
     from megatron_taskmoe.evaluation import ResultTable, score_corpus
     from megatron_taskmoe.inference import InferenceError, Translator, TranslatorConfig, find_checkpoint, \
         load_checkpoint
+
+    compat.apply()
 
     try:
         config = TranslatorConfig(beam_size=args.beam, length_penalty=args.length_penalty, max_len_a=args.max_len_a,

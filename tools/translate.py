@@ -61,9 +61,12 @@ def quiet_megatron(verbose: bool) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     quiet_megatron(args.verbose)
+    from megatron_taskmoe import compat
     from megatron_taskmoe.data.bitext import DataError
     from megatron_taskmoe.inference import (InferenceError, Translator, TranslatorConfig, check_direction,
                                             find_checkpoint, load_checkpoint)
+
+    compat.apply()
 
     try:
         config = TranslatorConfig(beam_size=args.beam, length_penalty=args.length_penalty, max_len_a=args.max_len_a,

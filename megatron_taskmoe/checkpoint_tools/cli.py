@@ -50,13 +50,16 @@ def run_config_from_args(args) -> dict:
 
 
 def run(main: Callable[[], int], prog: str) -> int:
-    """Call `main()`; a CheckpointToolError (or a config error) is printed as `prog: error: ...`, exit 2."""
+    """Prepare megatron-core (`compat.apply()`) and call `main()`; a CheckpointToolError (or a config error) is
+    printed as `prog: error: ...`, exit 2."""
+    from megatron_taskmoe import compat
     from megatron_taskmoe.config_io import ConfigError
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from megatron_taskmoe.checkpoint_tools.io import _quiet_megatron
 
     _quiet_megatron()
+    compat.apply()
     try:
         return main()
     except (CheckpointToolError, ConfigError) as e:

@@ -98,16 +98,16 @@ def one_process_groups():
     from megatron.core import parallel_state
     from megatron.core.process_groups_config import ProcessGroupCollection
 
-    from megatron_taskmoe import platform
+    from megatron_taskmoe.parallel import groups
 
     _quiet_megatron()
     if dist.is_initialized() and dist.get_world_size() > 1:
         raise CheckpointToolError("the checkpoint tools run in one process; torch.distributed has "
                                   f"{dist.get_world_size()} (run them outside torchrun)")
     if not dist.is_initialized():
-        platform.init_distributed(rank=0, world_size=1, master_port=platform.free_port(), backend="gloo")
+        groups.init_distributed(rank=0, world_size=1, master_port=groups.free_port(), backend="gloo")
     if not parallel_state.model_parallel_is_initialized():
-        return platform.initialize_model_parallel()
+        return groups.initialize_model_parallel()
     return ProcessGroupCollection.use_mpu_process_groups()
 
 
@@ -269,15 +269,11 @@ def parse_layout(tensor: int = 1, expert: int = 1, pipeline: int = 1, expert_ten
 
 def minimal_world_size(parallel: ParallelConfig) -> int:
     """The fewest processes that hold the layout: TP x PP x DP with EP x ETP dividing DP x TP."""
-    from megatron_taskmoe.platform import ParallelSizes
-
-    sizes = ParallelSizes(tensor=parallel.tensor, pipeline=parallel.pipeline, expert=parallel.expert,
-                          expert_tensor=parallel.expert_tensor)
     etp = parallel.tensor if parallel.expert_tensor is None else parallel.expert_tensor
     for dp in range(1, parallel.expert * etp + 1):
         world = parallel.tensor * parallel.pipeline * dp
         try:
-            sizes.validate(world)
+            parallel.validate_world_size(world)
             return world
         except ValueError:
             continue
@@ -431,18 +427,20 @@ def _run_jobs(jobs: list[dict]) -> None:
 
 
 def _worker(rank: int, world: int, port: int, jobs: list[dict], error_dir: str) -> None:
-    from megatron_taskmoe import platform
+    from megatron_taskmoe import compat
+    from megatron_taskmoe.parallel import groups
 
     torch.set_num_threads(1)
     try:
-        platform.init_distributed(rank=rank, world_size=world, master_port=port, backend="gloo")
+        compat.apply()
+        groups.init_distributed(rank=rank, world_size=world, master_port=port, backend="gloo")
         _run_jobs(jobs)
     except BaseException as e:
         with open(os.path.join(error_dir, f"rank{rank}.txt"), "w") as f:
             f.write(f"{type(e).__name__}: {e}\n\n{traceback.format_exc()}")
         raise
     finally:
-        platform.destroy()
+        groups.destroy()
 
 
 def run_layout(jobs: list[dict], world: int) -> None:
@@ -452,11 +450,11 @@ def run_layout(jobs: list[dict], world: int) -> None:
     processes are spawned for each job."""
     import torch.multiprocessing as mp
 
-    from megatron_taskmoe import platform
+    from megatron_taskmoe.parallel import groups
 
     if world == 1:
-        platform.destroy()
-        platform.init_distributed(rank=0, world_size=1, master_port=platform.free_port(), backend="gloo")
+        groups.destroy()
+        groups.init_distributed(rank=0, world_size=1, master_port=groups.free_port(), backend="gloo")
         try:
             _run_jobs(jobs)
         except CheckpointToolError:
@@ -464,14 +462,14 @@ def run_layout(jobs: list[dict], world: int) -> None:
         except Exception as e:
             raise CheckpointToolError(f"writing the one-process layout failed: {type(e).__name__}: {e}") from e
         finally:
-            platform.destroy()
+            groups.destroy()
         return
     # One set of processes per job: megatron's sharding metadata (replica ids) went stale when a second layout
     # was initialized in the same processes, so process reuse is not worth the risk.
     for job in jobs:
         with tempfile.TemporaryDirectory(prefix="ckpt-tool-errors.") as error_dir:
             try:
-                mp.spawn(_worker, args=(world, platform.free_port(), [job], error_dir), nprocs=world, join=True)
+                mp.spawn(_worker, args=(world, groups.free_port(), [job], error_dir), nprocs=world, join=True)
             except Exception as e:
                 texts = [Path(error_dir, n).read_text() for n in sorted(os.listdir(error_dir))]
                 first = texts[0].split("\n\n", 1)[0] if texts else str(e)

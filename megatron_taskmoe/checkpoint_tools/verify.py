@@ -65,7 +65,7 @@ def rank_logits_job(job: dict) -> None:
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
-    from megatron_taskmoe import platform
+    from megatron_taskmoe.parallel import groups
     from megatron_taskmoe.config_io import from_dict
     from megatron_taskmoe.model.config import ParallelConfig, to_transformer_config
     from megatron_taskmoe.model.encdec import EncoderDecoderModel
@@ -73,9 +73,8 @@ def rank_logits_job(job: dict) -> None:
 
     model_cfg = ModelConfig.from_record(job["model_config"])
     parallel = from_dict(ParallelConfig, job["parallel"])
-    pg = platform.initialize_model_parallel(tensor=parallel.tensor, pipeline=parallel.pipeline,
-                                            expert=parallel.expert, expert_tensor=parallel.expert_tensor)
-    platform.model_parallel_manual_seed(0)
+    pg = groups.initialize_model_parallel(parallel)
+    groups.model_parallel_manual_seed(0)
     tconfig = to_transformer_config(model_cfg, parallel, perform_initialization=False)
     model = EncoderDecoderModel(model_cfg, parallel, pg_collection=pg, transformer_config=tconfig).eval()
     loaded = dist_checkpointing.load({"model": model.sharded_state_dict(metadata=MODEL_CKPT_METADATA)},

@@ -20,7 +20,7 @@ from typing import Literal, Optional
 import torch
 import torch.nn.functional as F
 
-from megatron_taskmoe.mcore_compat import use_megatron_permute_fusion
+from megatron_taskmoe.compat.moe import use_megatron_permute_fusion
 from megatron_taskmoe.model.moe_config import MoEConfig
 
 ACTIVATIONS = ("relu", "gelu", "swiglu")
@@ -173,8 +173,11 @@ class ParallelConfig:
     """How the model is split over processes; data parallelism takes what is left of the world size."""
 
     tensor: int = 1
+    """Tensor-parallel size: attention heads and FFN columns split over this many ranks."""
     pipeline: int = 1
+    """Pipeline-parallel size: stages of layers (encoder stages first, see `encoder_pipeline_stages`)."""
     expert: int = 1
+    """Expert-parallel size: the experts of each MoE layer split over this many ranks."""
     expert_tensor: Optional[int] = None
     """Tensor parallelism inside experts; None means megatron's default (same as `tensor`)."""
     sequence_parallel: Optional[bool] = None
@@ -224,12 +227,8 @@ class ParallelConfig:
                                      f"ParallelConfig.expert={ep}")
         if ep > 1 and model.num_moe_layers() == 0:
             raise ValueError(f"ParallelConfig.expert={ep} > 1 but the model has no MoE layers")
+        self._validate_encoder_stages()
         if pp > 1:
-            if self.encoder_pipeline_stages is None or not 1 <= self.encoder_pipeline_stages < pp:
-                raise ValueError(
-                    f"ParallelConfig.pipeline={pp}: encoder_pipeline_stages must be in [1, {pp - 1}], "
-                    f"got {self.encoder_pipeline_stages}"
-                )
             enc, dec = self.encoder_pipeline_stages, pp - self.encoder_pipeline_stages
             if model.encoder_layers % enc or model.decoder_layers % dec:
                 raise ValueError(
@@ -237,12 +236,36 @@ class ParallelConfig:
                     f"are not divisible by their pipeline stages {enc} / {dec} (ParallelConfig.pipeline={pp}, "
                     f"encoder_pipeline_stages={enc})"
                 )
-        elif self.encoder_pipeline_stages not in (None, 0):
-            raise ValueError("ParallelConfig.encoder_pipeline_stages is only meaningful with pipeline > 1")
         if world_size is not None:
-            from megatron_taskmoe.platform import ParallelSizes
+            self.validate_world_size(world_size)
 
-            ParallelSizes(tensor=tp, pipeline=pp, expert=ep, expert_tensor=self.expert_tensor).validate(world_size)
+    def _validate_encoder_stages(self) -> None:
+        pp = self.pipeline
+        if pp > 1 and (self.encoder_pipeline_stages is None or not 1 <= self.encoder_pipeline_stages < pp):
+            raise ValueError(
+                f"ParallelConfig.pipeline={pp}: encoder_pipeline_stages must be in [1, {pp - 1}], "
+                f"got {self.encoder_pipeline_stages}"
+            )
+        if pp == 1 and self.encoder_pipeline_stages not in (None, 0):
+            raise ValueError("ParallelConfig.encoder_pipeline_stages is only meaningful with pipeline > 1")
+
+    def validate_world_size(self, world_size: int) -> None:
+        """The checks that need only the sizes and the world size (the one place they are made): the pipeline
+        split, tensor x pipeline dividing the world, and expert x expert-tensor dividing data x tensor."""
+        self._validate_encoder_stages()
+        tp, pp, ep = self.tensor, self.pipeline, self.expert
+        if world_size % (tp * pp):
+            raise ValueError(
+                f"world size {world_size} is not divisible by ParallelConfig.tensor x ParallelConfig.pipeline = "
+                f"{tp} x {pp}"
+            )
+        dp = world_size // (tp * pp)
+        etp = tp if self.expert_tensor is None else self.expert_tensor
+        if (dp * tp) % (ep * etp):
+            raise ValueError(
+                f"ParallelConfig.expert x expert_tensor = {ep} x {etp} must divide data x tensor parallel = "
+                f"{dp} x {tp} (world size {world_size}, ParallelConfig.pipeline={pp})"
+            )
 
 
 _ACTIVATION_FUNCS = {"relu": F.relu, "gelu": F.gelu, "swiglu": F.silu}

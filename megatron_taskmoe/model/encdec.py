@@ -45,7 +45,6 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_taskmoe import platform
 from megatron_taskmoe.model import init
 from megatron_taskmoe.model import routing as R
 from megatron_taskmoe.model.config import ModelConfig, ParallelConfig, side_transformer_config, to_transformer_config
@@ -136,9 +135,8 @@ class EncoderDecoderModel(LanguageModule):
         init_seed: Optional[int] = None,
     ) -> None:
         """`init_seed` seeds the initial weights (`init.py`; default: `torch.initial_seed()`, which
-        `platform.model_parallel_manual_seed` sets alike on every rank); with `perform_initialization=False` in the
-        config the weights are left for a checkpoint to fill."""
-        platform.apply()
+        `parallel.groups.model_parallel_manual_seed` sets alike on every rank); with `perform_initialization=False`
+        in the config the weights are left for a checkpoint to fill."""
         parallel_config = parallel_config or ParallelConfig()
         config = transformer_config or to_transformer_config(model_config, parallel_config)
         if pg_collection is None:

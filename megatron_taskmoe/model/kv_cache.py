@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 from megatron.core.inference.contexts.base_context import BaseInferenceContext
 
-from megatron_taskmoe.mcore_compat import init_inference_context
+from megatron_taskmoe.compat.inference_context import init_inference_context
 
 
 class DecoderCache(BaseInferenceContext):

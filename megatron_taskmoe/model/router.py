@@ -32,7 +32,7 @@ from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import get_pg_rank, get_pg_size
 
-from megatron_taskmoe import mcore_compat
+from megatron_taskmoe.compat import aux_losses
 from megatron_taskmoe.model import routing as R
 from megatron_taskmoe.model.moe_config import MoEConfig
 from megatron_taskmoe.model.routing_counts import RoutingCounters, add_task_counts_
@@ -179,7 +179,7 @@ class TaskTopKRouter(TopKRouter):
         Under sequence parallelism `value` is this rank's share: the tracker sums it over the TP group."""
         if self.layer_number is not None and self.layer_number <= self.config.num_layers:
             group = self.tp_group if self._sequence_parallel else None
-            mcore_compat.record_aux_loss(
+            aux_losses.record_aux_loss(
                 f"{self.side}_{name}", value, self.layer_number, self.config.num_layers, reduce_group=group
             )
 

@@ -30,7 +30,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
-from megatron_taskmoe.mcore_compat import use_megatron_permute_fusion
+from megatron_taskmoe.compat.moe import use_megatron_permute_fusion
 from megatron_taskmoe.model.attention import DecoderCrossAttention, DecoderSelfAttention, SDPAttention
 from megatron_taskmoe.model.config import ModelConfig
 from megatron_taskmoe.model.linear import ColumnParallelLinear, RowParallelLinear
@@ -57,7 +57,7 @@ def moe_mlp_spec(model: ModelConfig, side: str, task_context: TaskContext) -> Mo
     Token permutation: `MoEConfig.permute_backend` "auto"/"extension" use our dispatchers (ops/, the compiled
     kernels where built, the task-level fast path where the side routes by task or has one expert per token
     choice); "torch" keeps megatron-core's own dispatcher unchanged. On a GPU with Transformer Engine's fused
-    permutation, "auto" takes megatron's dispatcher with that fusion instead (`mcore_compat.
+    permutation, "auto" takes megatron's dispatcher with that fusion instead (`compat.moe.
     use_megatron_permute_fusion`; `to_transformer_config` sets `moe_permute_fusion` to match)."""
     from megatron_taskmoe.model.moe import get_moe_mlp_spec
     from megatron_taskmoe.ops.dispatcher import token_dispatcher_builder

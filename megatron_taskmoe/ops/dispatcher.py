@@ -5,8 +5,8 @@
 `permute_backend`) and override only the methods that call `moe_utils.permute` / `unpermute`; their bodies
 follow megatron-core 0.16.1 line for line with our functions in place (and, in the all-gather dispatcher,
 the permuted probabilities taken from our permute instead of a second masked_select). Communication, CUDA-stream
-synchronization points and everything else stay megatron's (on CPU the platform layer handles the latter). Where
-later releases moved work between these methods, the release installed decides (`mcore_compat`: the overlapped
+synchronization points and everything else stay megatron's (on CPU `megatron_taskmoe.compat` handles the latter). Where
+later releases moved work between these methods, the release installed decides (`compat.moe`: the overlapped
 shared experts' fc2 runs in megatron's `token_combine` from 0.18 on, so `combine_postprocess` leaves it out there).
 
 `build_token_dispatcher(num_local_experts, local_expert_indices, config, pg_collection, backend=..., fast_path=...)`
@@ -31,7 +31,7 @@ from megatron.core.transformer.moe.token_dispatcher import (
 )
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_taskmoe.mcore_compat import shared_experts_run_in_token_comm
+from megatron_taskmoe.compat.moe import shared_experts_run_in_token_comm
 from megatron_taskmoe.ops.backend import BACKENDS
 from megatron_taskmoe.ops.permute import permute, unpermute
 

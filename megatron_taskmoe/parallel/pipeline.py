@@ -6,10 +6,10 @@ builds it from megatron's parts:
 * Layout (`stage_layout`): `ParallelConfig.encoder_pipeline_stages` leading stages split the encoder layers evenly,
   the remaining stages split the decoder layers. The first encoder stage and the first decoder stage embed tokens
   (both with the one shared embedding), the last stage computes the loss with the output layer tied to it.
-* Embedding groups (`initialize_model_parallel`): megatron's embedding group holds every stage with a copy of the
-  shared word embedding (first encoder, first decoder, last stage) and its position-embedding group the two
-  stages that embed, so megatron's `finalize_model_grads` all-reduces the tied gradients across them. The copies
-  start equal (`EncoderDecoderStage.setup_embeddings_and_output_layer`: all but the first stage's are zeroed and
+* Embedding groups (`parallel.groups.initialize_model_parallel`): megatron's embedding group holds every stage with
+  a copy of the shared word embedding (first encoder, first decoder, last stage) and its position-embedding group
+  the two stages that embed, so megatron's `finalize_model_grads` all-reduces the tied gradients across them. The
+  copies start equal (`EncoderDecoderStage.setup_embeddings_and_output_layer`: all but the first stage's are zeroed and
   summed over the group) and are checkpointed once (the others are marked as replicas).
 * What crosses a stage boundary: ONE tensor per micro-batch. Encoder stages pass the encoder hidden states
   [S, B, D]; decoder stages pass concat(decoder hidden [T, B, D], encoder output [S, B, D]) along the sequence, so
@@ -32,14 +32,14 @@ sequence-parallel shard (padded length / TP).
 
 from __future__ import annotations
 
-import functools
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
 import torch
 
-from megatron_taskmoe import mcore_compat, platform
+from megatron_taskmoe.compat import aux_losses
+from megatron_taskmoe.parallel import groups
 from megatron_taskmoe.model.config import ModelConfig, ParallelConfig, to_transformer_config
 from megatron_taskmoe.model.encdec import EncoderDecoderModel, EncoderState
 from megatron_taskmoe.model.kv_cache import DecoderCache
@@ -101,35 +101,6 @@ def stage_layout(model: ModelConfig, parallel: ParallelConfig, stage: int) -> St
     first = (stage - enc) * per
     return StageLayout(stage=stage, num_stages=pp, encoder_stages=enc, encoder_layers=None,
                        decoder_layers=tuple(range(first, first + per)))
-
-
-def embedding_ranks(pp_ranks: list[int], encoder_stages: int) -> list[int]:
-    """Ranks of one pipeline group holding a copy of the shared word embedding: first encoder, first decoder and
-    last stage (megatron's `get_embedding_ranks`)."""
-    if len(pp_ranks) == 1:
-        return [pp_ranks[0]]
-    return sorted({pp_ranks[0], pp_ranks[encoder_stages], pp_ranks[-1]})
-
-
-def position_embedding_ranks(pp_ranks: list[int], encoder_stages: int) -> list[int]:
-    """Ranks of one pipeline group that embed positions: the first encoder and the first decoder stage."""
-    if len(pp_ranks) == 1:
-        return [pp_ranks[0]]
-    return sorted({pp_ranks[0], pp_ranks[encoder_stages]})
-
-
-def initialize_model_parallel(parallel: ParallelConfig):
-    """megatron's process groups for `parallel`, with the encoder-decoder's embedding groups; returns the
-    `ProcessGroupCollection`. Call after `platform.init_distributed`."""
-    kwargs: dict[str, Any] = {}
-    if parallel.pipeline > 1:
-        if parallel.encoder_pipeline_stages is None:
-            raise ValueError(f"ParallelConfig.pipeline={parallel.pipeline} needs encoder_pipeline_stages")
-        enc = parallel.encoder_pipeline_stages
-        kwargs = dict(get_embedding_ranks=functools.partial(embedding_ranks, encoder_stages=enc),
-                      get_position_embedding_ranks=functools.partial(position_embedding_ranks, encoder_stages=enc))
-    return platform.initialize_model_parallel(tensor=parallel.tensor, pipeline=parallel.pipeline,
-                                              expert=parallel.expert, expert_tensor=parallel.expert_tensor, **kwargs)
 
 
 def local_length(length: int, tensor_parallel: int, sequence_parallel: bool) -> int:
@@ -224,8 +195,8 @@ class EncoderDecoderStage(EncoderDecoderModel):
             if group is None or group.size() == 1:
                 raise RuntimeError(
                     "EncoderDecoderStage: the shared embedding is not in an embedding group of its stages; "
-                    "initialize process groups with megatron_taskmoe.parallel.pipeline.initialize_model_parallel")
-            summed = weight.data.to(platform.device())
+                    "initialize process groups with megatron_taskmoe.parallel.groups.initialize_model_parallel")
+            summed = weight.data.to(groups.device())
             torch.distributed.all_reduce(summed, group=group)
             weight.data.copy_(summed)
 
@@ -445,7 +416,7 @@ def validation_losses(model: torch.nn.Module, batches: dict[str, list[dict]], fo
     try:
         with torch.no_grad():
             for key, items in batches.items():
-                totals = torch.zeros(2, device=platform.device())
+                totals = torch.zeros(2, device=groups.device())
                 if items:
                     reported = forward_backward(forward_step_func=forward_step_func, data_iterator=iter(items),
                                                 model=model, num_microbatches=len(items), forward_only=True)
@@ -468,7 +439,7 @@ def align_aux_loss_tracker(pg_collection, num_layers: int) -> None:
     record per-shard values), so every stage ends with the same totals."""
     if pg_collection.pp.size() == 1:
         return
-    entries = mcore_compat.aux_loss_entries()
+    entries = aux_losses.aux_loss_entries()
     mine = {}
     for name, entry in entries.items():
         if entry.avg_group is not None:
@@ -490,7 +461,7 @@ def align_aux_loss_tracker(pg_collection, num_layers: int) -> None:
         if group_size and group_size != pg_collection.tp.size():
             raise RuntimeError(f"align_aux_loss_tracker: aux loss {name!r} is reduced over a group of {group_size} "
                                f"ranks, not the tensor-parallel group of {pg_collection.tp.size()}")
-        aligned[name] = mcore_compat.AuxLossEntry(values=torch.zeros(num_layers, device=platform.device()),
+        aligned[name] = aux_losses.AuxLossEntry(values=torch.zeros(num_layers, device=groups.device()),
                                                   reduce_group=pg_collection.tp if group_size else None,
                                                   needs_dp_avg=needs_dp_avg)
-    mcore_compat.set_aux_loss_entries(aligned)
+    aux_losses.set_aux_loss_entries(aligned)

@@ -32,7 +32,7 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from megatron_taskmoe import platform
+from megatron_taskmoe.parallel import groups
 from megatron_taskmoe.generation import SearchConfig, beam_search
 from megatron_taskmoe.model.encdec import EncoderState
 from megatron_taskmoe.model.kv_cache import DecoderCache
@@ -53,7 +53,7 @@ class _Peers:
         self.layout = stage.layout
         self.ranks = dist.get_process_group_ranks(pp_group)
         self.last = self.ranks[-1]
-        self.device = platform.device()
+        self.device = groups.device()
         self.dtype = stage.config.params_dtype
         self.hidden = stage.config.hidden_size
         self.tp, self.sp = stage.tp_size, bool(stage.config.sequence_parallel)

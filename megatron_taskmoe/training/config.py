@@ -179,17 +179,6 @@ class RunConfig:
     def validate_against(self, world_size: int, model: ModelConfig) -> None:
         """Checks that need the launch (world size) and the built model config; raises ConfigError."""
         p = self.parallel
-        model_parallel = p.tensor * p.pipeline
-        if world_size % model_parallel:
-            raise ConfigError(
-                f"world size {world_size} is not divisible by parallel.tensor x parallel.pipeline = {model_parallel}"
-            )
-        dp = world_size // model_parallel
-        if (dp * p.tensor) % p.expert:
-            raise ConfigError(
-                f"parallel.expert={p.expert} must divide data-parallel x tensor-parallel = {dp * p.tensor} "
-                f"(world size {world_size}, tensor {p.tensor}, pipeline {p.pipeline})"
-            )
         try:
             p.validate(model, world_size)
         except ValueError as e:

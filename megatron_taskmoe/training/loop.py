@@ -24,7 +24,8 @@ from typing import Any, Iterator, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_taskmoe import mcore_compat, platform
+from megatron_taskmoe.compat import aux_losses
+from megatron_taskmoe.parallel import groups
 from megatron_taskmoe.config_io import ConfigError, dump_yaml, to_dict
 from megatron_taskmoe.data.batching import BatchingConfig, BatchIterator
 from megatron_taskmoe.data.dataset import MultilingualDataset
@@ -69,7 +70,7 @@ def _rank() -> int:
 
 
 def _to_device(batch: dict) -> dict:
-    dev = platform.device()
+    dev = groups.device()
     return {k: batch[k].to(dev, non_blocking=True) for k in BATCH_KEYS}
 
 
@@ -136,7 +137,7 @@ class _DeviceBatches:
         batch = next(self.batches)
         self.tokens += int(batch["loss_mask"].sum()) + int((~batch["src_padding_mask"]).sum())
         out = _to_device(batch)
-        out["loss_mask"] = batch["loss_mask"].to(platform.device())
+        out["loss_mask"] = batch["loss_mask"].to(groups.device())
         return out
 
 
@@ -266,7 +267,7 @@ class Trainer:
             ckpt.restore_rng_state(rank_state["rng"])
         else:
             log.warning("resuming %s under another parallel layout: RNG streams restart from the seed", info.path)
-            platform.model_parallel_manual_seed(self.cfg.train.seed + self.state.step)
+            groups.model_parallel_manual_seed(self.cfg.train.seed + self.state.step)
         if self.rank == 0:
             log.info("resumed from %s at step %d (consumed samples %d)", info.path, self.state.step,
                      self.state.consumed_samples)
@@ -309,7 +310,7 @@ class Trainer:
             )
         # Mean token loss of the step (sum over micro-batches and data-parallel ranks). Only the last pipeline
         # stage has losses: summed over the pipeline group, every rank knows (and logs) the same value.
-        totals = torch.zeros(2, device=platform.device())
+        totals = torch.zeros(2, device=groups.device())
         for item in losses:
             totals += item["lm loss"].detach().float()
         pipeline.sum_over_pipeline(totals, b.pg_collection)
@@ -336,12 +337,12 @@ class Trainer:
         return {"loss": loss, "grad_norm": grad_norm, "update": bool(update_ok), "tokens": int(totals[1])}
 
     def _aux_losses(self) -> dict[str, float]:
-        if not mcore_compat.aux_loss_entries():
+        if not aux_losses.aux_loss_entries():
             return {}
-        mcore_compat.reduce_aux_losses(self.built.pg_collection)
+        aux_losses.reduce_aux_losses(self.built.pg_collection)
         out = {name: float(entry.values.sum()) / self.cfg.train.micro_batches
-               for name, entry in mcore_compat.aux_loss_entries().items()}
-        mcore_compat.clear_aux_losses()
+               for name, entry in aux_losses.aux_loss_entries().items()}
+        aux_losses.clear_aux_losses()
         return out
 
     def train(self) -> TrainState:

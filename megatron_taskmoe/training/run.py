@@ -35,10 +35,12 @@ def run(config_path: str, overrides: list[str]) -> int:
 
     warnings.filterwarnings("ignore", module="megatron")
     logging.getLogger("megatron").setLevel(logging.WARNING)  # its INFO lines list every parameter
-    from megatron_taskmoe import platform
+    from megatron_taskmoe import compat
+    from megatron_taskmoe.parallel import groups
     from megatron_taskmoe.training.loop import NonFiniteLossError, Trainer
 
-    platform.init_distributed()
+    compat.apply()
+    groups.init_distributed()
     try:
         try:
             trainer = Trainer(cfg, corpus, model_cfg)
@@ -55,4 +57,4 @@ def run(config_path: str, overrides: list[str]) -> int:
                      state.consumed_samples, state.best_bleu)
         return 0
     finally:
-        platform.destroy()
+        groups.destroy()

@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 import torch
 
-from megatron_taskmoe import platform
+from megatron_taskmoe.parallel import groups
 from megatron_taskmoe.config_io import ConfigError
 from megatron_taskmoe.data.bitext import DataError
 from megatron_taskmoe.data.manifest import load_manifest
@@ -159,9 +159,9 @@ def build(cfg: RunConfig, model_cfg: ModelConfig) -> Built:
     from megatron_taskmoe.parallel import pipeline
 
     p: ParallelConfig = cfg.parallel
-    # With pipelining the embedding groups hold every stage with a copy of the shared embedding (parallel/pipeline.py).
-    pg = pipeline.initialize_model_parallel(p)
-    platform.model_parallel_manual_seed(cfg.train.seed)
+    # With pipelining the embedding groups hold every stage with a copy of the shared embedding (parallel/groups.py).
+    pg = groups.initialize_model_parallel(p)
+    groups.model_parallel_manual_seed(cfg.train.seed)
     bf16 = use_bf16(cfg)
     dtype = torch.bfloat16 if bf16 else torch.float32
     # Pipelining: p2p buffers in the activation dtype; variable_seq_lengths is on (to_transformer_config), so every

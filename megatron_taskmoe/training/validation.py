@@ -29,7 +29,7 @@ import numpy as np
 import sentencepiece as spm
 import torch
 
-from megatron_taskmoe import platform
+from megatron_taskmoe.parallel import groups
 from megatron_taskmoe.data.batching import collate, BatchingConfig
 from megatron_taskmoe.data.dataset import MultilingualDataset
 from megatron_taskmoe.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, language_tag_ids
@@ -116,7 +116,7 @@ class Validator:
         model = self.trainer.built.module
         if not self.pipelined:
             return translate_batch(model, batch, self.search, bos=BOS_ID, eos=EOS_ID, banned=self.banned,
-                                   device=platform.device())
+                                   device=groups.device())
         from megatron_taskmoe.parallel.pipeline_decoding import pipelined_translate_batch
 
         return pipelined_translate_batch(model, {k: batch[k] for k in _MODEL_KEYS}, self.search,
@@ -135,8 +135,8 @@ class Validator:
 
         def device_batches(direction):
             for batch in self._batches(direction):
-                out = {k: batch[k].to(platform.device()) for k in _MODEL_KEYS}
-                out["loss_mask"] = batch["loss_mask"].to(platform.device())
+                out = {k: batch[k].to(groups.device()) for k in _MODEL_KEYS}
+                out["loss_mask"] = batch["loss_mask"].to(groups.device())
                 yield out
 
         return pipeline.validation_losses(
@@ -199,8 +199,8 @@ class Validator:
                 hyps, refs = [], []
                 for items, batch in self._indexed_batches(direction):
                     if not self.pipelined:
-                        dev_batch = {k: batch[k].to(platform.device()) for k in _MODEL_KEYS}
-                        mask = batch["loss_mask"].to(platform.device())
+                        dev_batch = {k: batch[k].to(groups.device()) for k in _MODEL_KEYS}
+                        mask = batch["loss_mask"].to(groups.device())
                         sums["loss"] += float((model(**dev_batch).float() * mask).sum())
                         pause_routing_stats(model, True)  # the same tokens again: count them once
                         sums["nll"] += float((model(**dev_batch, label_smoothing=0.0).float() * mask).sum())

@@ -27,7 +27,8 @@ from typing import Callable, Optional
 import torch
 import torch.multiprocessing as mp
 
-from megatron_taskmoe import platform
+from megatron_taskmoe import compat
+from megatron_taskmoe.parallel import groups
 
 TOL = 1e-5
 
@@ -37,19 +38,20 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, er
     torch.set_num_threads(1)
     os.environ["OMP_NUM_THREADS"] = "1"
     try:
-        platform.init_distributed(rank=rank, world_size=world_size, master_port=port)
+        compat.apply()
+        groups.init_distributed(rank=rank, world_size=world_size, master_port=port)
         fn(rank, world_size, *args)
     except BaseException:
         with open(os.path.join(error_dir, f"rank{rank}.txt"), "w") as f:
             f.write(traceback.format_exc())
         raise
     finally:
-        platform.destroy()
+        groups.destroy()
 
 
 def spawn(fn: Callable, world_size: int, *args, tmp_dir: str) -> None:
     """Run `fn(rank, world_size, *args)` in `world_size` gloo processes; re-raise the first rank's error text."""
-    port = platform.free_port()
+    port = groups.free_port()
     try:
         mp.spawn(_worker, args=(world_size, port, fn, args, tmp_dir), nprocs=world_size, join=True)
     except Exception as exc:
@@ -194,7 +196,7 @@ class Reference:
 def build_model(model_cfg, parallel_cfg=None, seed: int = 1234):
     from megatron_taskmoe.model.encdec import EncoderDecoderModel
 
-    platform.model_parallel_manual_seed(seed)
+    groups.model_parallel_manual_seed(seed)
     return EncoderDecoderModel(model_cfg, parallel_cfg)
 
 
@@ -228,12 +230,12 @@ def run_reference(model_cfg, batch: dict[str, torch.Tensor], dp: int, seed: int 
 def references_in_process(model_cfgs, batch, dp: int, seed: int = 1234, **micro) -> list[Reference]:
     """`run_reference` for each config in this process under a temporary world-size-1 gloo group (`micro`:
     `micro_batches`, `trim` as in `run_reference`)."""
-    platform.init_distributed(rank=0, world_size=1)
+    groups.init_distributed(rank=0, world_size=1)
     try:
-        platform.initialize_model_parallel()
+        groups.initialize_model_parallel()
         return [run_reference(cfg, batch, dp, seed, **micro) for cfg in model_cfgs]
     finally:
-        platform.destroy()
+        groups.destroy()
 
 
 def run_parallel_and_compare(rank: int, world_size: int, items, parallel_cfg, batch, seed: int = 1234) -> None:
@@ -241,10 +243,7 @@ def run_parallel_and_compare(rank: int, world_size: int, items, parallel_cfg, ba
     step through megatron's DDP and `finalize_model_grads`, and compare losses and gradient slices."""
     from megatron.core import parallel_state as ps
 
-    platform.initialize_model_parallel(
-        tensor=parallel_cfg.tensor, pipeline=parallel_cfg.pipeline, expert=parallel_cfg.expert,
-        expert_tensor=parallel_cfg.expert_tensor,
-    )
+    groups.initialize_model_parallel(parallel_cfg)
     dp_rank, dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     shard = shard_batch(batch, dp_rank, dp)
     for model_cfg, ref_path in items:
@@ -278,10 +277,7 @@ def _compare_one(rank, model_cfg, parallel_cfg, shard, dp_rank, ref: Reference, 
 def check_initialisation(rank: int, world_size: int, items, parallel_cfg, seed: int = 1234) -> None:
     """Worker body: for each (model config, reference path), build the shard from `seed` and check that every
     parameter equals its slice of the single-process model built from the same seed (no weights loaded)."""
-    platform.initialize_model_parallel(
-        tensor=parallel_cfg.tensor, pipeline=parallel_cfg.pipeline, expert=parallel_cfg.expert,
-        expert_tensor=parallel_cfg.expert_tensor,
-    )
+    groups.initialize_model_parallel(parallel_cfg)
     for model_cfg, ref_path in items:
         model = build_model(model_cfg, parallel_cfg, seed=seed)
         full = torch.load(ref_path, weights_only=False).state

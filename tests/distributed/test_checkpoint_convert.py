@@ -28,7 +28,7 @@ def _train(data_dir, run_dir, steps: int = 4):
 def test_convert_to_other_layouts_keeps_logits(bible_data, tmp_path):
     from megatron.core import dist_checkpointing
 
-    from megatron_taskmoe import platform
+    from megatron_taskmoe.parallel import groups
     from megatron_taskmoe.checkpoint_tools import io, verify
 
     source = _train(bible_data, tmp_path / "run")
@@ -62,5 +62,5 @@ def test_convert_to_other_layouts_keeps_logits(bible_data, tmp_path):
         back = io.write_trainer_checkpoint(from_single, tmp_path / "tp1", io.parse_layout())
         assert (verify.checkpoint_logits(io.read_checkpoint(back), batch) - logits_ref).abs().max() <= TOL
     finally:
-        platform.destroy()
+        groups.destroy()
     assert not list(tmp_path.glob(".partial.*"))

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_taskmoe import platform
+from megatron_taskmoe.parallel import groups
 from megatron_taskmoe.generation import SearchConfig, beam_search
 from megatron_taskmoe.model import presets
 from megatron_taskmoe.model.config import ParallelConfig, to_transformer_config
@@ -54,9 +54,9 @@ def decode(model, batch, search):
 
 def reference(systems, batch, out_dir: Path):
     """Single-process weights (eos row enlarged) and decodes, saved for the workers and the comparison."""
-    platform.init_distributed(rank=0, world_size=1)
+    groups.init_distributed(rank=0, world_size=1)
     try:
-        platform.initialize_model_parallel()
+        groups.initialize_model_parallel()
         for system in systems:
             model = H.build_model(model_config(system)).eval()
             with torch.no_grad():
@@ -65,11 +65,11 @@ def reference(systems, batch, out_dir: Path):
             torch.save({"state": {k: v.detach().clone() for k, v in model.named_parameters()}, "result": result},
                        out_dir / f"{system}.pt")
     finally:
-        platform.destroy()
+        groups.destroy()
 
 
 def tensor_parallel_worker(rank, world_size, systems, parallel_cfg, batch, out_dir):
-    platform.initialize_model_parallel(tensor=parallel_cfg.tensor)
+    groups.initialize_model_parallel(ParallelConfig(tensor=parallel_cfg.tensor))
     for system in systems:
         ref = torch.load(Path(out_dir) / f"{system}.pt", weights_only=False)
         model = H.build_model(model_config(system), parallel_cfg).eval()
@@ -89,12 +89,12 @@ def pipeline_worker(rank, world_size, systems, parallel_cfg, batch, out_dir):
     from megatron_taskmoe.parallel import pipeline
     from megatron_taskmoe.parallel.pipeline_decoding import pipelined_translate_batch
 
-    pg = pipeline.initialize_model_parallel(parallel_cfg)
+    pg = groups.initialize_model_parallel(parallel_cfg)
     results = {}
     for system in systems:
         cfg = model_config(system)
         ref = torch.load(Path(out_dir) / f"{system}.pt", weights_only=False)
-        platform.model_parallel_manual_seed(1234)
+        groups.model_parallel_manual_seed(1234)
         tconfig = to_transformer_config(cfg, parallel_cfg, pipeline_dtype=torch.float32, variable_seq_lengths=True)
         stage = pipeline.build_stage(cfg, parallel_cfg, pg_collection=pg, transformer_config=tconfig).eval()
         H.load_full_state(stage, ref["state"])

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_taskmoe import platform
+from megatron_taskmoe.parallel import groups
 from megatron_taskmoe.inference import Translator, TranslatorConfig, load_checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.distributed
 def root(tmp_path_factory):
     yield tmp_path_factory.mktemp("tiny")
     if torch.distributed.is_initialized():
-        platform.destroy()
+        groups.destroy()
 
 
 @pytest.mark.parametrize("layout", ["parallel.expert=2", "parallel.tensor=2"])

@@ -12,7 +12,7 @@ tokens would weigh several times a long one's.
 import pytest
 import torch
 
-from megatron_taskmoe import platform
+from megatron_taskmoe.parallel import groups
 from megatron_taskmoe.model import presets
 
 import _harness as H
@@ -38,9 +38,9 @@ def reference_grads() -> dict[str, torch.Tensor]:
     from megatron_taskmoe.model.config import to_transformer_config
     from megatron_taskmoe.model.encdec import EncoderDecoderModel
 
-    platform.init_distributed(rank=0, world_size=1)
+    groups.init_distributed(rank=0, world_size=1)
     try:
-        platform.initialize_model_parallel()
+        groups.initialize_model_parallel()
         cfg = model_config()
         tconfig = to_transformer_config(cfg, calculate_per_token_loss=True)
         model = EncoderDecoderModel(cfg, transformer_config=tconfig, init_seed=SEED)
@@ -53,7 +53,7 @@ def reference_grads() -> dict[str, torch.Tensor]:
         MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))
         return {k: p.grad.detach().clone() for k, p in model.named_parameters()}
     finally:
-        platform.destroy()
+        groups.destroy()
 
 
 def run_trainer_step(rank: int, world_size: int, ref_path: str) -> None:

@@ -18,7 +18,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from megatron_taskmoe import platform
+from megatron_taskmoe.parallel import groups
 from megatron_taskmoe.model import presets
 from megatron_taskmoe.model.config import ParallelConfig, to_transformer_config
 from megatron_taskmoe.parallel import pipeline
@@ -43,14 +43,14 @@ def run_pipeline_and_compare(rank, world_size, items, parallel_cfg, batch, varia
     """Worker: build this rank's stage, load the reference weights, run one 1F1B step, compare."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 
-    pg = pipeline.initialize_model_parallel(parallel_cfg)
+    pg = groups.initialize_model_parallel(parallel_cfg)
     dp_rank, dp = pg.dp.rank(), pg.dp.size()
     micro = H.split_micro_batches(H.shard_batch(batch, dp_rank, dp), MICRO_BATCHES, trim=variable)
     shapes = {} if variable else dict(micro_batch_size=micro[0]["src_tokens"].shape[0],
                                       src_len=micro[0]["src_tokens"].shape[1], tgt_len=micro[0]["tgt_input"].shape[1])
     for model_cfg, ref_path in items:
         ref: H.Reference = torch.load(ref_path, weights_only=False)
-        platform.model_parallel_manual_seed(seed)
+        groups.model_parallel_manual_seed(seed)
         tconfig = to_transformer_config(model_cfg, parallel_cfg, pipeline_dtype=torch.float32,
                                         variable_seq_lengths=variable)
         stage = pipeline.build_stage(model_cfg, parallel_cfg, pg_collection=pg, transformer_config=tconfig)

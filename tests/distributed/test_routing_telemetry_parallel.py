@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_taskmoe import platform
+from megatron_taskmoe.parallel import groups
 from megatron_taskmoe.analysis.telemetry import routing_record
 from megatron_taskmoe.model import presets
 from megatron_taskmoe.model.config import ParallelConfig, to_transformer_config
@@ -54,9 +54,9 @@ def halves(batch):
 
 def reference(model_cfg, batch) -> tuple[dict, dict]:
     """(full state, reduced counts) of the single-process model counting the two halves of `batch`."""
-    platform.init_distributed(rank=0, world_size=1)
+    groups.init_distributed(rank=0, world_size=1)
     try:
-        pg = platform.initialize_model_parallel()
+        pg = groups.initialize_model_parallel()
         model = H.build_model(model_cfg)
         state = {k: v.detach().clone() for k, v in model.named_parameters()}
         telemetry = RoutingTelemetry(model, pg, task_names=TASKS)
@@ -65,7 +65,7 @@ def reference(model_cfg, batch) -> tuple[dict, dict]:
             model(**mb)
         return state, telemetry.reduce()
     finally:
-        platform.destroy()
+        groups.destroy()
 
 
 def assert_same_counts(got: dict, want: dict, where: str) -> None:
@@ -79,10 +79,10 @@ def assert_same_counts(got: dict, want: dict, where: str) -> None:
 
 
 def _run_layout(parallel_cfg: ParallelConfig, model_cfg, state, batch) -> dict:
-    pg = pipeline.initialize_model_parallel(parallel_cfg)
+    pg = groups.initialize_model_parallel(parallel_cfg)
     dp_rank, dp = pg.dp.rank(), pg.dp.size()
     micro = halves(batch) if dp == 1 else [H.shard_batch(batch, dp_rank, dp)]
-    platform.model_parallel_manual_seed(1234)
+    groups.model_parallel_manual_seed(1234)
     if parallel_cfg.pipeline == 1:
         model = H.build_model(model_cfg, parallel_cfg)
     else:

@@ -1,4 +1,4 @@
-"""The model on one CUDA GPU in bf16: the platform layer stays out of the way, forward/backward run, the bf16 loss
+"""The model on one CUDA GPU in bf16: megatron_taskmoe.compat stays out of the way, forward/backward run, the bf16 loss
 tracks the fp32 loss of the same weights, and incremental decoding works. Skipped without CUDA."""
 
 from dataclasses import replace
@@ -6,7 +6,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from megatron_taskmoe import platform
+from megatron_taskmoe import compat
+from megatron_taskmoe.parallel import groups
 from megatron_taskmoe.model import presets
 from megatron_taskmoe.model.encdec import EncoderDecoderModel
 
@@ -17,10 +18,10 @@ V = 256
 
 @pytest.fixture(scope="module")
 def gpu_world1():
-    platform.init_distributed(rank=0, world_size=1)
-    platform.initialize_model_parallel()
+    groups.init_distributed(rank=0, world_size=1)
+    groups.initialize_model_parallel()
     yield
-    platform.destroy()
+    groups.destroy()
 
 
 def gpu_batch(B=4, S=9, T=7, seed=0):
@@ -39,15 +40,13 @@ def gpu_batch(B=4, S=9, T=7, seed=0):
 
 
 def build(cfg, seed=0):
-    platform.model_parallel_manual_seed(seed)
+    groups.model_parallel_manual_seed(seed)
     return EncoderDecoderModel(cfg).cuda()
 
 
-def test_platform_changes_nothing_on_a_gpu():
-    assert platform.apply() is False
-    # on a GPU only megatron-core bug fixes apply: the TE name, and (without Apex/TE) the torch-Adam checkpoint fixes
-    bug_fixes = ("te_general_gemm=None", "DistributedOptimizer.", "ChainedOptimizer.")
-    assert all(name.startswith(bug_fixes) for name, _, _ in platform.PATCHES), platform.describe_patches()
+def test_compat_changes_nothing_on_a_gpu():
+    # on a GPU only megatron-core bug fixes apply (compat/fixes.py), none of the CPU stand-ins
+    assert not any(fix.cpu_only for fix in compat.apply()), compat.describe()
     from megatron.core.tensor_parallel import mappings
 
     assert mappings.torch is torch

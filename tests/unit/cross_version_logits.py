@@ -13,7 +13,7 @@ import numpy as np
 from megatron_taskmoe.checkpoint_tools.io import read_checkpoint
 from megatron_taskmoe.checkpoint_tools.verify import checkpoint_logits, fixed_batch
 from megatron_taskmoe.inference import find_checkpoint
-from megatron_taskmoe.mcore_compat import mcore_version
+from megatron_taskmoe.compat.versions import mcore_version
 
 
 def main(argv: list[str]) -> int:

@@ -70,14 +70,14 @@ def matrix_configs(vocab: int, tasks: int, languages: int) -> dict:
 def random_checkpoint(cfg, meta: dict, tokenizer: bytes, seed: int):
     import torch
 
-    from megatron_taskmoe import platform
+    from megatron_taskmoe.parallel import groups
     from megatron_taskmoe.checkpoint_tools.io import FullCheckpoint, one_process_groups
     from megatron_taskmoe.config_io import to_dict
     from megatron_taskmoe.model.config import ParallelConfig, to_transformer_config
     from megatron_taskmoe.model.encdec import EncoderDecoderModel
 
     pg = one_process_groups()
-    platform.model_parallel_manual_seed(seed)
+    groups.model_parallel_manual_seed(seed)
     model = EncoderDecoderModel(cfg, ParallelConfig(), pg_collection=pg,
                                 transformer_config=to_transformer_config(cfg, ParallelConfig()))
     g = torch.Generator().manual_seed(seed)

@@ -9,7 +9,7 @@ import torch
 
 from megatron.core.transformer.moe import moe_utils
 
-from megatron_taskmoe.mcore_compat import mcore_permute
+from megatron_taskmoe.compat.moe import mcore_permute
 from megatron_taskmoe.ops import permute, unpermute
 
 

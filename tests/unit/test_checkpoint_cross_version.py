@@ -19,7 +19,7 @@ import pytest
 
 import tiny_run
 from megatron_taskmoe.inference import find_checkpoint
-from megatron_taskmoe.mcore_compat import mcore_version
+from megatron_taskmoe.compat.versions import mcore_version
 
 HELPER = Path(__file__).resolve().parent / "cross_version_logits.py"
 OTHER_PYTHON_ENV = "MEGATRON_TASKMOE_OTHER_PYTHON"

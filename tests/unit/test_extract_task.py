@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import tiny_run
-from megatron_taskmoe import platform
+from megatron_taskmoe.parallel import groups
 from tests.helpers.corpus import run_tool
 
 TOOL = "tools/checkpoint/extract_task.py"
@@ -37,7 +37,7 @@ def extracted(tmp_path_factory):
     assert r.returncode == 0, r.stderr[-3000:]
     yield run_dir, out, r.stdout
     if torch.distributed.is_initialized():  # load_checkpoint made a one-process group; leave none behind
-        platform.destroy()
+        groups.destroy()
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from megatron_taskmoe import platform
+from megatron_taskmoe.parallel import groups
 from megatron_taskmoe.generation import PrefixDecoder, beam_search
 from megatron_taskmoe.model import presets
 from megatron_taskmoe.model.decoding import ModelDecoder
@@ -23,10 +23,10 @@ KEYS = ("task_ids", "src_lang_ids", "tgt_lang_ids")
 
 @pytest.fixture(scope="module")
 def megatron_world1():
-    platform.init_distributed(rank=0, world_size=1)
-    platform.initialize_model_parallel()
+    groups.init_distributed(rank=0, world_size=1)
+    groups.initialize_model_parallel()
     yield
-    platform.destroy()
+    groups.destroy()
 
 
 def tiny(system: str):
@@ -40,7 +40,7 @@ def tiny(system: str):
 def build(cfg, seed=0):
     """A random model, perturbed so that the parts initialised to no effect (adapters) matter, whose eos logit is
     large enough that hypotheses end at different steps."""
-    platform.model_parallel_manual_seed(seed)
+    groups.model_parallel_manual_seed(seed)
     model = EncoderDecoderModel(cfg).eval()
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

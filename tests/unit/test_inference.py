@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from megatron_taskmoe import platform
+from megatron_taskmoe.parallel import groups
 from megatron_taskmoe.data.batching import collate
 from megatron_taskmoe.data.dataset import MultilingualDataset
 from megatron_taskmoe.data.tokenizer import BOS_ID, EOS_ID
@@ -22,7 +22,7 @@ def run(tmp_path_factory):
     root, run_dir = tiny_run.shared_run(tmp_path_factory)
     yield root, run_dir
     if torch.distributed.is_initialized():  # load_checkpoint made a one-process group; leave none behind
-        platform.destroy()
+        groups.destroy()
 
 
 @pytest.fixture(scope="module")

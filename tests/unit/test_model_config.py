@@ -31,7 +31,10 @@ def test_model_config_rejects_bad_values_with_the_option_name():
         (ParallelConfig(pipeline=2), None, r"encoder_pipeline_stages must be in \[1, 1\]"),
         (ParallelConfig(pipeline=4, encoder_pipeline_stages=1), None,
          r"decoder_layers=2 are not divisible by their pipeline stages 1 / 3"),
-        (ParallelConfig(tensor=2), 3, r"world size 3 is not divisible by tensor x pipeline = 2 x 1"),
+        (ParallelConfig(tensor=2), 3,
+         r"world size 3 is not divisible by ParallelConfig.tensor x ParallelConfig.pipeline = 2 x 1"),
+        (ParallelConfig(expert=4, expert_tensor=1), 2,
+         r"ParallelConfig.expert x expert_tensor = 4 x 1 must divide data x tensor parallel = 2 x 1"),
         (ParallelConfig(tensor=2, sequence_parallel=False), None, "requires sequence parallelism for MoE"),
     ],
 )

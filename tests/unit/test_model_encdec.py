@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron_taskmoe import mcore_compat, platform
+from megatron_taskmoe.compat import aux_losses
+from megatron_taskmoe.parallel import groups
 from megatron_taskmoe.model import presets
 from megatron_taskmoe.model.encdec import EncoderDecoderModel
 
@@ -16,14 +17,14 @@ V = 250  # the tiny table is padded to 256 rows: the loss must ignore the padded
 
 @pytest.fixture(scope="module")
 def megatron_world1():
-    platform.init_distributed(rank=0, world_size=1)
-    platform.initialize_model_parallel()
+    groups.init_distributed(rank=0, world_size=1)
+    groups.initialize_model_parallel()
     yield
-    platform.destroy()
+    groups.destroy()
 
 
 def build(cfg, seed=0):
-    platform.model_parallel_manual_seed(seed)
+    groups.model_parallel_manual_seed(seed)
     return EncoderDecoderModel(cfg)
 
 
@@ -148,10 +149,10 @@ def test_aux_losses_are_tracked_per_global_layer_number(megatron_world1):
     cfg = tiny_moe()
     model = build(cfg).train()
     # megatron keeps each tracked tensor at the size of its first use (clearing only zeroes it): start afresh
-    mcore_compat.reset_aux_losses()
+    aux_losses.reset_aux_losses()
     b = batch()
     model(**b).sum().backward()
-    entries = mcore_compat.aux_loss_entries()
+    entries = aux_losses.aux_loss_entries()
     enc = entries["encoder_load_balancing_loss"].values
     dec = entries["decoder_load_balancing_loss"].values
     assert enc.shape == (4,) and dec.shape == (4,)
@@ -159,12 +160,12 @@ def test_aux_losses_are_tracked_per_global_layer_number(megatron_world1):
     assert torch.all(dec[2:] > 0) and torch.all(dec[:2] == 0), "decoder layers are 3..4"
     numbers = [layer.layer_number for layer in list(model.encoder.layers) + list(model.decoder.layers)]
     assert numbers == [1, 2, 3, 4]
-    mcore_compat.clear_aux_losses()
+    aux_losses.clear_aux_losses()
 
 
 def test_stage_flags_build_partial_models(megatron_world1):
     cfg = presets.tiny()
-    platform.model_parallel_manual_seed(0)
+    groups.model_parallel_manual_seed(0)
     encoder_stage = EncoderDecoderModel(cfg, post_process=False, add_decoder=False)
     assert encoder_stage.decoder is None and not hasattr(encoder_stage, "output_layer")
     b = batch()

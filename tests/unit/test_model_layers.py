@@ -5,18 +5,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron_taskmoe import platform
+from megatron_taskmoe.parallel import groups
 from megatron_taskmoe.model import presets
 from megatron_taskmoe.model.config import to_transformer_config
 
 
 @pytest.fixture(scope="module")
 def megatron_world1():
-    platform.init_distributed(rank=0, world_size=1)
-    platform.initialize_model_parallel()
-    platform.model_parallel_manual_seed(0)
+    groups.init_distributed(rank=0, world_size=1)
+    groups.initialize_model_parallel()
+    groups.model_parallel_manual_seed(0)
     yield
-    platform.destroy()
+    groups.destroy()
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -11,7 +11,7 @@ from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_taskmoe import platform
+from megatron_taskmoe.parallel import groups
 from megatron_taskmoe.model.moe import (
     TaskMoEMLP,
     get_moe_mlp_spec,
@@ -28,11 +28,11 @@ TASKS = torch.tensor([0, 2, 0, 1])
 
 @pytest.fixture(scope="module")
 def process_groups():
-    platform.init_distributed(rank=0, world_size=1, master_port=platform.free_port())
-    pgs = platform.initialize_model_parallel()
-    platform.model_parallel_manual_seed(1234)
+    groups.init_distributed(rank=0, world_size=1, master_port=groups.free_port())
+    pgs = groups.initialize_model_parallel()
+    groups.model_parallel_manual_seed(1234)
     yield pgs
-    platform.destroy()
+    groups.destroy()
 
 
 def build(pgs, routing_mode="token", adapter_mode="none", topk=2, capacity_factor=None, dispatcher="alltoall"):

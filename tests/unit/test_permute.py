@@ -10,7 +10,7 @@ import torch
 
 from megatron.core.transformer.moe import moe_utils
 
-from megatron_taskmoe.mcore_compat import mcore_permute
+from megatron_taskmoe.compat.moe import mcore_permute
 from megatron_taskmoe.ops import backend as backend_mod
 from megatron_taskmoe.ops import extension_available, permute, unpermute
 from megatron_taskmoe.ops.fallback import gather_sum, inverse_index

@@ -2,7 +2,7 @@
 
 Each dispatcher runs the full dispatch -> experts -> combine sequence (the communication steps are identities at
 world size 1); the experts are a fixed per-row scale applied with the permuted probabilities, as megatron's
-experts do. CUDA-only details of megatron's all-to-all dispatcher are handled by megatron_taskmoe.platform.
+experts do. CUDA-only details of megatron's all-to-all dispatcher are handled by megatron_taskmoe.compat.
 
 Legend: S sequence, B batch, H hidden size, E experts, N permuted rows.
 """
@@ -13,7 +13,7 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.moe.token_dispatcher import MoEAllGatherTokenDispatcher, MoEAlltoAllTokenDispatcher
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_taskmoe import platform
+from megatron_taskmoe.parallel import groups
 from megatron_taskmoe.ops.dispatcher import (
     TaskMoEAllGatherTokenDispatcher,
     TaskMoEAlltoAllTokenDispatcher,
@@ -23,11 +23,6 @@ from megatron_taskmoe.ops.dispatcher import (
 from permute_reference import tolerances, topk_routing
 
 S, B, H, E = 7, 3, 16, 4
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _cpu_platform():
-    platform.apply()
 
 
 def make_config(kind: str, topk: int, capacity_factor=None) -> TransformerConfig:
@@ -147,4 +142,4 @@ def test_fast_path_only_where_routing_can_be_uniform():
             assert flags == expected, system
     finally:
         if not had_group and dist.is_initialized():
-            platform.destroy()
+            groups.destroy()

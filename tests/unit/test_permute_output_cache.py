@@ -19,7 +19,7 @@ import torch
 from megatron.core.transformer.moe import moe_utils
 
 from megatron_taskmoe import ops
-from megatron_taskmoe.mcore_compat import mcore_permute
+from megatron_taskmoe.compat.moe import mcore_permute
 from megatron_taskmoe.ops import fallback
 from permute_reference import check_against_megatron, topk_routing
 

@@ -36,14 +36,6 @@ def test_layout_rejects_bad_splits():
         P.stage_layout(tiny(), ParallelConfig(pipeline=2, encoder_pipeline_stages=1), 2)
 
 
-def test_embedding_groups():
-    assert P.embedding_ranks([3, 7, 11, 15], encoder_stages=2) == [3, 11, 15]
-    assert P.embedding_ranks([1, 5], encoder_stages=1) == [1, 5]
-    assert P.embedding_ranks([2], encoder_stages=1) == [2]
-    assert P.position_embedding_ranks([3, 7, 11, 15], encoder_stages=2) == [3, 11]
-    assert P.position_embedding_ranks([0, 1, 2], encoder_stages=1) == [0, 1]
-
-
 def test_boundary_shapes():
     model, parallel = tiny(2, 2), ParallelConfig(pipeline=4, encoder_pipeline_stages=2)
     shapes = [P.stage_tensor_shapes(P.stage_layout(model, parallel, s), src_len=9, tgt_len=5, micro_batch_size=3,

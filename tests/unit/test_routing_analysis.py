@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_taskmoe import platform
+from megatron_taskmoe.parallel import groups
 from megatron_taskmoe.analysis import RoutingStats, bitext_batches, collect_routing_stats, dataset_batches, \
     plot_routing
 from megatron_taskmoe.analysis.routing import LayerRouting, row_fractions
@@ -25,7 +25,7 @@ def setup(tmp_path_factory):
     loaded = load_checkpoint(run_dir, device="cpu")
     yield root, run_dir, loaded
     if torch.distributed.is_initialized():
-        platform.destroy()
+        groups.destroy()
 
 
 def corpus_pairs(root, limit=None):

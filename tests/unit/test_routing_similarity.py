@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_taskmoe import platform
+from megatron_taskmoe.parallel import groups
 from megatron_taskmoe.analysis import RoutingStats, collect_routing_stats, dataset_batches
 from megatron_taskmoe.analysis.routing import LayerRouting
 from megatron_taskmoe.analysis.similarity import average_linkage, cluster_tasks, family_overlap, leaf_order, \
@@ -128,7 +128,7 @@ def trained(tmp_path_factory):
     root, run_dir = tiny_run.shared_run(tmp_path_factory)
     yield root, run_dir
     if torch.distributed.is_initialized():
-        platform.destroy()
+        groups.destroy()
 
 
 def _tool():

@@ -11,7 +11,7 @@ import pytest
 import sacrebleu
 import torch
 
-from megatron_taskmoe import platform
+from megatron_taskmoe.parallel import groups
 from megatron_taskmoe.inference import Translator, TranslatorConfig, load_checkpoint
 
 import tiny_run
@@ -33,7 +33,7 @@ def run(tmp_path_factory):
     root, run_dir = tiny_run.shared_run(tmp_path_factory)
     yield root, run_dir
     if torch.distributed.is_initialized():
-        platform.destroy()
+        groups.destroy()
 
 
 def test_translate_cli_equals_translator(run, tmp_path):

@@ -87,7 +87,7 @@ def train(root: Path, run_dir: Path, *, steps: int = 30, nproc: int = 1, overrid
             "--set", "data.max_tokens=512", "--set", f"eval.interval={steps}", "--set", "eval.max_sentences=8",
             "--set", f"checkpoint.interval={max(1, steps // 2)}", *[x for o in overrides for x in ("--set", o)]]
     if nproc > 1:
-        from megatron_taskmoe.platform import free_port
+        from megatron_taskmoe.parallel.groups import free_port
 
         cmd = [python, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
                str(free_port()), *args]
