@@ -49,11 +49,11 @@ warnings.filterwarnings("ignore")
 logging.getLogger("megatron").setLevel(logging.ERROR)
 
 from megatron_taskmoe import compat  # noqa: E402
-from megatron_taskmoe.parallel import groups  # noqa: E402
 from megatron_taskmoe.generation import PrefixDecoder, SearchConfig, beam_search  # noqa: E402
 from megatron_taskmoe.model import presets  # noqa: E402
 from megatron_taskmoe.model.decoding import ModelDecoder, encode_batch  # noqa: E402
 from megatron_taskmoe.model.encdec import EncoderDecoderModel  # noqa: E402
+from megatron_taskmoe.parallel import groups  # noqa: E402
 
 BOS, EOS, PAD, UNK = 2, 3, 0, 1
 SIZES = {

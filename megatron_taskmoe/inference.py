@@ -149,9 +149,9 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device | None = Non
     """Load a trainer checkpoint into one process; see the module docstring for what `path` may be."""
     import warnings
 
-    from megatron_taskmoe.parallel import groups
     from megatron_taskmoe.config_io import ConfigError
     from megatron_taskmoe.model.config import ModelConfig, ParallelConfig, to_transformer_config
+    from megatron_taskmoe.parallel import groups
 
     info = find_checkpoint(path)
     meta = info.meta

@@ -65,10 +65,10 @@ def rank_logits_job(job: dict) -> None:
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
-    from megatron_taskmoe.parallel import groups
     from megatron_taskmoe.config_io import from_dict
     from megatron_taskmoe.model.config import ParallelConfig, to_transformer_config
     from megatron_taskmoe.model.encdec import EncoderDecoderModel
+    from megatron_taskmoe.parallel import groups
     from megatron_taskmoe.training.loop import MODEL_CKPT_METADATA
 
     model_cfg = ModelConfig.from_record(job["model_config"])

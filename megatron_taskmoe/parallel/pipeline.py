@@ -39,10 +39,10 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 
 from megatron_taskmoe.compat import aux_losses
-from megatron_taskmoe.parallel import groups
 from megatron_taskmoe.model.config import ModelConfig, ParallelConfig, to_transformer_config
 from megatron_taskmoe.model.encdec import EncoderDecoderModel, EncoderState
 from megatron_taskmoe.model.kv_cache import DecoderCache
+from megatron_taskmoe.parallel import groups
 
 Shape = tuple[int, int, int]
 

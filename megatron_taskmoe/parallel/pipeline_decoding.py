@@ -32,10 +32,10 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from megatron_taskmoe.parallel import groups
 from megatron_taskmoe.generation import SearchConfig, beam_search
 from megatron_taskmoe.model.encdec import EncoderState
 from megatron_taskmoe.model.kv_cache import DecoderCache
+from megatron_taskmoe.parallel import groups
 from megatron_taskmoe.parallel.pipeline import EncoderDecoderStage, local_length
 
 _DONE, _STEP, _REORDER, _ABORT = 0, 1, 2, 3

@@ -25,11 +25,11 @@ import torch
 import torch.distributed as dist
 
 from megatron_taskmoe.compat import aux_losses
-from megatron_taskmoe.parallel import groups
 from megatron_taskmoe.config_io import ConfigError, dump_yaml, to_dict
 from megatron_taskmoe.data.batching import BatchingConfig, BatchIterator
 from megatron_taskmoe.data.dataset import MultilingualDataset
 from megatron_taskmoe.model.config import RECORD_DEFAULTS, ModelConfig
+from megatron_taskmoe.parallel import groups
 from megatron_taskmoe.training import checkpointing as ckpt
 from megatron_taskmoe.training.config import RunConfig
 from megatron_taskmoe.training.metrics import MetricsWriter

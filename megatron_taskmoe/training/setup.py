@@ -14,11 +14,11 @@ from typing import Any, Optional
 
 import torch
 
-from megatron_taskmoe.parallel import groups
 from megatron_taskmoe.config_io import ConfigError
 from megatron_taskmoe.data.bitext import DataError
 from megatron_taskmoe.data.manifest import load_manifest
 from megatron_taskmoe.model.config import ModelConfig, ParallelConfig, to_transformer_config
+from megatron_taskmoe.parallel import groups
 from megatron_taskmoe.training.config import RunConfig
 
 log = logging.getLogger(__name__)

@@ -29,7 +29,6 @@ import numpy as np
 import sentencepiece as spm
 import torch
 
-from megatron_taskmoe.parallel import groups
 from megatron_taskmoe.data.batching import collate, BatchingConfig
 from megatron_taskmoe.data.dataset import MultilingualDataset
 from megatron_taskmoe.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, language_tag_ids
@@ -37,6 +36,7 @@ from megatron_taskmoe.evaluation import mean, score_corpus
 from megatron_taskmoe.generation import SearchConfig
 from megatron_taskmoe.model.decoding import translate_batch
 from megatron_taskmoe.model.moe import (all_reduce_routing_stats, pause_routing_stats, routing_stats,
+from megatron_taskmoe.parallel import groups
                                         set_routing_stats)
 
 if TYPE_CHECKING:

@@ -28,8 +28,8 @@ def _train(data_dir, run_dir, steps: int = 4):
 def test_convert_to_other_layouts_keeps_logits(bible_data, tmp_path):
     from megatron.core import dist_checkpointing
 
-    from megatron_taskmoe.parallel import groups
     from megatron_taskmoe.checkpoint_tools import io, verify
+    from megatron_taskmoe.parallel import groups
 
     source = _train(bible_data, tmp_path / "run")
     tp2, ep2 = io.parse_layout(tensor=2), io.parse_layout(expert=2)

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_taskmoe.parallel import groups
 from megatron_taskmoe.generation import SearchConfig, beam_search
 from megatron_taskmoe.model import presets
 from megatron_taskmoe.model.config import ParallelConfig, to_transformer_config
 from megatron_taskmoe.model.decoding import ModelDecoder, encode_batch
+from megatron_taskmoe.parallel import groups
 
 import _harness as H
 

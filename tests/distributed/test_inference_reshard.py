@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_taskmoe.parallel import groups
 from megatron_taskmoe.inference import Translator, TranslatorConfig, load_checkpoint
+from megatron_taskmoe.parallel import groups
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
 import tiny_run  # noqa: E402

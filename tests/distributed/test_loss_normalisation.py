@@ -12,8 +12,8 @@ tokens would weigh several times a long one's.
 import pytest
 import torch
 
-from megatron_taskmoe.parallel import groups
 from megatron_taskmoe.model import presets
+from megatron_taskmoe.parallel import groups
 
 import _harness as H
 

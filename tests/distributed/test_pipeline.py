@@ -18,9 +18,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from megatron_taskmoe.parallel import groups
 from megatron_taskmoe.model import presets
 from megatron_taskmoe.model.config import ParallelConfig, to_transformer_config
+from megatron_taskmoe.parallel import groups
 from megatron_taskmoe.parallel import pipeline
 
 import _harness as H

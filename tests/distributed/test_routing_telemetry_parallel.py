@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_taskmoe.parallel import groups
 from megatron_taskmoe.analysis.telemetry import routing_record
 from megatron_taskmoe.model import presets
 from megatron_taskmoe.model.config import ParallelConfig, to_transformer_config
+from megatron_taskmoe.parallel import groups
 from megatron_taskmoe.parallel import pipeline
 from megatron_taskmoe.training.routing_telemetry import RoutingTelemetry
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from megatron_taskmoe import compat
-from megatron_taskmoe.parallel import groups
 from megatron_taskmoe.model import presets
 from megatron_taskmoe.model.encdec import EncoderDecoderModel
+from megatron_taskmoe.parallel import groups
 
 pytestmark = pytest.mark.gpu
 

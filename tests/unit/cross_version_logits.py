@@ -10,13 +10,15 @@ from pathlib import Path
 
 import numpy as np
 
+from megatron_taskmoe import compat
 from megatron_taskmoe.checkpoint_tools.io import read_checkpoint
 from megatron_taskmoe.checkpoint_tools.verify import checkpoint_logits, fixed_batch
-from megatron_taskmoe.inference import find_checkpoint
 from megatron_taskmoe.compat.versions import mcore_version
+from megatron_taskmoe.inference import find_checkpoint
 
 
 def main(argv: list[str]) -> int:
+    compat.apply()
     out_dir, checkpoints = Path(argv[0]), argv[1:]
     out_dir.mkdir(parents=True, exist_ok=True)
     for i, checkpoint in enumerate(checkpoints):

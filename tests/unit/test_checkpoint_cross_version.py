@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 import tiny_run
-from megatron_taskmoe.inference import find_checkpoint
 from megatron_taskmoe.compat.versions import mcore_version
+from megatron_taskmoe.inference import find_checkpoint
 
 HELPER = Path(__file__).resolve().parent / "cross_version_logits.py"
 OTHER_PYTHON_ENV = "MEGATRON_TASKMOE_OTHER_PYTHON"

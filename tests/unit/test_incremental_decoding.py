@@ -9,11 +9,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from megatron_taskmoe.parallel import groups
 from megatron_taskmoe.generation import PrefixDecoder, beam_search
 from megatron_taskmoe.model import presets
 from megatron_taskmoe.model.decoding import ModelDecoder
 from megatron_taskmoe.model.encdec import EncoderDecoderModel
+from megatron_taskmoe.parallel import groups
 from tests.helpers.search_reference import loop_beam_search, masked
 
 BOS, EOS = 2, 3

@@ -8,11 +8,11 @@ import shutil
 import pytest
 import torch
 
-from megatron_taskmoe.parallel import groups
 from megatron_taskmoe.data.batching import collate
 from megatron_taskmoe.data.dataset import MultilingualDataset
 from megatron_taskmoe.data.tokenizer import BOS_ID, EOS_ID
 from megatron_taskmoe.inference import CheckpointError, Translator, TranslatorConfig, find_checkpoint, load_checkpoint
+from megatron_taskmoe.parallel import groups
 
 import tiny_run
 

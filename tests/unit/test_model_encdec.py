@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from megatron_taskmoe.compat import aux_losses
-from megatron_taskmoe.parallel import groups
 from megatron_taskmoe.model import presets
 from megatron_taskmoe.model.encdec import EncoderDecoderModel
+from megatron_taskmoe.parallel import groups
 
 V = 250  # the tiny table is padded to 256 rows: the loss must ignore the padded ones
 

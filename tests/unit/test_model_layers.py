@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron_taskmoe.parallel import groups
 from megatron_taskmoe.model import presets
 from megatron_taskmoe.model.config import to_transformer_config
+from megatron_taskmoe.parallel import groups
 
 
 @pytest.fixture(scope="module")

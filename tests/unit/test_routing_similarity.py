@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_taskmoe.parallel import groups
 from megatron_taskmoe.analysis import RoutingStats, collect_routing_stats, dataset_batches
 from megatron_taskmoe.analysis.routing import LayerRouting
+from megatron_taskmoe.parallel import groups
 from megatron_taskmoe.analysis.similarity import average_linkage, cluster_tasks, family_overlap, leaf_order, \
     mean_similarity, pairwise_similarity, task_languages, task_similarity
 

@@ -11,8 +11,8 @@ import pytest
 import sacrebleu
 import torch
 
-from megatron_taskmoe.parallel import groups
 from megatron_taskmoe.inference import Translator, TranslatorConfig, load_checkpoint
+from megatron_taskmoe.parallel import groups
 
 import tiny_run
 
