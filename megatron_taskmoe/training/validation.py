@@ -36,8 +36,8 @@ from megatron_taskmoe.evaluation import mean, score_corpus
 from megatron_taskmoe.generation import SearchConfig
 from megatron_taskmoe.model.decoding import translate_batch
 from megatron_taskmoe.model.moe import (all_reduce_routing_stats, pause_routing_stats, routing_stats,
-from megatron_taskmoe.parallel import groups
                                         set_routing_stats)
+from megatron_taskmoe.parallel import groups
 
 if TYPE_CHECKING:
     from megatron_taskmoe.training.loop import Trainer
