@@ -174,7 +174,7 @@ def run_config(run: Run, scale: Scale, out: Path) -> dict:
         "model": {"system": run.system, "size": scale.size, "overrides": overrides},
         "parallel": {"tensor": 1, "pipeline": 1, "expert": 1},
         "data": {"data_dir": str(out / "data"), "directions": run.directions, "temperature": 5.0,
-                 "max_tokens": scale.max_tokens},
+                 "batching": {"max_tokens": scale.max_tokens}},
         "optim": {"lr": scale.lr, "warmup_steps": scale.warmup_steps, "decay_style": "inverse-square-root",
                   "clip_grad": 1.0},
         "train": {"steps": scale.steps if run.table == "table2" else scale.ablation_steps, "seed": run.seed,

@@ -105,7 +105,7 @@ def run_config(args, system: str, out: Path) -> dict:
     return {
         "model": {"system": PRESETS[system], "size": "tiny", "overrides": overrides},
         "parallel": {"tensor": 1, "pipeline": 1, "expert": 1},
-        "data": {"data_dir": str(out / "data"), "temperature": 5.0, "max_tokens": args.max_tokens},
+        "data": {"data_dir": str(out / "data"), "temperature": 5.0, "batching": {"max_tokens": args.max_tokens}},
         "optim": {"lr": args.lr, "warmup_steps": args.warmup_steps, "decay_style": "inverse-square-root",
                   "clip_grad": 1.0},
         "train": {"steps": args.steps, "seed": 1234, "log_interval": 25, "run_dir": str(out / system / "run"),
