@@ -47,7 +47,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from _runner import sh  # noqa: E402
 
+from megatron_taskmoe.config_io import same_config  # noqa: E402
 from megatron_taskmoe.fileio import save_figure, write_text_atomic  # noqa: E402
+from megatron_taskmoe.training.config import RunConfig  # noqa: E402
 
 LANGUAGES = ("fr", "es", "de", "ru", "pl")
 LOW_RESOURCE = ("es", "pl")
@@ -188,7 +190,8 @@ def execute(run: Run, scale: Scale, out: Path, python: str, threads: int, device
     """Train and score one run (skipped when its scores exist); returns its record."""
     d = out / "runs" / run.name
     record_path = d / "record.json"
-    if record_path.exists() and json.loads(record_path.read_text())["config"] == run_config(run, scale, out) and \
+    if record_path.exists() and same_config(RunConfig, json.loads(record_path.read_text())["config"],
+                                            run_config(run, scale, out)) and \
             json.loads(record_path.read_text()).get("test_sentences") == scale.test_sentences:
         return json.loads(record_path.read_text())
     d.mkdir(parents=True, exist_ok=True)
@@ -198,7 +201,7 @@ def execute(run: Run, scale: Scale, out: Path, python: str, threads: int, device
     if device == "cpu":
         env["OMP_NUM_THREADS"] = str(threads)
     trained = d / "trained.json"
-    if trained.exists() and json.loads(trained.read_text()).get("config") == cfg:
+    if trained.exists() and same_config(RunConfig, json.loads(trained.read_text()).get("config") or {}, cfg):
         train_s = json.loads(trained.read_text())["train_s"]  # trained earlier; score again
     else:
         shutil.rmtree(d / "run", ignore_errors=True)  # a half-finished earlier attempt restarts from scratch

@@ -52,7 +52,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from _runner import sh as run_logged  # noqa: E402
 
+from megatron_taskmoe.config_io import same_config  # noqa: E402
 from megatron_taskmoe.fileio import write_text_atomic  # noqa: E402
+from megatron_taskmoe.training.config import RunConfig  # noqa: E402
 
 PY = sys.executable
 
@@ -120,7 +122,7 @@ def train(args, system: str, out: Path) -> dict:
     d.mkdir(parents=True, exist_ok=True)
     cfg = run_config(args, system, out)
     record_path = d / "trained.json"
-    if record_path.exists() and json.loads(record_path.read_text()).get("config") == cfg:
+    if record_path.exists() and same_config(RunConfig, json.loads(record_path.read_text()).get("config") or {}, cfg):
         return json.loads(record_path.read_text())
     shutil.rmtree(d / "run", ignore_errors=True)
     (d / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))

@@ -120,8 +120,9 @@ def _section_type(tp: Any) -> Any:
     return None
 
 
-def _move_keys(cls: Any, data: Mapping[str, Any], prefix: str) -> Mapping[str, Any]:
-    """`data` (a mapping for section `cls`) with its former keys (`cls.MOVED_KEYS`) moved to their new paths."""
+def _move_keys(cls: Any, data: Mapping[str, Any], prefix: str, warn: bool = True) -> Mapping[str, Any]:
+    """`data` (a mapping for section `cls`) with its former keys (`cls.MOVED_KEYS`) moved to their new paths
+    (logged when `warn`)."""
     moved = _moved_keys(cls)
     if not any(old in data for old in moved):
         return data
@@ -144,20 +145,28 @@ def _move_keys(cls: Any, data: Mapping[str, Any], prefix: str) -> Mapping[str, A
             raise ConfigError(f"{prefix}{old} and {prefix}{new} are the same setting, given twice: keep "
                               f"{prefix}{new} only")
         node[leaf] = out.pop(old)
-        log.warning("config key %s%s is now %s%s: read as that (rename it in the config)", prefix, old, prefix, new)
+        if warn:
+            log.warning("config key %s%s is now %s%s: read as that (rename it in the config)", prefix, old, prefix,
+                        new)
     return out
 
 
-def upgrade_keys(cls: type, data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def upgrade_keys(cls: type, data: Mapping[str, Any], prefix: str = "", *, warn: bool = True) -> dict[str, Any]:
     """A config mapping for `cls` with the former keys of every section moved to their new paths (see the module
-    docstring); everything else as it is."""
-    out = dict(_move_keys(cls, data, prefix))
+    docstring; logged when `warn`); everything else as it is."""
+    out = dict(_move_keys(cls, data, prefix, warn))
     hints = typing.get_type_hints(cls)
     for name, value in out.items():
         section = _section_type(hints.get(name))
         if section is not None and isinstance(value, Mapping):
-            out[name] = upgrade_keys(section, value, f"{prefix}{name}.")
+            out[name] = upgrade_keys(section, value, f"{prefix}{name}.", warn=warn)
     return out
+
+
+def same_config(cls: type, a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    """Whether two config mappings for `cls` say the same, former keys read at their new paths (e.g. a saved
+    run's config against the one a script would write now)."""
+    return upgrade_keys(cls, a, warn=False) == upgrade_keys(cls, b, warn=False)
 
 
 def upgrade_override(cls: type, item: str) -> str:

@@ -72,6 +72,7 @@ class DataSection:
     MOVED_KEYS: ClassVar[dict[str, str]] = {"max_tokens": "batching.max_tokens",
                                             "pad_to_multiple": "batching.pad_to_multiple",
                                             "task_homogeneous": "batching.task_homogeneous"}
+    """Former keys of the section and their paths now (still read, with a warning; config_io.py)."""
 
     data_dir: str = ""
     """A directory written by tools/preprocess_data.py (has manifest.json)."""
@@ -80,8 +81,8 @@ class DataSection:
     temperature: float = 5.0
     """Sampling probability of a direction is proportional to n**(1/temperature)."""
     batching: BatchingConfig = field(default_factory=BatchingConfig)
-    """How micro-batches are formed: token budget, padding, task-homogeneous batches (data/batching.py). Its
-    seed is `train.seed`; validation batches use its token budget and padding."""
+    """How micro-batches are formed: token budget, padding, task-homogeneous batches (data/batching.py); their
+    order is seeded by `train.seed`. Validation batches use its token budget (or batch size) and padding."""
     valid_split: str = "valid"
     """The split validated on (on the fly, every `eval.interval` steps)."""
     test_split: str = "test"
@@ -187,6 +188,7 @@ class EvalSection:
     MOVED_KEYS: ClassVar[dict[str, str]] = {"beam_size": "search.beam_size",
                                             "length_penalty": "search.length_penalty",
                                             "max_len_a": "search.max_len_a", "max_len_b": "search.max_len_b"}
+    """Former keys of the section and their paths now (still read, with a warning; config_io.py)."""
 
     interval: int = 500
     """Validate every N steps (and at the end); 0 disables on-the-fly validation."""

@@ -5,8 +5,9 @@ import logging
 from pathlib import Path
 
 import pytest
+import yaml
 
-from megatron_taskmoe.config_io import ConfigError, dump_yaml, load_config
+from megatron_taskmoe.config_io import ConfigError, dump_yaml, load_config, same_config
 from megatron_taskmoe.data.batching import BatchingConfig
 from megatron_taskmoe.generation import SearchConfig
 from megatron_taskmoe.training.config import RunConfig
@@ -110,3 +111,11 @@ def test_repository_configs_use_the_nested_form(path, caplog):
     with caplog.at_level(logging.WARNING, logger="megatron_taskmoe.config_io"):
         load_config(RunConfig, path)
     assert caplog.text == "", f"{path} uses former keys"
+
+
+def test_same_config_reads_a_saved_flat_config_as_its_nested_form():
+    """What benchmarks/paper_tables.py and serving.py compare to skip a run already trained."""
+    flat, nested = yaml.safe_load(FLAT), yaml.safe_load(NESTED)
+    assert same_config(RunConfig, flat, nested) and same_config(RunConfig, nested, nested)
+    nested["eval"]["search"]["beam_size"] = 5
+    assert not same_config(RunConfig, flat, nested)
