@@ -47,7 +47,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from _runner import sh  # noqa: E402
 
+from megatron_taskmoe.config_io import same_config  # noqa: E402
 from megatron_taskmoe.fileio import save_figure, write_text_atomic  # noqa: E402
+from megatron_taskmoe.training.config import RunConfig  # noqa: E402
 
 LANGUAGES = ("fr", "es", "de", "ru", "pl")
 LOW_RESOURCE = ("es", "pl")
@@ -174,7 +176,7 @@ def run_config(run: Run, scale: Scale, out: Path) -> dict:
         "model": {"system": run.system, "size": scale.size, "overrides": overrides},
         "parallel": {"tensor": 1, "pipeline": 1, "expert": 1},
         "data": {"data_dir": str(out / "data"), "directions": run.directions, "temperature": 5.0,
-                 "max_tokens": scale.max_tokens},
+                 "batching": {"max_tokens": scale.max_tokens}},
         "optim": {"lr": scale.lr, "warmup_steps": scale.warmup_steps, "decay_style": "inverse-square-root",
                   "clip_grad": 1.0},
         "train": {"steps": scale.steps if run.table == "table2" else scale.ablation_steps, "seed": run.seed,
@@ -188,7 +190,8 @@ def execute(run: Run, scale: Scale, out: Path, python: str, threads: int, device
     """Train and score one run (skipped when its scores exist); returns its record."""
     d = out / "runs" / run.name
     record_path = d / "record.json"
-    if record_path.exists() and json.loads(record_path.read_text())["config"] == run_config(run, scale, out) and \
+    if record_path.exists() and same_config(RunConfig, json.loads(record_path.read_text())["config"],
+                                            run_config(run, scale, out)) and \
             json.loads(record_path.read_text()).get("test_sentences") == scale.test_sentences:
         return json.loads(record_path.read_text())
     d.mkdir(parents=True, exist_ok=True)
@@ -198,7 +201,7 @@ def execute(run: Run, scale: Scale, out: Path, python: str, threads: int, device
     if device == "cpu":
         env["OMP_NUM_THREADS"] = str(threads)
     trained = d / "trained.json"
-    if trained.exists() and json.loads(trained.read_text()).get("config") == cfg:
+    if trained.exists() and same_config(RunConfig, json.loads(trained.read_text()).get("config") or {}, cfg):
         train_s = json.loads(trained.read_text())["train_s"]  # trained earlier; score again
     else:
         shutil.rmtree(d / "run", ignore_errors=True)  # a half-finished earlier attempt restarts from scratch

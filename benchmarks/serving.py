@@ -52,7 +52,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from _runner import sh as run_logged  # noqa: E402
 
+from megatron_taskmoe.config_io import same_config  # noqa: E402
 from megatron_taskmoe.fileio import write_text_atomic  # noqa: E402
+from megatron_taskmoe.training.config import RunConfig  # noqa: E402
 
 PY = sys.executable
 
@@ -105,7 +107,7 @@ def run_config(args, system: str, out: Path) -> dict:
     return {
         "model": {"system": PRESETS[system], "size": "tiny", "overrides": overrides},
         "parallel": {"tensor": 1, "pipeline": 1, "expert": 1},
-        "data": {"data_dir": str(out / "data"), "temperature": 5.0, "max_tokens": args.max_tokens},
+        "data": {"data_dir": str(out / "data"), "temperature": 5.0, "batching": {"max_tokens": args.max_tokens}},
         "optim": {"lr": args.lr, "warmup_steps": args.warmup_steps, "decay_style": "inverse-square-root",
                   "clip_grad": 1.0},
         "train": {"steps": args.steps, "seed": 1234, "log_interval": 25, "run_dir": str(out / system / "run"),
@@ -120,7 +122,7 @@ def train(args, system: str, out: Path) -> dict:
     d.mkdir(parents=True, exist_ok=True)
     cfg = run_config(args, system, out)
     record_path = d / "trained.json"
-    if record_path.exists() and json.loads(record_path.read_text()).get("config") == cfg:
+    if record_path.exists() and same_config(RunConfig, json.loads(record_path.read_text()).get("config") or {}, cfg):
         return json.loads(record_path.read_text())
     shutil.rmtree(d / "run", ignore_errors=True)
     (d / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))

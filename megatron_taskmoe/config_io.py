@@ -7,12 +7,18 @@ errors that name the key and the file), applies `a.b.c=value` overrides (values 
 
 Validation of values lives in each dataclass's `__post_init__`; it runs again after overrides because the tree is
 rebuilt from the merged mapping.
+
+A section whose keys moved declares them as `MOVED_KEYS: ClassVar[dict[str, str]]` (the former key: its dotted
+path within the section now, e.g. `{"beam_size": "search.beam_size"}`). Files and overrides that use a former key
+still load: the value is read at its new path, with a logged warning naming both keys; a setting given under both
+keys is an error naming both.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 import tempfile
 import types
@@ -23,6 +29,8 @@ from typing import Any, Mapping, TypeVar
 import yaml
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -99,8 +107,92 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: cannot read {value!r} as {_type_name(tp)}")
 
 
+def _moved_keys(cls: Any) -> Mapping[str, str]:
+    return (getattr(cls, "MOVED_KEYS", None) or {}) if dataclasses.is_dataclass(cls) else {}
+
+
+def _section_type(tp: Any) -> Any:
+    """The dataclass inside an annotation (`X` or `Optional[X]`), or None."""
+    if dataclasses.is_dataclass(tp):
+        return tp
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return next((a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)), None)
+    return None
+
+
+def _move_keys(cls: Any, data: Mapping[str, Any], prefix: str, warn: bool = True) -> Mapping[str, Any]:
+    """`data` (a mapping for section `cls`) with its former keys (`cls.MOVED_KEYS`) moved to their new paths
+    (logged when `warn`)."""
+    moved = _moved_keys(cls)
+    if not any(old in data for old in moved):
+        return data
+    out = dict(data)
+    for old, new in moved.items():
+        if old not in data:
+            continue
+        *parents, leaf = new.split(".")
+        node = out
+        for part in parents:
+            child = node.get(part)
+            if child is None:
+                child = {}
+            elif not isinstance(child, Mapping):
+                raise ConfigError(f"{prefix}{old} belongs in the section {prefix}{new}, but {prefix}{part} is "
+                                  f"{child!r}, not a mapping")
+            child = node[part] = dict(child)
+            node = child
+        if leaf in node:
+            raise ConfigError(f"{prefix}{old} and {prefix}{new} are the same setting, given twice: keep "
+                              f"{prefix}{new} only")
+        node[leaf] = out.pop(old)
+        if warn:
+            log.warning("config key %s%s is now %s%s: read as that (rename it in the config)", prefix, old, prefix,
+                        new)
+    return out
+
+
+def upgrade_keys(cls: type, data: Mapping[str, Any], prefix: str = "", *, warn: bool = True) -> dict[str, Any]:
+    """A config mapping for `cls` with the former keys of every section moved to their new paths (see the module
+    docstring; logged when `warn`); everything else as it is."""
+    out = dict(_move_keys(cls, data, prefix, warn))
+    hints = typing.get_type_hints(cls)
+    for name, value in out.items():
+        section = _section_type(hints.get(name))
+        if section is not None and isinstance(value, Mapping):
+            out[name] = upgrade_keys(section, value, f"{prefix}{name}.", warn=warn)
+    return out
+
+
+def same_config(cls: type, a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    """Whether two config mappings for `cls` say the same, former keys read at their new paths (e.g. a saved
+    run's config against the one a script would write now)."""
+    return upgrade_keys(cls, a, warn=False) == upgrade_keys(cls, b, warn=False)
+
+
+def upgrade_override(cls: type, item: str) -> str:
+    """A dotted `--set key=value` override for `cls` with a former key rewritten to its new path (logged)."""
+    path, _ = parse_override(item)
+    new_path, tp = [], cls
+    for i, part in enumerate(path):
+        moved = _moved_keys(tp)
+        parts = moved[part].split(".") if part in moved else [part]
+        for p in parts:
+            new_path.append(p)
+            tp = _section_type(typing.get_type_hints(tp).get(p)) if tp is not None else None
+        if tp is None:
+            new_path.extend(path[i + 1:])
+            break
+    if new_path == path:
+        return item
+    old, new = ".".join(path), ".".join(new_path)
+    log.warning("--set %s: the key is now %s: read as that (rename it in the command)", old, new)
+    return new + item[item.index("="):]
+
+
 def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
-    """Build dataclass `cls` from a mapping; unknown keys and bad types raise ConfigError."""
+    """Build dataclass `cls` from a mapping; unknown keys and bad types raise ConfigError. Former keys of the
+    section (`cls.MOVED_KEYS`) are read at their new paths, with a warning."""
+    data = _move_keys(cls, data, prefix)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
@@ -179,13 +271,18 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_config(cls: type[T], path: str | os.PathLike | None, overrides: list[str] = ()) -> T:
-    """Read `cls` from an optional YAML file plus dotted overrides; errors name the file."""
+    """Read `cls` from an optional YAML file plus dotted overrides; errors name the file. Former keys (in the file or
+    the overrides) are read at their new paths, with a warning."""
+    where = f"{path}: " if path is not None else ""
     data = load_yaml(path) if path is not None else {}
-    data = apply_overrides(data, list(overrides))
+    try:
+        data = upgrade_keys(cls, data)
+    except ConfigError as e:
+        raise ConfigError(f"{where}{e}") from e
+    data = apply_overrides(data, [upgrade_override(cls, item) for item in overrides])
     try:
         return from_dict(cls, data)
     except ConfigError as e:
-        where = f"{path}: " if path is not None else ""
         raise ConfigError(f"{where}{e}") from e
 
 

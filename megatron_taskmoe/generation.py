@@ -47,15 +47,16 @@ class IncrementalDecoder(Protocol):
 
 @dataclass(kw_only=True)
 class SearchConfig:
-    """Decoding options."""
+    """Decoding options (also the `eval.search` section of a run config)."""
 
-    beam_size: int = 4
-    """1 means greedy search."""
+    beam_size: int = 1
+    """Hypotheses kept per sentence; 1 (the default) is greedy search."""
     length_penalty: float = 1.0
     """Finished hypotheses are ranked by score / length**length_penalty."""
     max_len_a: float = 1.2
     """Maximum target length is max_len_a * source length + max_len_b."""
     max_len_b: int = 10
+    """The constant term of the maximum target length (see max_len_a)."""
     min_len: int = 0
     """Minimum number of output tokens before eos (capped by a sentence's maximum length)."""
 

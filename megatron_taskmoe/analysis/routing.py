@@ -26,10 +26,9 @@ from typing import Iterable, Literal, Optional, Sequence
 import numpy as np
 import torch
 
+from megatron_taskmoe.data.batching import MODEL_INPUT_KEYS, collate, eval_batches, to_device
 from megatron_taskmoe.fileio import save_figure
 
-_BATCH_KEYS = ("src_tokens", "src_padding_mask", "tgt_input", "tgt_padding_mask", "labels", "task_ids",
-               "src_lang_ids", "tgt_lang_ids")
 _LAYER = re.compile(r"(encoder|decoder)\.layers\.(\d+)\.")
 
 
@@ -120,7 +119,6 @@ def dataset_batches(data_dir: str | Path, split: str, *, model_config, direction
     """Every sentence pair of a preprocessed split once (truncated to the model's positions, as in training), or
     the first `max_sentences` pairs of each direction (corpus order, batches of at most `max_tokens` padded
     tokens per side)."""
-    from megatron_taskmoe.data.batching import collate, eval_batches
     from megatron_taskmoe.data.dataset import MultilingualDataset
 
     data = MultilingualDataset(data_dir, split, directions, max_src_len=model_config.max_source_positions - 2,
@@ -160,7 +158,7 @@ def collect_routing_stats(model: torch.nn.Module, batches: Iterable[dict], *, ta
     try:
         seen = 0
         for batch in batches:
-            model(**{k: batch[k].to(device) for k in _BATCH_KEYS})
+            model(**to_device(batch, device, keys=MODEL_INPUT_KEYS))
             seen += 1
         if seen == 0:
             raise ValueError("collect_routing_stats: no batches to run")

@@ -22,25 +22,52 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from megatron_taskmoe.data.sampler import TemperatureSampler
 from megatron_taskmoe.data.tokenizer import PAD_ID
+
+
+MODEL_INPUT_KEYS = ("src_tokens", "src_padding_mask", "tgt_input", "tgt_padding_mask", "labels", "task_ids",
+                    "src_lang_ids", "tgt_lang_ids")
+"""The entries of a collated batch that the model's forward takes, as keyword arguments."""
+
+BATCH_TENSOR_KEYS = (*MODEL_INPUT_KEYS, "loss_mask")
+"""The model inputs and the loss mask: what a training or validation step moves to the device."""
+
+
+def model_inputs(batch: dict) -> dict:
+    """The model's keyword arguments from a collated batch."""
+    return {k: batch[k] for k in MODEL_INPUT_KEYS}
+
+
+def to_device(batch: dict, device, *, keys: tuple[str, ...] = BATCH_TENSOR_KEYS, non_blocking: bool = False) -> dict:
+    """`keys` of a collated batch moved to `device` (the other entries, e.g. `consumed_samples`, stay behind)."""
+    return {k: batch[k].to(device, non_blocking=non_blocking) for k in keys}
 
 
 @dataclass(kw_only=True)
 class BatchingConfig:
-    """How micro-batches are formed."""
+    """How micro-batches are formed (the `data.batching` section of a run config)."""
 
-    max_tokens: int | None = None  # B * max(padded S, padded T) per micro-batch; 4096 when batch_size is not set
-    batch_size: int | None = None  # fixed B instead of a token budget
-    window_samples: int = 1 << 14  # stream positions bucketed together (W)
-    task_homogeneous: bool = False  # every micro-batch from one task
-    pad_to_multiple: int = 1  # pad S and T up to a multiple of this (tensor cores, sequence parallelism)
-    fixed_src_len: int | None = None  # pad every batch to these lengths (static shapes for pipeline parallelism)
+    max_tokens: int | None = None
+    """Token budget of a micro-batch: B * max(padded S, padded T) <= max_tokens; 2048 when batch_size is not set."""
+    batch_size: int | None = None
+    """A fixed number of sentences B per micro-batch instead of a token budget."""
+    window_samples: int = 1 << 14
+    """Stream positions bucketed by length together (W)."""
+    task_homogeneous: bool = False
+    """Every micro-batch from one task (task-level routing then needs no permutation)."""
+    pad_to_multiple: int = 8
+    """Pad S and T up to a multiple of this (tensor cores); independent of the parallel layout, so a run resumed
+    under other sizes sees the same batches."""
+    fixed_src_len: int | None = None
+    """Pad every batch's sources to this length (static shapes for pipeline parallelism without
+    variable_seq_lengths)."""
     fixed_tgt_len: int | None = None
-    seed: int = 1234
+    """Pad every batch's targets to this length (see fixed_src_len)."""
 
     def __post_init__(self):
         if self.max_tokens is None and self.batch_size is None:
-            self.max_tokens = 4096
+            self.max_tokens = 2048
         if self.max_tokens is not None and self.batch_size is not None:
             raise ValueError("give max_tokens or batch_size, not both")
         if (self.max_tokens or 1) < 1 or (self.batch_size or 1) < 1:
@@ -59,8 +86,10 @@ class BatchingConfig:
         return -(-lengths // m) * m
 
 
-def pack_window(src_len_W, tgt_len_W, task_W, cfg: BatchingConfig, dp_size: int, window: int) -> list[np.ndarray]:
-    """Batches (arrays of window offsets) of one window, a multiple of dp_size of them, in their yield order."""
+def pack_window(src_len_W, tgt_len_W, task_W, cfg: BatchingConfig, dp_size: int, window: int, *,
+                seed: int) -> list[np.ndarray]:
+    """Batches (arrays of window offsets) of one window, a multiple of dp_size of them, in their yield order (a
+    permutation seeded by `seed` and the window)."""
     s_pad = cfg.padded(np.asarray(src_len_W), cfg.fixed_src_len)
     t_pad = cfg.padded(np.asarray(tgt_len_W), cfg.fixed_tgt_len)
     longest = np.maximum(s_pad, t_pad)
@@ -85,13 +114,13 @@ def pack_window(src_len_W, tgt_len_W, task_W, cfg: BatchingConfig, dp_size: int,
                              "window_samples")
         b = batches.pop(big)
         batches[big:big] = [b[: len(b) // 2], b[len(b) // 2:]]
-    perm = np.random.default_rng([cfg.seed, 7, window]).permutation(len(batches))
+    perm = np.random.default_rng([seed, 7, window]).permutation(len(batches))
     return [batches[p] for p in perm]
 
 
 def collate(samples: list[dict], cfg: BatchingConfig | None = None) -> dict:
     """Pad a list of dataset samples into the training batch dict (padding masks are True AT padding)."""
-    cfg = cfg or BatchingConfig()
+    cfg = cfg or BatchingConfig(pad_to_multiple=1)
     B = len(samples)
     S = int(cfg.padded(np.array([max(len(s["src"]) for s in samples)]), cfg.fixed_src_len)[0])
     T = int(cfg.padded(np.array([max(len(s["tgt_in"]) for s in samples)]), cfg.fixed_tgt_len)[0])
@@ -125,7 +154,8 @@ class TokenBatchSampler:
     """This rank's micro-batches (lists of flat dataset indices) from the global stream; see the module docstring.
 
     Iterating yields `(indices, consumed_samples_after_this_micro_step)`; `consumed_samples` is that value for the
-    last yielded batch (the number to store in a checkpoint).
+    last yielded batch (the number to store in a checkpoint). The order of a window's batches is seeded by the
+    sampler's seed.
     """
 
     def __init__(self, sampler, src_lengths_N, tgt_lengths_N, task_ids_N, cfg: BatchingConfig, dp_rank: int = 0,
@@ -150,7 +180,7 @@ class TokenBatchSampler:
         W = self.cfg.window_samples
         flat_W = self.sampler.global_indices(window * W, W)
         batches = pack_window(self.src_lengths_N[flat_W], self.tgt_lengths_N[flat_W], self.task_ids_N[flat_W],
-                              self.cfg, self.dp_size, window)
+                              self.cfg, self.dp_size, window, seed=self.sampler.seed)
         return flat_W, batches
 
     def __iter__(self):
@@ -171,15 +201,13 @@ class BatchIterator:
     """Training batches for one data-parallel rank: sampler + token batcher + collation.
 
     Each batch dict also carries `consumed_samples` (int): the global counter after this micro-step, to be saved in
-    checkpoints and passed back here on resume.
+    checkpoints and passed back here on resume. `seed` seeds the sampler and the order of the batches.
     """
 
-    def __init__(self, dataset, *, temperature: float = 5.0, batching: BatchingConfig, dp_rank: int = 0,
-                 dp_size: int = 1, consumed_samples: int = 0):
-        from megatron_taskmoe.data.sampler import TemperatureSampler
-
+    def __init__(self, dataset, *, temperature: float = 5.0, batching: BatchingConfig, seed: int = 1234,
+                 dp_rank: int = 0, dp_size: int = 1, consumed_samples: int = 0):
         self.dataset, self.batching = dataset, batching
-        self.sampler = TemperatureSampler(dataset.sizes_D, temperature, seed=batching.seed)
+        self.sampler = TemperatureSampler(dataset.sizes_D, temperature, seed=seed)
         self.batcher = TokenBatchSampler(self.sampler, dataset.src_lengths_N, dataset.tgt_lengths_N,
                                          dataset.task_ids_N, batching, dp_rank, dp_size, consumed_samples)
         self._it = iter(self.batcher)
@@ -207,7 +235,7 @@ def eval_batches(dataset, direction: str, *, max_tokens: int = 4096, pad_to_mult
     lo, hi = int(dataset.offsets_D[d]), int(dataset.offsets_D[d + 1])
     cfg = BatchingConfig(max_tokens=max_tokens, pad_to_multiple=pad_to_multiple, window_samples=max(hi - lo, 1))
     batches = pack_window(dataset.src_lengths_N[lo:hi], dataset.tgt_lengths_N[lo:hi],
-                          np.zeros(hi - lo, dtype=np.int64), cfg, 1, 0)
+                          np.zeros(hi - lo, dtype=np.int64), cfg, 1, 0, seed=1234)
     for b in sorted(batches, key=lambda b: int(b[0])):
         offsets = np.sort(b)
         batch = collate([dataset[lo + int(i)] for i in offsets], cfg)

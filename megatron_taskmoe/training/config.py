@@ -4,22 +4,28 @@ Sections, each a small dataclass validated on construction:
 
     model       a named preset (system x size, model/presets.py) plus field overrides
     parallel    tensor / pipeline / expert sizes (data parallel takes the rest of the world)
-    data        the preprocessed directory, temperature, token budget per micro-batch
+    data        the preprocessed directory, temperature, micro-batching (`data.batching`, data/batching.py)
     optim       AdamW, learning-rate schedule, clipping
     train       steps, micro-batches per step, seed, logging, NaN policy, run directory
     checkpoint  interval, retention, where to resume from
-    eval        validation interval, decoding, early stopping
+    eval        validation interval, decoding (`eval.search`, generation.py), early stopping
 
 `RunConfig.validate_against(world_size, manifest)` checks what needs the launch and the data (parallel sizes, task
 counts), before any model is built.
+
+Keys of earlier layouts still load (`MOVED_KEYS` of a section, config_io.py): `data.max_tokens`,
+`data.pad_to_multiple`, `data.task_homogeneous` are read as `data.batching.*`, and `eval.beam_size`,
+`eval.length_penalty`, `eval.max_len_a`, `eval.max_len_b` as `eval.search.*`, with a warning.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 from megatron_taskmoe.config_io import ConfigError, from_dict, to_dict
+from megatron_taskmoe.data.batching import BatchingConfig
+from megatron_taskmoe.generation import SearchConfig
 from megatron_taskmoe.model import presets
 from megatron_taskmoe.model.config import ModelConfig, ParallelConfig
 
@@ -36,8 +42,11 @@ class ModelSection:
     """A preset (`system` at `size`) with `overrides` of `ModelConfig` fields (nested for `moe`)."""
 
     system: str = "moe_task_shared_dynamic"
+    """The system: a key of model/presets.py PRESETS (dense, MoE, task MoE, adapters...)."""
     size: str = "tiny"
+    """The size: a key of model/presets.py SIZES."""
     overrides: dict[str, Any] = field(default_factory=dict)
+    """`ModelConfig` fields replacing the preset's (nested mappings for `moe`)."""
 
     def __post_init__(self):
         if self.system not in presets.PRESETS:
@@ -58,40 +67,56 @@ class ModelSection:
 
 @dataclass(kw_only=True)
 class DataSection:
+    """The preprocessed corpus, the sampling of its directions and the micro-batching."""
+
+    MOVED_KEYS: ClassVar[dict[str, str]] = {"max_tokens": "batching.max_tokens",
+                                            "pad_to_multiple": "batching.pad_to_multiple",
+                                            "task_homogeneous": "batching.task_homogeneous"}
+    """Former keys of the section and their paths now (still read, with a warning; config_io.py)."""
+
     data_dir: str = ""
     """A directory written by tools/preprocess_data.py (has manifest.json)."""
     directions: Optional[list[str]] = None
     """Directions to train on (e.g. ["de-en", "en-de"]); None means all in the manifest."""
     temperature: float = 5.0
     """Sampling probability of a direction is proportional to n**(1/temperature)."""
-    max_tokens: int = 2048
-    """Token budget of one micro-batch (padded source + target tokens)."""
-    pad_to_multiple: int = 8
-    """Batch lengths are padded to a multiple of this (independent of the parallel layout, so resuming under
-    other sizes sees the same batches)."""
-    task_homogeneous: bool = False
-    """Every micro-batch from one task (task-level routing then needs no permutation)."""
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+    """How micro-batches are formed: token budget, padding, task-homogeneous batches (data/batching.py); their
+    order is seeded by `train.seed`. Validation batches use its token budget (or batch size) and padding."""
     valid_split: str = "valid"
+    """The split validated on (on the fly, every `eval.interval` steps)."""
     test_split: str = "test"
+    """The name of the test split (training does not read it; tools/evaluate.py takes `--split`)."""
 
     def __post_init__(self):
         if self.temperature <= 0:
             raise ValueError(f"data.temperature must be > 0, got {self.temperature}")
-        if self.max_tokens < 8 or self.pad_to_multiple < 1:
-            raise ValueError("data.max_tokens must be >= 8 and data.pad_to_multiple >= 1")
+        if self.batching.max_tokens is not None and self.batching.max_tokens < 8:
+            raise ValueError(f"data.batching.max_tokens must be >= 8, got {self.batching.max_tokens}")
 
 
 @dataclass(kw_only=True)
 class OptimSection:
+    """AdamW and its learning-rate schedule (megatron-core's optimizer and OptimizerParamScheduler)."""
+
     lr: float = 5e-4
+    """Peak learning rate, reached at the end of the warm-up."""
     min_lr: float = 0.0
+    """The floor the schedule decays to."""
     warmup_steps: int = 100
+    """Steps of linear warm-up from 0 to `lr`."""
     decay_style: Literal["inverse-square-root", "cosine", "linear", "constant"] = "inverse-square-root"
+    """The decay after the warm-up."""
     weight_decay: float = 0.0
+    """AdamW's decoupled weight decay."""
     adam_beta1: float = 0.9
+    """Adam's first-moment decay."""
     adam_beta2: float = 0.98
+    """Adam's second-moment decay."""
     adam_eps: float = 1e-8
+    """Adam's epsilon."""
     clip_grad: float = 1.0
+    """Clip the global gradient norm to this; 0 disables clipping."""
     distributed_optimizer: bool = True
     """megatron-core's distributed optimizer: optimizer state sharded over data-parallel ranks."""
 
@@ -104,17 +129,24 @@ class OptimSection:
 
 @dataclass(kw_only=True)
 class TrainSection:
+    """The length of the run, its seed, logging and where it writes."""
+
     steps: int = 1000
+    """Optimizer steps of the whole run (a resumed run continues up to it)."""
     micro_batches: int = 1
     """Micro-batches per step on each data-parallel rank (gradient accumulation; the 1F1B depth with pipelining)."""
     seed: int = 1234
+    """Seeds the weights, dropout and the data order (sampler and batching)."""
     log_interval: int = 10
+    """Write a `train` record (loss, learning rate, gradient norm, tokens/s) every N steps."""
     nan_policy: Literal["stop", "skip"] = "stop"
     """On a NaN/inf loss: stop with a message naming the step, or skip that step's update."""
     run_dir: str = "runs/default"
+    """Receives the resolved config, metrics.jsonl, TensorBoard logs and checkpoints."""
     bf16: Optional[bool] = None
     """None: bf16 on GPU, fp32 on CPU."""
     progress_bar: bool = True
+    """A tqdm progress bar on rank 0."""
     routing_stats: bool = True
     """Routing telemetry: per MoE layer, every log_interval steps, a `routing` record in metrics.jsonl and
     TensorBoard (expert load, drops, entropy, per-task expert and adapter use; training/routing_telemetry.py)."""
@@ -131,12 +163,18 @@ class TrainSection:
 
 @dataclass(kw_only=True)
 class CheckpointSection:
+    """When checkpoints are written, how many are kept, where a run starts from."""
+
     interval: int = 500
+    """Save every N steps (and at every validation, with its BLEU as the metric)."""
     keep_last: int = 2
+    """The most recent checkpoints kept."""
     keep_best: int = 1
+    """The best checkpoints by validation BLEU kept besides the most recent ones."""
     load: Optional[str] = "auto"
     """"auto": resume from run_dir/checkpoints if there is one; a path: start from that checkpoint; None: fresh."""
     save: bool = True
+    """False: write no checkpoints (e.g. a smoke test)."""
 
     def __post_init__(self):
         if self.interval < 1 or self.keep_last < 1 or self.keep_best < 0:
@@ -145,14 +183,19 @@ class CheckpointSection:
 
 @dataclass(kw_only=True)
 class EvalSection:
+    """On-the-fly validation: how often, how many sentences, the decoding, early stopping."""
+
+    MOVED_KEYS: ClassVar[dict[str, str]] = {"beam_size": "search.beam_size",
+                                            "length_penalty": "search.length_penalty",
+                                            "max_len_a": "search.max_len_a", "max_len_b": "search.max_len_b"}
+    """Former keys of the section and their paths now (still read, with a warning; config_io.py)."""
+
     interval: int = 500
     """Validate every N steps (and at the end); 0 disables on-the-fly validation."""
-    beam_size: int = 1
-    length_penalty: float = 1.0
+    search: SearchConfig = field(default_factory=SearchConfig)
+    """The decoding of the validation translations (generation.py; greedy by default)."""
     max_sentences: int = 200
     """Validation sentences per direction for BLEU (all for the loss is not needed: the same subset is used)."""
-    max_len_a: float = 1.2
-    max_len_b: int = 10
     early_stopping_patience: int = 0
     """Stop after this many evaluations (every `interval` steps) without a better average BLEU; 0 disables. Pham et
     al. stop after 2 epochs without improvement: with `interval` the steps of an epoch, 2 is their rule."""
@@ -161,20 +204,28 @@ class EvalSection:
     ko-mecab; evaluation.bleu_tokenizer)."""
 
     def __post_init__(self):
-        if self.interval < 0 or self.beam_size < 1 or self.max_sentences < 1 or self.early_stopping_patience < 0:
-            raise ValueError("eval.interval >= 0, eval.beam_size >= 1, eval.max_sentences >= 1, "
-                             "eval.early_stopping_patience >= 0")
+        if self.interval < 0 or self.max_sentences < 1 or self.early_stopping_patience < 0:
+            raise ValueError("eval.interval >= 0, eval.max_sentences >= 1, eval.early_stopping_patience >= 0")
 
 
 @dataclass(kw_only=True)
 class RunConfig:
+    """The whole run (see the module docstring)."""
+
     model: ModelSection = field(default_factory=ModelSection)
+    """The model: a preset and field overrides."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Tensor / pipeline / expert parallel sizes (model/config.py)."""
     data: DataSection = field(default_factory=DataSection)
+    """The corpus and its micro-batches."""
     optim: OptimSection = field(default_factory=OptimSection)
+    """The optimizer and learning-rate schedule."""
     train: TrainSection = field(default_factory=TrainSection)
+    """Steps, seed, logging, run directory."""
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    """Checkpoint interval, retention, resume."""
     eval: EvalSection = field(default_factory=EvalSection)
+    """On-the-fly validation and early stopping."""
 
     def validate_against(self, world_size: int, model: ModelConfig) -> None:
         """Checks that need the launch (world size) and the built model config; raises ConfigError."""

@@ -11,7 +11,6 @@ the same batches, dropout masks and learning rates as the uninterrupted one.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import shutil
@@ -19,28 +18,26 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 
 from megatron_taskmoe.compat import aux_losses
 from megatron_taskmoe.config_io import ConfigError, dump_yaml, to_dict
-from megatron_taskmoe.data.batching import BatchingConfig, BatchIterator
+from megatron_taskmoe.data.batching import BatchingConfig, BatchIterator, to_device
 from megatron_taskmoe.data.dataset import MultilingualDataset
 from megatron_taskmoe.model.config import RECORD_DEFAULTS, ModelConfig
 from megatron_taskmoe.parallel import groups
 from megatron_taskmoe.training import checkpointing as ckpt
 from megatron_taskmoe.training.config import RunConfig
+from megatron_taskmoe.training.forward import make_forward_step
 from megatron_taskmoe.training.metrics import MetricsWriter
 from megatron_taskmoe.training.routing_telemetry import RoutingTelemetry, has_routing
 from megatron_taskmoe.training.setup import Built, Corpus, build, check_task_map
+from megatron_taskmoe.training.validation import ValidationSet, Validator
 
 log = logging.getLogger(__name__)
-
-BATCH_KEYS = ("src_tokens", "src_padding_mask", "tgt_input", "tgt_padding_mask", "labels", "task_ids",
-              "src_lang_ids", "tgt_lang_ids")
-
 
 MODEL_CKPT_METADATA = {"non_homogeneous_layers": True}
 OPTIMIZER_CKPT_METADATA = {
@@ -67,37 +64,6 @@ class TrainState:
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _to_device(batch: dict) -> dict:
-    dev = groups.device()
-    return {k: batch[k].to(dev, non_blocking=True) for k in BATCH_KEYS}
-
-
-def batching_config(cfg: RunConfig, model_cfg: ModelConfig, tensor_parallel: int) -> BatchingConfig:
-    """Token-budget batching. Padding does not depend on the parallel layout (the model pads for sequence
-    parallelism itself), so a run resumed under other TP/PP/EP sizes sees the same batches."""
-    return BatchingConfig(max_tokens=cfg.data.max_tokens, task_homogeneous=cfg.data.task_homogeneous,
-                          pad_to_multiple=cfg.data.pad_to_multiple, seed=cfg.train.seed)
-
-
-def make_forward_step(model_cfg: ModelConfig, label_smoothing: Optional[float] = None):
-    """megatron-core's forward_step_func: runs the model on the next micro-batch and returns its loss function.
-    `label_smoothing` replaces the model's (0.0 for the plain NLL)."""
-
-    def forward_step(data_iterator: Iterator[dict], model):
-        batch = next(data_iterator)
-        loss_mask_BT = batch["loss_mask"]
-        loss_BT = model(**{k: batch[k] for k in BATCH_KEYS}, label_smoothing=label_smoothing)
-
-        def loss_func(output_BT: torch.Tensor):
-            loss_sum = (output_BT.float() * loss_mask_BT).sum()
-            num_tokens = loss_mask_BT.sum().to(torch.int)
-            return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach(), num_tokens.float()])}
-
-        return loss_BT, loss_func
-
-    return forward_step
 
 
 def _without_dp0_state(common: dict) -> dict:
@@ -136,9 +102,7 @@ class _DeviceBatches:
     def __next__(self) -> dict:
         batch = next(self.batches)
         self.tokens += int(batch["loss_mask"].sum()) + int((~batch["src_padding_mask"]).sum())
-        out = _to_device(batch)
-        out["loss_mask"] = batch["loss_mask"].to(groups.device())
-        return out
+        return to_device(batch, groups.device(), non_blocking=True)
 
 
 class Trainer:
@@ -164,10 +128,11 @@ class Trainer:
             self.built.module, pg, task_names=corpus.manifest["task_map"]["tasks"],
             enabled=cfg.train.routing_stats and has_routing(model_cfg),
             collapse_share=cfg.train.routing_collapse_share, logging_rank=self.rank == 0, start_step=self.state.step)
+        # Batching does not depend on the parallel layout (the model pads for sequence parallelism itself), so a
+        # run resumed under other TP/PP/EP sizes sees the same batches.
         self.batches = _DeviceBatches(BatchIterator(
-            self.train_data, temperature=cfg.data.temperature,
-            batching=batching_config(cfg, model_cfg, cfg.parallel.tensor), dp_rank=self.dp_rank,
-            dp_size=self.dp_size, consumed_samples=self.state.consumed_samples))
+            self.train_data, temperature=cfg.data.temperature, batching=cfg.data.batching, seed=cfg.train.seed,
+            dp_rank=self.dp_rank, dp_size=self.dp_size, consumed_samples=self.state.consumed_samples))
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             dump_yaml(cfg, self.run_dir / "config.yaml")
@@ -297,14 +262,14 @@ class Trainer:
             # 1F1B over the stages; every stage reads the same micro-batches from its own iterator, with their own
             # lengths (variable_seq_lengths).
             losses = pipeline.forward_backward(
-                forward_step_func=make_forward_step(self.model_cfg), data_iterator=self.batches, model=b.model,
+                forward_step_func=make_forward_step(), data_iterator=self.batches, model=b.model,
                 num_microbatches=self.cfg.train.micro_batches, forward_only=False)
             # Each stage tracked only its own layers' MoE aux losses: same entries everywhere before logging.
             pipeline.align_aux_loss_tracker(b.pg_collection, b.transformer_config.num_layers)
         else:
             forward_backward = get_forward_backward_func()
             losses = forward_backward(
-                forward_step_func=make_forward_step(self.model_cfg), data_iterator=self.batches, model=[b.model],
+                forward_step_func=make_forward_step(), data_iterator=self.batches, model=[b.model],
                 num_microbatches=self.cfg.train.micro_batches, seq_length=1, micro_batch_size=1,
                 forward_only=False,
             )
@@ -345,14 +310,29 @@ class Trainer:
         aux_losses.clear_aux_losses()
         return out
 
+    def build_validator(self) -> Validator:
+        """The validator of this run: its model, forward step, process groups, `eval.search`, the validation split
+        (the first `eval.max_sentences` pairs of each direction, batched with `data.batching`'s budget and padding)
+        and the metrics writer."""
+        cfg = self.cfg
+        b = cfg.data.batching
+        data = ValidationSet.load(
+            self.corpus, cfg.data.valid_split, max_src_len=self.model_cfg.max_source_positions - 2,
+            max_tgt_len=self.model_cfg.max_target_positions - 1, max_sentences=cfg.eval.max_sentences,
+            batching=BatchingConfig(max_tokens=b.max_tokens, batch_size=b.batch_size,
+                                    pad_to_multiple=b.pad_to_multiple),
+            warn=self.rank == 0)
+        return Validator(model=self.built.model, module=self.built.module, make_forward_step=make_forward_step,
+                         pg_collection=self.built.pg_collection, search=cfg.eval.search, data=data,
+                         task_names=self.corpus.manifest["task_map"]["tasks"], bleu_tokenize=cfg.eval.bleu_tokenize,
+                         metrics=self.metrics, logging_rank=self.rank == 0)
+
     def train(self) -> TrainState:
         from tqdm import tqdm
 
-        from megatron_taskmoe.training.validation import Validator
-
         cfg = self.cfg
         self._install_signal_handler()
-        validator = Validator(self) if cfg.eval.interval > 0 else None
+        validator = self.build_validator() if cfg.eval.interval > 0 else None
         bar = tqdm(total=cfg.train.steps, initial=self.state.step, disable=self.rank != 0 or not cfg.train.progress_bar,
                    unit="step", dynamic_ncols=True)
         window_start = time.perf_counter()
@@ -395,16 +375,10 @@ class Trainer:
         self.metrics.close()
         return self.state
 
-    def _evaluate(self, validator, step: int) -> bool:
+    def _evaluate(self, validator: Validator, step: int) -> bool:
         """Validate (loss, BLEU/chrF; through the stages under pipeline parallelism), checkpoint with BLEU as the
         metric, and decide on early stopping."""
-        results = validator.run()
-        bleu = results["bleu_avg"]
-        self.metrics.write("eval", step, **results)
-        if self.rank == 0:
-            log.info("step %d validation: loss %.4f (label-smoothed), NLL %.4f (ppl %.2f), BLEU %.2f (%s)", step,
-                     results["loss_avg"], results["nll_avg"], math.exp(min(results["nll_avg"], 100.0)), bleu,
-                     json.dumps({k: round(v, 2) for k, v in results["bleu"].items()}))
+        bleu = validator.validate(step)["bleu_avg"]
         improved = self.state.best_bleu is None or bleu > self.state.best_bleu
         if improved:
             self.state.best_bleu, self.state.evals_without_improvement = bleu, 0

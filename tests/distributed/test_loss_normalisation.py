@@ -60,7 +60,7 @@ def run_trainer_step(rank: int, world_size: int, ref_path: str) -> None:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_taskmoe.training.config import RunConfig
-    from megatron_taskmoe.training.loop import make_forward_step
+    from megatron_taskmoe.training.forward import make_forward_step
     from megatron_taskmoe.training.setup import build
 
     cfg = RunConfig()
@@ -71,7 +71,7 @@ def run_trainer_step(rank: int, world_size: int, ref_path: str) -> None:
     assert built.transformer_config.calculate_per_token_loss
     mine = micro_batches()[2 * rank: 2 * rank + 2]
     built.model.zero_grad_buffer()
-    get_forward_backward_func()(forward_step_func=make_forward_step(model_cfg), data_iterator=iter(mine),
+    get_forward_backward_func()(forward_step_func=make_forward_step(), data_iterator=iter(mine),
                                 model=[built.model], num_microbatches=2, seq_length=1, micro_batch_size=1,
                                 forward_only=False)
     ref = torch.load(ref_path, weights_only=False)

@@ -65,7 +65,7 @@ def data_dir(tmp_path_factory) -> Path:
 
 def _pretrain(data_dir: Path, run_dir: Path, nproc: int, *overrides: str) -> None:
     sets = [f"data.data_dir={data_dir}", f"train.run_dir={run_dir}", "train.progress_bar=false",
-            "train.log_interval=1", "train.micro_batches=2", "data.max_tokens=256", "optim.lr=3e-3",
+            "train.log_interval=1", "train.micro_batches=2", "data.batching.max_tokens=256", "optim.lr=3e-3",
             "optim.warmup_steps=1", "checkpoint.interval=2", "eval.max_sentences=8", *overrides]
     args = ["pretrain_mt.py", "--config", "examples/configs/tiny_cpu.yaml", *[x for s in sets for x in ("--set", s)]]
     if nproc == 1:
@@ -133,7 +133,6 @@ def _validate_job(rank, world, overrides: list[str], out: str, save: bool) -> No
     from megatron_taskmoe.training.config import RunConfig
     from megatron_taskmoe.training.loop import Trainer
     from megatron_taskmoe.training.setup import load_corpus, resolve_model_config
-    from megatron_taskmoe.training.validation import Validator
 
     cfg = load_config(RunConfig, ROOT / "examples/configs/tiny_cpu.yaml", overrides)
     corpus = load_corpus(cfg)
@@ -141,7 +140,7 @@ def _validate_job(rank, world, overrides: list[str], out: str, save: bool) -> No
     if save:  # one step at a tiny learning rate: weights still near their initialisation, optimizer state to save
         trainer.train_step()
         trainer.save_checkpoint()
-    validator = Validator(trainer)
+    validator = trainer.build_validator()
     trainer.built.module.eval()
     result = {}
     for beam in (1, 2):
@@ -154,7 +153,7 @@ def _validate_job(rank, world, overrides: list[str], out: str, save: bool) -> No
 
 
 def test_pipelined_decoding_equals_single_process(tmp_path, data_dir):
-    common = [f"data.data_dir={data_dir}", "data.max_tokens=256", "eval.max_sentences=8", "train.micro_batches=2"]
+    common = [f"data.data_dir={data_dir}", "data.batching.max_tokens=256", "eval.max_sentences=8", "train.micro_batches=2"]
     one, two = tmp_path / "pp1.json", tmp_path / "pp2.json"
     H.spawn(_validate_job, 1, [*common, f"train.run_dir={tmp_path / 'pp1'}", "optim.lr=1e-5"], str(one), True,
             tmp_dir=str(tmp_path))

@@ -1,5 +1,5 @@
 import dataclasses
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 
 import pytest
 
@@ -79,3 +79,50 @@ def test_error_names_the_file(tmp_path):
         load_config(Outer, path)
     with pytest.raises(ConfigError, match="not found"):
         load_config(Outer, tmp_path / "missing.yaml")
+
+
+@dataclasses.dataclass(kw_only=True)
+class Moved:
+    """A section whose `size` and `mode` moved into `inner`."""
+
+    MOVED_KEYS: ClassVar[dict[str, str]] = {"size": "inner.size", "mode": "inner.mode"}
+
+    name: str = "run"
+    inner: Inner = dataclasses.field(default_factory=Inner)
+
+
+@dataclasses.dataclass(kw_only=True)
+class Top:
+    moved: Moved = dataclasses.field(default_factory=Moved)
+    limit: Optional[int] = None
+
+
+def test_former_keys_load_at_their_new_path_with_a_warning(tmp_path, caplog):
+    path = tmp_path / "c.yaml"
+    path.write_text("moved:\n  size: 8\n  inner:\n    rate: 0.5\n")
+    with caplog.at_level("WARNING", logger="megatron_taskmoe.config_io"):
+        cfg = load_config(Top, path)
+    assert cfg.moved.inner == Inner(size=8, rate=0.5)
+    assert "moved.size is now moved.inner.size" in caplog.text
+    with caplog.at_level("WARNING", logger="megatron_taskmoe.config_io"):
+        assert from_dict(Moved, {"mode": "b"}).inner.mode == "b"
+    assert "mode is now inner.mode" in caplog.text
+    # overrides: the new dotted path, and the former key (rewritten, with a warning), over a file in either form
+    assert load_config(Top, path, ["moved.inner.size=16"]).moved.inner.size == 16
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="megatron_taskmoe.config_io"):
+        assert load_config(Top, path, ["moved.size=32", "moved.mode=b"]).moved.inner == Inner(size=32, rate=0.5,
+                                                                                               mode="b")
+    assert "--set moved.size: the key is now moved.inner.size" in caplog.text
+    assert load_config(Top, None, ["moved.size=2", "limit=3"]) == Top(moved=Moved(inner=Inner(size=2)), limit=3)
+
+
+def test_a_setting_given_under_both_keys_is_an_error(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("moved:\n  size: 8\n  inner:\n    size: 4\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: moved\.size and moved\.inner\.size are the same setting"):
+        load_config(Top, path)
+    with pytest.raises(ConfigError, match=r"size and inner\.size are the same setting"):
+        from_dict(Moved, {"size": 8, "inner": {"size": 4}})
+    with pytest.raises(ConfigError, match=r"moved\.size belongs in the section moved\.inner\.size"):
+        from_dict(Top, {"moved": {"size": 8, "inner": 3}})

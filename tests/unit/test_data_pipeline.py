@@ -219,43 +219,41 @@ def test_references_are_the_raw_targets_of_the_dataset_items(spm_model, tmp_path
 
 
 def test_validation_scores_against_the_raw_references(data_dir, caplog):
-    """The trainer's validator pairs every decoded batch row with the raw reference of its dataset item (what
+    """The trainer's validation set pairs every decoded batch row with the raw reference of its dataset item (what
     tools/evaluate.py scores against), and falls back to the decoded target pieces, with a warning, for data
     directories preprocessed without reference files."""
-    from types import SimpleNamespace
-
     from megatron_taskmoe.model.config import ModelConfig
-    from megatron_taskmoe.training.config import RunConfig
     from megatron_taskmoe.training.setup import Corpus
-    from megatron_taskmoe.training.validation import Validator
+    from megatron_taskmoe.training.validation import ValidationSet
 
     manifest = load_manifest(data_dir)
     directions = sorted(d for d in manifest["directions"] if "valid" in manifest["directions"][d]["splits"])
-    cfg = RunConfig()
-    cfg.eval.max_sentences = 1000
-    cfg.data.max_tokens = 64
-    trainer = SimpleNamespace(cfg=cfg, rank=0, model_cfg=ModelConfig(vocab_size=manifest["tokenizer"]["vocab_size"]),
-                              corpus=Corpus(data_dir=data_dir, manifest=manifest, directions=directions))
-    validator = Validator(trainer)
+    model_cfg = ModelConfig(vocab_size=manifest["tokenizer"]["vocab_size"])
+
+    def validation_set(corpus):
+        return ValidationSet.load(corpus, "valid", max_src_len=model_cfg.max_source_positions - 2,
+                                  max_tgt_len=model_cfg.max_target_positions - 1, max_sentences=1000,
+                                  batching=BatchingConfig(max_tokens=64, pad_to_multiple=8))
+
+    data = validation_set(Corpus(data_dir=data_dir, manifest=manifest, directions=directions))
     for direction in directions:
         name = manifest["directions"][direction]["splits"]["valid"]["references"]
         raw = (data_dir / name).read_text(encoding="utf-8").splitlines()
         seen = []
-        for items, batch in validator._indexed_batches(direction):
-            assert validator._references(direction, items, batch) == [raw[i] for i in items]
+        for items, batch in data.indexed_batches(direction):
+            assert data.references_of(direction, items, batch) == [raw[i] for i in items]
             seen += items
         assert sorted(seen) == list(range(len(raw)))
 
     stripped = json.loads(json.dumps(manifest))
     for info in stripped["directions"].values():
         info["splits"]["valid"].pop("references", None)
-    trainer.corpus = Corpus(data_dir=data_dir, manifest=stripped, directions=directions)
     with caplog.at_level("WARNING"):
-        fallback = Validator(trainer)
+        fallback = validation_set(Corpus(data_dir=data_dir, manifest=stripped, directions=directions))
     assert "has no raw references" in caplog.text
     direction = directions[0]
-    items, batch = next(fallback._indexed_batches(direction))
+    items, batch = next(fallback.indexed_batches(direction))
     tok = Tokenizer(Path(manifest["tokenizer"]["path"]))
-    decoded = fallback._references(direction, items, batch)
+    decoded = fallback.references_of(direction, items, batch)
     for text, labels, mask in zip(decoded, batch["labels"], batch["loss_mask"]):
         assert tok.encode([text])[0] == labels[mask.bool()].tolist()[:-1]

@@ -16,7 +16,6 @@ from megatron_taskmoe.data.batching import BatchIterator
 from megatron_taskmoe.data.dataset import MultilingualDataset
 from megatron_taskmoe.model.config import ModelConfig
 from megatron_taskmoe.training.config import RunConfig
-from megatron_taskmoe.training.loop import batching_config
 
 import tiny_run
 
@@ -42,7 +41,7 @@ def expected_tokens(run_dir, windows) -> list[tuple[dict, dict]]:
     data = MultilingualDataset(cfg.data.data_dir, "train", sorted(manifest["directions"]),
                                max_src_len=model_cfg.max_source_positions - 2,
                                max_tgt_len=model_cfg.max_target_positions - 1)
-    batches = BatchIterator(data, temperature=cfg.data.temperature, batching=batching_config(cfg, model_cfg, 1))
+    batches = BatchIterator(data, temperature=cfg.data.temperature, batching=cfg.data.batching, seed=cfg.train.seed)
     out = []
     for steps in windows:
         src, tgt = {}, {}

@@ -84,7 +84,7 @@ def train(root: Path, run_dir: Path, *, steps: int = 30, nproc: int = 1, overrid
     args = ["pretrain_mt.py", "--config", "examples/configs/tiny_cpu.yaml",
             "--set", f"data.data_dir={binary}", "--set", f"train.run_dir={run_dir}", "--set", f"train.steps={steps}",
             "--set", "train.progress_bar=false", "--set", "optim.warmup_steps=5", "--set", "optim.lr=0.003",
-            "--set", "data.max_tokens=512", "--set", f"eval.interval={steps}", "--set", "eval.max_sentences=8",
+            "--set", "data.batching.max_tokens=512", "--set", f"eval.interval={steps}", "--set", "eval.max_sentences=8",
             "--set", f"checkpoint.interval={max(1, steps // 2)}", *[x for o in overrides for x in ("--set", o)]]
     if nproc > 1:
         from megatron_taskmoe.parallel.groups import free_port
@@ -130,7 +130,7 @@ def validation_losses(model, data_dir: Path, *, max_sentences: int, model_config
     direction, mean label-smoothed token loss); the per-token loss does not depend on how sentences are batched."""
     import torch
 
-    from megatron_taskmoe.data.batching import collate
+    from megatron_taskmoe.data.batching import MODEL_INPUT_KEYS, collate, to_device
     from megatron_taskmoe.data.dataset import MultilingualDataset
 
     data = MultilingualDataset(data_dir, "valid", None, max_src_len=model_config.max_source_positions - 2,
@@ -142,9 +142,7 @@ def validation_losses(model, data_dir: Path, *, max_sentences: int, model_config
             lo = int(data.offsets_D[d])
             n = min(int(data.sizes_D[d]), max_sentences)
             batch = collate([data[lo + i] for i in range(n)])
-            keys = ("src_tokens", "src_padding_mask", "tgt_input", "tgt_padding_mask", "labels", "task_ids",
-                    "src_lang_ids", "tgt_lang_ids")
-            loss_BT = model(**{k: batch[k].to(device) for k in keys})
+            loss_BT = model(**to_device(batch, device, keys=MODEL_INPUT_KEYS))
             mask = batch["loss_mask"].to(device)
             out[direction] = float((loss_BT.double() * mask).sum() / mask.sum())
     return out
