@@ -1,9 +1,16 @@
-"""Shared pytest setup: tiers are unit (no process group), distributed (gloo, several processes) and gpu."""
+"""Shared pytest setup and fixtures; helpers live in `tests/helpers/` (imported as `tests.helpers.*`).
+
+Tiers, cheapest first: unit (no subprocess, no process group), model (an in-process one-rank process group for
+megatron-core models), integration (the CLIs and `pretrain_mt.py` as subprocesses), distributed (gloo, several
+processes), learning (every system trained until it learns) and gpu (marker `gpu`, skipped without CUDA).
+"""
 
 import os
 
 import pytest
 import torch
+
+from tests.helpers.corpus import build_bible_data
 
 # Tests are tiny; one intra-op thread per process keeps multi-process tests from oversubscribing 2 cores.
 torch.set_num_threads(1)
@@ -22,6 +29,4 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def bible_data(tmp_path_factory):
     """Real data (Bible en<->de, en<->fr) preprocessed for trainer tests; see tests/helpers/corpus.py."""
-    from tests.helpers.corpus import build_bible_data
-
     return build_bible_data(tmp_path_factory.mktemp("bible"))

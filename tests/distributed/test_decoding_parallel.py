@@ -21,7 +21,7 @@ from megatron_taskmoe.model import presets
 from megatron_taskmoe.model.config import ParallelConfig, to_transformer_config
 from megatron_taskmoe.model.decoding import ModelDecoder, encode_batch
 
-import _harness as H
+from tests.helpers import harness as H
 
 pytestmark = pytest.mark.distributed
 

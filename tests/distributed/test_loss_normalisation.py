@@ -15,7 +15,7 @@ import torch
 from megatron_taskmoe import platform
 from megatron_taskmoe.model import presets
 
-import _harness as H
+from tests.helpers import harness as H
 
 pytestmark = pytest.mark.distributed
 

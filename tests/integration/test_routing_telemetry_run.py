@@ -18,7 +18,7 @@ from megatron_taskmoe.model.config import ModelConfig
 from megatron_taskmoe.training.config import RunConfig
 from megatron_taskmoe.training.loop import batching_config
 
-import tiny_run
+from tests.helpers import tiny_run
 
 STEPS, LOG_INTERVAL, MICRO_BATCHES = 6, 3, 2
 RUN = dict(steps=STEPS, overrides=(
