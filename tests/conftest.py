@@ -17,7 +17,16 @@ torch.set_num_threads(1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+TIERS = ("unit", "model", "integration", "distributed", "learning", "gpu")
+
+
 def pytest_collection_modifyitems(config, items):
+    # every test carries its tier's marker (the directory it lives in), so `-m "unit or model"` selects tiers
+    tests_dir = config.rootpath / "tests"
+    for item in items:
+        parts = item.path.relative_to(tests_dir).parts
+        if parts[0] in TIERS:
+            item.add_marker(parts[0])
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
