@@ -13,14 +13,16 @@ DEMO_DIR ?= demo_output
 
 # The newest megatron-core this project supports, which needs Python 3.12 (pyenv's when present). torch 2.14.1
 # from PyPI is a CUDA build (about 5.5 GB with its CUDA libraries) that runs on the CPU; the permutation extension
-# is built with its CPU kernels only (the CUDA sources are compile-checked by tests/unit/test_permute_cuda_build.py).
+# is built with its CPU kernels only (the CUDA sources are compile-checked by
+# tests/integration/test_permute_cuda_build.py).
 PYTHON312 ?= $(or $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12)),python3.12)
 VENV312 := .venv312
 PY312 := $(VENV312)/bin/python
 TORCH312_SPEC ?= torch==2.14.1
 MCORE312_SPEC ?= megatron-core==0.19.2
 
-.PHONY: install test test-unit test-distributed test-learning test-gpu install-py312 test-py312 demo bench clean
+.PHONY: install test test-unit test-model test-integration test-distributed test-learning test-gpu install-py312 \
+	test-py312 demo bench clean
 
 $(VENV)/.installed: setup.py $(wildcard megatron_taskmoe/ops/csrc/*)
 	$(PYTHON) -m venv $(VENV)
@@ -31,18 +33,18 @@ $(VENV)/.installed: setup.py $(wildcard megatron_taskmoe/ops/csrc/*)
 
 install: $(VENV)/.installed
 
-# Exit code passes through (5 = no tests collected); .ci/run reports that case separately.
+# Test tiers, cheapest first: unit (no subprocess, no process group), model (megatron-core models in an in-process
+# one-rank process group), integration (CLIs and pretrain_mt.py as subprocesses), distributed (gloo, several
+# processes), learning (every system trained until it learns), gpu (skipped without CUDA).
+TIERS := unit model integration distributed learning gpu
+
+# Every tier in one pytest run, in that order. Exit code passes through (5 = no tests collected); .ci/run reports
+# that case separately.
 test: install
-	$(PY) -m pytest tests $(PYTEST_ARGS); rc=$$?; exit $$rc
+	$(PY) -m pytest $(TIERS:%=tests/%) $(PYTEST_ARGS); rc=$$?; exit $$rc
 
-test-unit: install
-	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
-
-test-distributed: install
-	$(PY) -m pytest tests/distributed $(PYTEST_ARGS)
-
-test-learning: install
-	$(PY) -m pytest tests/learning $(PYTEST_ARGS)
+test-unit test-model test-integration test-distributed test-learning: test-%: install
+	$(PY) -m pytest tests/$* $(PYTEST_ARGS)
 
 test-gpu: install
 	$(PY) -m pytest tests/gpu -m gpu $(PYTEST_ARGS)
@@ -59,9 +61,9 @@ $(VENV312)/.installed: setup.py $(wildcard megatron_taskmoe/ops/csrc/*)
 
 install-py312: $(VENV312)/.installed
 
-# Same suite, same exit-code convention as `make test`.
+# Same suite, same order, same exit-code convention as `make test`.
 test-py312: install-py312
-	$(PY312) -m pytest tests $(PYTEST_ARGS); rc=$$?; exit $$rc
+	$(PY312) -m pytest $(TIERS:%=tests/%) $(PYTEST_ARGS); rc=$$?; exit $$rc
 
 demo: install
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash examples/demo.sh $(DEMO_DIR)

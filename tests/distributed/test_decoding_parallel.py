@@ -21,7 +21,7 @@ from megatron_taskmoe.model.config import ParallelConfig, to_transformer_config
 from megatron_taskmoe.model.decoding import ModelDecoder, encode_batch
 from megatron_taskmoe.parallel import groups
 
-import _harness as H
+from tests.helpers import harness as H
 
 pytestmark = pytest.mark.distributed
 

@@ -3,17 +3,12 @@ parallelism) loads into one process (TP=PP=EP=1): the recomputed per-direction v
 2-process model logged at the same step within 1e-5, and the greedy translations equal the ones the model gives
 after loading the same checkpoint into one process twice (loading is deterministic)."""
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from megatron_taskmoe.inference import Translator, TranslatorConfig, load_checkpoint
 from megatron_taskmoe.parallel import groups
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
-import tiny_run  # noqa: E402
+from tests.helpers import tiny_run
 
 pytestmark = pytest.mark.distributed
 

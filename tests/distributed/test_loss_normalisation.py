@@ -15,7 +15,7 @@ import torch
 from megatron_taskmoe.model import presets
 from megatron_taskmoe.parallel import groups
 
-import _harness as H
+from tests.helpers import harness as H
 
 pytestmark = pytest.mark.distributed
 

@@ -23,7 +23,7 @@ from megatron_taskmoe.model.config import ParallelConfig, to_transformer_config
 from megatron_taskmoe.parallel import groups
 from megatron_taskmoe.parallel import pipeline
 
-import _harness as H
+from tests.helpers import harness as H
 
 pytestmark = pytest.mark.distributed
 

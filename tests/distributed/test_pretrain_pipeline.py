@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-import _harness as H
+from tests.helpers import harness as H
 
 pytestmark = pytest.mark.distributed
 

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-import _harness as H
+from tests.helpers import harness as H
 from megatron_taskmoe.model.moe_config import MoEConfig, RoutingConfig
 from megatron_taskmoe.model.router import TaskTopKRouter
 from megatron_taskmoe.model.task_context import TaskContext

@@ -27,7 +27,7 @@ from megatron_taskmoe.parallel import groups
 from megatron_taskmoe.parallel import pipeline
 from megatron_taskmoe.training.routing_telemetry import RoutingTelemetry
 
-import _harness as H
+from tests.helpers import harness as H
 
 pytestmark = pytest.mark.distributed
 

@@ -6,17 +6,14 @@ Legend: T tokens, H hidden size, E experts, K experts per token, N permuted rows
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from megatron.core.transformer.moe import moe_utils
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
-from permute_reference import check_against_megatron, topk_routing  # noqa: E402
-
-from megatron_taskmoe.ops import extension_has_cuda, permute, resolved_backend, unpermute  # noqa: E402
+from megatron_taskmoe.ops import extension_has_cuda, permute, resolved_backend, unpermute
+from tests.helpers.permute_reference import check_against_megatron, topk_routing
 
 pytestmark = pytest.mark.gpu
 DEVICE = "cuda"

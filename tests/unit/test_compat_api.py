@@ -13,7 +13,7 @@ from megatron_taskmoe.model import presets, specs
 from megatron_taskmoe.model.moe import TaskMoEMLP
 from megatron_taskmoe.ops import permute
 from megatron_taskmoe.parallel import groups
-from permute_reference import topk_routing
+from tests.helpers.permute_reference import topk_routing
 
 
 @pytest.fixture()

@@ -14,7 +14,7 @@ from megatron_taskmoe.compat.moe import mcore_permute
 from megatron_taskmoe.ops import backend as backend_mod
 from megatron_taskmoe.ops import extension_available, permute, unpermute
 from megatron_taskmoe.ops.fallback import gather_sum, inverse_index
-from permute_reference import check_against_megatron, topk_routing
+from tests.helpers.permute_reference import check_against_megatron, topk_routing
 
 BACKENDS = ["extension", "torch"]
 

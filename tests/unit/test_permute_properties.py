@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from megatron_taskmoe.ops import permute, unpermute
-from permute_reference import check_against_megatron
+from tests.helpers.permute_reference import check_against_megatron
 
 SETTINGS = settings(max_examples=40, deadline=None, derandomize=True)
 

@@ -21,9 +21,9 @@ from megatron_taskmoe.model.routing_counts import ADAPTER_KEYS, ROUTER_KEYS, rou
 from megatron_taskmoe.training.metrics import MetricsWriter
 from megatron_taskmoe.training.routing_telemetry import tensorboard_items
 
-from test_adapters import h_input
-from test_adapters import make as make_adapters
-from test_router import TASKS, inputs, make_router
+from tests.helpers.tiny_adapters import h_input
+from tests.helpers.tiny_adapters import make as make_adapters
+from tests.helpers.tiny_router import TASKS, inputs, make_router
 
 
 # ------------------------------------------------------------------------------------------------ statistics
@@ -140,7 +140,7 @@ def test_dynamic_adapter_telemetry_counts_each_tasks_gate_choices():
     adapters.init_telemetry(torch.device("cpu"))
     pad_BS = torch.zeros(4, 5, dtype=torch.bool)
     pad_BS[2, 3:] = True
-    from test_adapters import TASKS as ADAPTER_TASKS
+    from tests.helpers.tiny_adapters import TASKS as ADAPTER_TASKS
 
     with ctx.micro_batch(task_ids_B=ADAPTER_TASKS, tgt_padding_mask_BT=pad_BS):
         adapters.train()

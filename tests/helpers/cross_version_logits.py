@@ -1,7 +1,7 @@
 """Logits of trainer checkpoints on the tools' fixed batch, computed with the megatron-core of the interpreter that
 runs this script (test_checkpoint_cross_version.py runs it with two).
 
-Usage: python cross_version_logits.py OUT_DIR CHECKPOINT_OR_RUN_DIR...
+Usage (from the repository root): python -m tests.helpers.cross_version_logits OUT_DIR CHECKPOINT_OR_RUN_DIR...
 writes OUT_DIR/0.npy, OUT_DIR/1.npy, ... (one per checkpoint, [B, T, V]) and prints the megatron-core release.
 """
 

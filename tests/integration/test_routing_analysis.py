@@ -14,7 +14,7 @@ from megatron_taskmoe.analysis import RoutingStats, bitext_batches, collect_rout
 from megatron_taskmoe.analysis.routing import LayerRouting, row_fractions
 from megatron_taskmoe.inference import Translator, TranslatorConfig, load_checkpoint
 
-import tiny_run
+from tests.helpers import tiny_run
 
 DIRECTIONS = ("de-en", "en-de", "en-fr", "fr-en")
 

@@ -14,7 +14,7 @@ from megatron_taskmoe.data.tokenizer import BOS_ID, EOS_ID
 from megatron_taskmoe.inference import CheckpointError, Translator, TranslatorConfig, find_checkpoint, load_checkpoint
 from megatron_taskmoe.parallel import groups
 
-import tiny_run
+from tests.helpers import tiny_run
 
 
 @pytest.fixture(scope="module")

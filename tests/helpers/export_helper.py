@@ -1,6 +1,6 @@
-"""The megatron side of `test_export.py`, run as ONE subprocess (the unit tier creates no process group in pytest).
+"""The megatron side of `test_export.py`, run as ONE subprocess (the pytest process creates no process group).
 
-    python tests/unit/export_helper.py JOB.json  -> prints one JSON object
+    python -m tests.helpers.export_helper JOB.json  -> prints one JSON object (from the repository root)
 
 JOB.json keys (all optional):
   * "exports": [[checkpoint, output_dir(, dtype)], ...]: `export_checkpoint` + `verify_export` of each;
@@ -22,8 +22,6 @@ from dataclasses import replace
 from pathlib import Path
 
 warnings.filterwarnings("ignore")
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
 
 
 def matrix_configs(vocab: int, tasks: int, languages: int) -> dict:

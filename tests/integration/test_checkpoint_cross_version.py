@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import tiny_run
 from megatron_taskmoe.compat.versions import mcore_version
 from megatron_taskmoe.inference import find_checkpoint
+from tests.helpers import tiny_run
 
-HELPER = Path(__file__).resolve().parent / "cross_version_logits.py"
+HELPER = "tests.helpers.cross_version_logits"  # run as a module from the repository root
 OTHER_PYTHON_ENV = "MEGATRON_TASKMOE_OTHER_PYTHON"
 STEPS = 30  # tiny_run.shared_run's default: the run other tests share
 
@@ -36,7 +36,7 @@ def other_python() -> Path:
 
 def logits(python, out_dir: Path, *checkpoints: Path) -> tuple[str, list[np.ndarray]]:
     """(megatron-core release, logits [B, T, V] of each checkpoint) computed by `python` in one process."""
-    result = tiny_run.run([str(python), str(HELPER), str(out_dir), *map(str, checkpoints)],
+    result = tiny_run.run([str(python), "-m", HELPER, str(out_dir), *map(str, checkpoints)],
                           env_extra={"PYTHONPATH": str(tiny_run.ROOT)}, timeout=600)
     return result.stdout.strip().splitlines()[-1], [np.load(out_dir / f"{i}.npy") for i in range(len(checkpoints))]
 

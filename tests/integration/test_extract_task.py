@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import tiny_run
 from megatron_taskmoe.parallel import groups
+from tests.helpers import tiny_run
 from tests.helpers.corpus import run_tool
 
 TOOL = "tools/checkpoint/extract_task.py"

@@ -27,7 +27,7 @@ import pytest
 import torch
 
 from tests.helpers.corpus import run_tool
-import tiny_run  # as the other tool tests import it: one module, one cache of shared runs
+from tests.helpers import tiny_run
 
 TOOL = "tools/checkpoint/export.py"
 TOL = 1e-5
@@ -72,7 +72,7 @@ def helper(runs, tmp_path_factory):
     }
     (tmp / "matrix").mkdir()
     (tmp / "job.json").write_text(json.dumps(job))
-    r = run_tool("tests/unit/export_helper.py", str(tmp / "job.json"))
+    r = run_tool("-m", "tests.helpers.export_helper", str(tmp / "job.json"))
     assert r.returncode == 0, r.stderr[-4000:]
     return tmp, json.loads(r.stdout.strip().splitlines()[-1])
 

@@ -14,7 +14,7 @@ import torch
 from megatron_taskmoe.inference import Translator, TranslatorConfig, load_checkpoint
 from megatron_taskmoe.parallel import groups
 
-import tiny_run
+from tests.helpers import tiny_run
 
 ROOT = tiny_run.ROOT
 sys.path.insert(0, str(ROOT / "tools"))

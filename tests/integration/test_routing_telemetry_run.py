@@ -17,7 +17,7 @@ from megatron_taskmoe.data.dataset import MultilingualDataset
 from megatron_taskmoe.model.config import ModelConfig
 from megatron_taskmoe.training.config import RunConfig
 
-import tiny_run
+from tests.helpers import tiny_run
 
 STEPS, LOG_INTERVAL, MICRO_BATCHES = 6, 3, 2
 RUN = dict(steps=STEPS, overrides=(
