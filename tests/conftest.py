@@ -17,7 +17,7 @@ from tests.helpers.corpus import build_bible_data
 torch.set_num_threads(1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 # megatron-core prepared for this machine once, as every process of the project does at start (spawned workers
-# call it themselves: tests/distributed/_harness.py).
+# call it themselves: tests/helpers/harness.py).
 compat.apply()
 
 

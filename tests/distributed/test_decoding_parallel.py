@@ -3,7 +3,7 @@ and pipelined (each decoder stage keeps its own layers' key/value cache) gives t
 token for token, greedy and beam; under tensor parallelism the next-token log-probabilities of every step too.
 
 The single-process model (whose incremental decoding equals its full recompute: tests/unit/test_incremental_decoding
-.py) decodes in this process; the layouts load its weights in gloo processes (`_harness.py`) and decode the same
+.py) decodes in this process; the layouts load its weights in gloo processes (`tests/helpers/harness.py`) and decode the same
 batch. The eos logit is enlarged so that hypotheses end at different steps (beam reorders, sentences leaving the
 batch) instead of all running to their maximum length.
 """

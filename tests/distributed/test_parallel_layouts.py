@@ -2,7 +2,7 @@
 
 For each layout the tiny model is built in this process (the reference, world size 1) for token routing and for
 the paper's shared-dynamic task routing, then the layout runs in gloo processes that load their slices of the
-reference weights and check losses and gradients (see `_harness.py`). Data-parallel ranks see their shard of the
+reference weights and check losses and gradients (see `tests/helpers/harness.py`). Data-parallel ranks see their shard of the
 batch; the reference runs those shards as accumulated micro-batches, which is what data parallelism computes.
 Every FFN is an MoE layer here, so every layer exercises the dispatcher.
 """

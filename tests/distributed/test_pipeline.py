@@ -3,7 +3,7 @@
 The tiny model (2 encoder + 2 decoder layers, every FFN an MoE layer) runs several micro-batches through
 megatron's 1F1B schedule (`parallel/pipeline.py`; with warm-up and cool-down, since micro-batches >= stages) on
 every layout below; the reference is the whole model in this process, running the same micro-batches with
-gradient accumulation (`_harness.run_reference`). Per-token losses are compared on the last stage, and every
+gradient accumulation (`tests/helpers/harness.py`: `run_reference`). Per-token losses are compared on the last stage, and every
 parameter's gradient on every stage after megatron's `finalize_model_grads` (data-parallel reduction and the
 tied-embedding all-reduce across the first encoder, first decoder and last stages).
 
