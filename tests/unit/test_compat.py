@@ -3,8 +3,6 @@ changes megatron-core), the CPU stand-ins and the RNG tracker over the CPU gener
 
 tests/conftest.py has called `compat.apply()` already, as every process of the project does at start."""
 
-import dataclasses
-import importlib
 import re
 from pathlib import Path
 
@@ -14,8 +12,6 @@ import torch
 import megatron_taskmoe
 from megatron_taskmoe import compat
 from megatron_taskmoe.compat import cpu, versions
-from megatron_taskmoe.model import presets
-from megatron_taskmoe.model.encdec import EncoderDecoderModel
 from megatron_taskmoe.parallel import groups
 
 
@@ -83,39 +79,6 @@ def test_fixes_are_applied_exactly_for_their_versions():
     assert all(fix.name in text for fix in compat.APPLIED)
 
 
-def _megatron_attributes() -> dict:
-    """Every megatron-core attribute a patch of `compat.PATCHES` replaced, as it is now (name, where -> object)."""
-    from megatron.core.dist_checkpointing import save
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-    from megatron.core.tensor_parallel import random
-
-    seen = {f"{module}.torch": importlib.import_module(module).torch for module in cpu.PROXIED_MODULES}
-    seen.update(tracker=random.CudaRNGStatesTracker, save=save, load=DistributedOptimizer.load_state_dict)
-    return seen
-
-
-def test_building_a_model_applies_nothing(monkeypatch):
-    """Model construction does not call `compat.apply()` (with `apply()` marked as not run and every fix made to
-    fail, a model still builds) and leaves megatron-core's patched attributes as they were."""
-    groups.init_distributed(rank=0, world_size=1)
-    try:
-        groups.initialize_model_parallel()
-        groups.model_parallel_manual_seed(0)
-        before, applied, patches = _megatron_attributes(), list(compat.APPLIED), list(compat.PATCHES)
-
-        def refuse():
-            raise AssertionError("building a model installed a compat fix")
-
-        monkeypatch.setitem(compat._STATE, "applied", False)
-        monkeypatch.setattr(compat, "FIXES", tuple(dataclasses.replace(f, install=refuse) for f in compat.FIXES))
-        model = EncoderDecoderModel(presets.get("moe_token", "tiny", num_tasks=3, num_languages=4))
-        assert sum(p.numel() for p in model.parameters()) > 0
-        assert _megatron_attributes() == before
-        assert compat.APPLIED == applied and compat.PATCHES == patches
-    finally:
-        groups.destroy()
-
-
 def test_only_process_entry_points_call_apply():
     """`compat.apply()` is called at process start only (the trainer's `run`, the checkpoint tools' runner and
     their spawned workers); no module that builds models, process groups or translators calls it."""
@@ -157,29 +120,3 @@ def test_cpu_stand_ins_map_cuda_to_cpu():
     from megatron.core.transformer.moe import moe_utils
 
     assert moe_utils.te_general_gemm is None or callable(moe_utils.te_general_gemm)
-
-
-def test_rng_tracker_forks_reproducibly_and_restores_the_default_stream():
-    from megatron.core import tensor_parallel
-
-    groups.init_distributed(rank=0, world_size=1)
-    try:
-        groups.initialize_model_parallel()
-        groups.model_parallel_manual_seed(7)
-        tracker = tensor_parallel.get_cuda_rng_tracker()
-        before = torch.get_rng_state()
-        with tracker.fork():
-            a = torch.rand(4)
-        assert torch.equal(torch.get_rng_state(), before), "fork must restore the default generator"
-        with tracker.fork():
-            b = torch.rand(4)
-        assert not torch.equal(a, b), "the forked stream advances"
-        groups.model_parallel_manual_seed(7)
-        with tensor_parallel.get_cuda_rng_tracker().fork():
-            assert torch.equal(torch.rand(4), a), "same seed, same stream"
-        default = torch.rand(4)
-        torch.manual_seed(7)
-        assert torch.equal(torch.rand(4), default), "the default stream is seeded with the plain seed"
-    finally:
-        groups.destroy()
-    assert not torch.distributed.is_initialized()

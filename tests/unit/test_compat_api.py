@@ -12,7 +12,6 @@ from megatron_taskmoe.compat import aux_losses, moe, versions
 from megatron_taskmoe.model import presets, specs
 from megatron_taskmoe.model.moe import TaskMoEMLP
 from megatron_taskmoe.ops import permute
-from megatron_taskmoe.parallel import groups
 from tests.helpers.permute_reference import topk_routing
 
 
@@ -50,20 +49,6 @@ def test_aux_loss_tracker_records_reorders_clears_and_resets(empty_tracker):
     assert len(aux_losses.aux_loss_entries()) == 3, "clearing keeps the entries"
     aux_losses.reset_aux_losses()
     assert aux_losses.aux_loss_entries() == {}
-
-
-def test_aux_loss_reduction_over_one_rank_keeps_the_values(empty_tracker):
-    groups.init_distributed(rank=0, world_size=1)
-    try:
-        pgs = groups.initialize_model_parallel()
-        aux_losses.record_aux_loss("encoder_load_balancing_loss", torch.tensor(0.5), 1, 2, reduce_group=pgs.tp)
-        aux_losses.record_aux_loss("decoder_z_loss", torch.tensor(0.25), 2, 2)
-        aux_losses.reduce_aux_losses(pgs)
-        entries = aux_losses.aux_loss_entries()
-        assert entries["encoder_load_balancing_loss"].values.tolist() == [0.5, 0.0]
-        assert entries["decoder_z_loss"].values.tolist() == [0.0, 0.25]
-    finally:
-        groups.destroy()
 
 
 @pytest.mark.parametrize("with_probs", [False, True])

@@ -13,7 +13,6 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.moe.token_dispatcher import MoEAllGatherTokenDispatcher, MoEAlltoAllTokenDispatcher
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_taskmoe.parallel import groups
 from megatron_taskmoe.ops.dispatcher import (
     TaskMoEAllGatherTokenDispatcher,
     TaskMoEAlltoAllTokenDispatcher,
