@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from megatron_taskmoe.checkpoint_tools.io import read_checkpoint
+from megatron_taskmoe.checkpoint_tools.reading import read_checkpoint
 from megatron_taskmoe.checkpoint_tools.verify import checkpoint_logits, fixed_batch
 from megatron_taskmoe.inference import find_checkpoint
 from megatron_taskmoe.mcore_compat import mcore_version
