@@ -22,18 +22,24 @@ Legend: B batch (sentences), S source length, T target length, V vocabulary.
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
+from megatron_taskmoe.checkpoint.format import CHECKPOINTS_DIR, MARKER, TOKENIZER_FILE
+from megatron_taskmoe.checkpoint.manager import CheckpointInfo, resolve_checkpoint
+from megatron_taskmoe.config_io import ConfigError
+from megatron_taskmoe.data.bitext import DataError
+from megatron_taskmoe.data.batching import collate
 from megatron_taskmoe.data.tokenizer import BOS_ID, EOS_ID, Tokenizer
 from megatron_taskmoe.generation import SearchConfig
+from megatron_taskmoe.model.config import ModelConfig, ParallelConfig, to_transformer_config
+from megatron_taskmoe.parallel import groups
 
 log = logging.getLogger(__name__)
-
-TOKENIZER_FILE = "tokenizer.model"
 
 
 class InferenceError(ValueError):
@@ -89,15 +95,13 @@ def check_direction(meta: dict, src_lang: str, tgt_lang: str, *, where) -> int:
     return int(known[direction])
 
 
-def find_checkpoint(path: str | Path):
+def find_checkpoint(path: str | Path) -> CheckpointInfo:
     """The `CheckpointInfo` of a checkpoint directory, a checkpoint root or a run directory; CheckpointError else."""
-    from megatron_taskmoe.training.checkpointing import resolve_checkpoint
-
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint directory")
     errors = []
-    for candidate in (path, path / "checkpoints"):
+    for candidate in (path, path / CHECKPOINTS_DIR):
         try:
             return resolve_checkpoint(candidate)
         except FileNotFoundError as e:
@@ -105,34 +109,10 @@ def find_checkpoint(path: str | Path):
     raise CheckpointError(errors[0] + " (nor under checkpoints/)")
 
 
-def _single_process_groups(device: torch.device):
-    """megatron's process groups for a one-process model (created when no distributed job is running)."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    from megatron_taskmoe.parallel import groups
-
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        raise CheckpointError(
-            "load_checkpoint builds a single-process model (TP=PP=EP=1) but torch.distributed runs "
-            f"{dist.get_world_size()} processes; call it outside a multi-process job"
-        )
-    if not dist.is_initialized():
-        groups.init_distributed(rank=0, world_size=1, master_port=groups.free_port(),
-                                  backend="nccl" if device.type == "cuda" else "gloo")
-    if not parallel_state.model_parallel_is_initialized():
-        return groups.initialize_model_parallel()
-    from megatron.core.process_groups_config import ProcessGroupCollection
-
-    return ProcessGroupCollection.use_mpu_process_groups()
-
-
 def _check_tokenizer(path: Path, want: Optional[str], checkpoint: Path) -> Tokenizer:
-    from megatron_taskmoe.data.bitext import DataError
-
     if not path.is_file():
         raise CheckpointError(f"{path}: tokenizer not found (the trainer copies {TOKENIZER_FILE} beside "
-                              f"{checkpoint}/checkpoint.json; pass tokenizer= to use another copy)")
+                              f"{checkpoint}/{MARKER}; pass tokenizer= to use another copy)")
     try:
         tokenizer = Tokenizer(path)
     except DataError as e:
@@ -140,28 +120,22 @@ def _check_tokenizer(path: Path, want: Optional[str], checkpoint: Path) -> Token
     got = tokenizer.sha256()
     if want is not None and got != want:
         raise CheckpointError(f"{path}: sha256 {got[:12]}... differs from the tokenizer the model was trained with "
-                              f"({want[:12]}..., recorded in {checkpoint}/checkpoint.json)")
+                              f"({want[:12]}..., recorded in {checkpoint}/{MARKER})")
     return tokenizer
 
 
 def load_checkpoint(path: str | Path, *, device: str | torch.device | None = None,
                     tokenizer: str | Path | None = None) -> LoadedModel:
     """Load a trainer checkpoint into one process; see the module docstring for what `path` may be."""
-    import warnings
-
-    from megatron_taskmoe.config_io import ConfigError
-    from megatron_taskmoe.model.config import ModelConfig, ParallelConfig, to_transformer_config
-    from megatron_taskmoe.parallel import groups
-
     info = find_checkpoint(path)
     meta = info.meta
     for key in ("model_config", "task_map", "languages"):
         if key not in meta:
-            raise CheckpointError(f"{info.path}/checkpoint.json has no {key!r}: not written by pretrain_mt.py")
+            raise CheckpointError(f"{info.path}/{MARKER} has no {key!r}: not written by pretrain_mt.py")
     try:
         model_cfg = ModelConfig.from_record(meta["model_config"])
     except ConfigError as e:
-        raise CheckpointError(f"{info.path}/checkpoint.json: {e}") from None
+        raise CheckpointError(f"{info.path}/{MARKER}: {e}") from None
     tok = _check_tokenizer(Path(tokenizer) if tokenizer else info.path / TOKENIZER_FILE,
                            meta.get("tokenizer_sha256"), info.path)
     if tok.vocab_size != model_cfg.vocab_size:
@@ -172,17 +146,20 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device | None = Non
         raise InferenceError(f"device {device} requested but CUDA is not available here (use cpu)")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # megatron warns about missing Apex/TE on import
-        from megatron.core import dist_checkpointing
-
+        # megatron-core is imported on the first load, so that `find_checkpoint` and the tools' argument checks
+        # answer before its (slow) import.
+        from megatron_taskmoe.checkpoint import state as ckpt_state
+        from megatron_taskmoe.checkpoint.process_groups import MultiProcessError, one_process_groups
         from megatron_taskmoe.model.encdec import EncoderDecoderModel
-        from megatron_taskmoe.training.loop import MODEL_CKPT_METADATA
 
-        pg = _single_process_groups(device)
+        try:
+            pg = one_process_groups(device)
+        except MultiProcessError as e:
+            raise CheckpointError(f"load_checkpoint: {e}") from None
         tconfig = to_transformer_config(model_cfg, ParallelConfig(), perform_initialization=False)
         model = EncoderDecoderModel(model_cfg, ParallelConfig(), pg_collection=pg, transformer_config=tconfig)
-        sharded = {"model": model.sharded_state_dict(metadata=MODEL_CKPT_METADATA)}
         try:
-            loaded = dist_checkpointing.load(sharded, str(info.path))
+            loaded = ckpt_state.load_state({"model": ckpt_state.model_sharded_state_dict(model)}, info.path)
         except Exception as e:  # megatron raises several types for a layout it cannot map
             raise CheckpointError(f"{info.path}: cannot load the model from this checkpoint "
                                   f"({type(e).__name__}: {e})") from e
@@ -260,8 +237,6 @@ class Translator:
 
     def batches(self, samples: list[dict]):
         """(positions in `samples`, batch dict) in length order, `config.batch_size` sentences each."""
-        from megatron_taskmoe.data.batching import collate
-
         order = sorted(range(len(samples)), key=lambda i: (len(samples[i]["src"]), i))
         for start in range(0, len(order), self.config.batch_size):
             chunk = order[start : start + self.config.batch_size]

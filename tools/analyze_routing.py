@@ -158,7 +158,8 @@ def analyze_metrics(args, fail) -> int:
     from megatron_taskmoe.analysis.routing import plot_routing
     from megatron_taskmoe.analysis.telemetry_plots import (adapter_blocks, family_series, plot_adapters, plot_family,
                                                            plot_load, telemetry_series)
-    from megatron_taskmoe.checkpoint_tools.io import CheckpointToolError, atomic_dir, check_output
+    from megatron_taskmoe.checkpoint_tools.full import CheckpointToolError
+    from megatron_taskmoe.checkpoint_tools.outputs import atomic_dir, check_output
 
     path = args.metrics / "metrics.jsonl" if args.metrics.is_dir() else args.metrics
     try:
@@ -241,7 +242,8 @@ def main(argv=None) -> int:
     from megatron_taskmoe import compat
     from megatron_taskmoe.analysis.routing import collect_routing_stats, plot_routing
     from megatron_taskmoe.analysis.similarity import plot_similarity
-    from megatron_taskmoe.checkpoint_tools.io import CheckpointToolError, atomic_dir, check_output
+    from megatron_taskmoe.checkpoint_tools.full import CheckpointToolError
+    from megatron_taskmoe.checkpoint_tools.outputs import atomic_dir, check_output
     from megatron_taskmoe.data.bitext import DataError
     from megatron_taskmoe.inference import InferenceError, find_checkpoint, load_checkpoint
 

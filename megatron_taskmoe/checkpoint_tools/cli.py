@@ -10,7 +10,8 @@ import logging
 import sys
 from typing import Callable
 
-from megatron_taskmoe.checkpoint_tools.io import CheckpointToolError, parse_layout
+from megatron_taskmoe.checkpoint_tools.full import CheckpointToolError, quiet_megatron
+from megatron_taskmoe.checkpoint_tools.layouts import parse_layout
 
 EXIT_BAD_INPUT = 2
 
@@ -40,13 +41,10 @@ def add_run_config_args(parser: argparse.ArgumentParser) -> None:
 
 
 def run_config_from_args(args) -> dict:
-    from megatron_taskmoe.config_io import ConfigError, load_config, to_dict
-    from megatron_taskmoe.training.config import RunConfig
+    # layout_jobs imports megatron-core and the trainer: imported here, after the tools have checked their options.
+    from megatron_taskmoe.checkpoint_tools.layout_jobs import load_run_config
 
-    try:
-        return to_dict(load_config(RunConfig, args.config, args.overrides))
-    except (ConfigError, OSError) as e:
-        raise CheckpointToolError(f"--config/--set: {e}") from None
+    return load_run_config(args.config, args.overrides)
 
 
 def run(main: Callable[[], int], prog: str) -> int:
@@ -56,9 +54,7 @@ def run(main: Callable[[], int], prog: str) -> int:
     from megatron_taskmoe.config_io import ConfigError
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from megatron_taskmoe.checkpoint_tools.io import _quiet_megatron
-
-    _quiet_megatron()
+    quiet_megatron()
     compat.apply()
     try:
         return main()

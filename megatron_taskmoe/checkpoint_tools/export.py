@@ -9,7 +9,7 @@ Output directory (written atomically: a `.partial.` sibling renamed when complet
   * `tokenizer.model`: the sentencepiece model the checkpoint was trained with.
 
 The weights are renamed and re-laid-out from the single-process `EncoderDecoderModel` names of a `FullCheckpoint`
-(any trainer layout, or a single .safetensors file, through `io.read_checkpoint`): megatron's fused QKV (per head
+(any trainer layout, or a single .safetensors file, through `reading.read_checkpoint`): megatron's fused QKV (per head
 [q, k, v] rows) and cross-attention KV (per head [k, v]) are split into q/k/v projections, experts are stacked,
 the embedding's vocabulary padding rows are dropped (the output projection is the same tied table). Every tensor of
 the checkpoint must be consumed by exactly one reference tensor, so an architecture the reference does not know
@@ -33,7 +33,9 @@ from pathlib import Path
 
 import torch
 
-from megatron_taskmoe.checkpoint_tools.io import CheckpointToolError, FullCheckpoint, atomic_dir, check_output
+from megatron_taskmoe.checkpoint.format import MARKER, TOKENIZER_FILE
+from megatron_taskmoe.checkpoint_tools.full import CheckpointToolError, FullCheckpoint
+from megatron_taskmoe.checkpoint_tools.outputs import atomic_dir, check_output
 from megatron_taskmoe.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, lang_tag
 from megatron_taskmoe.model.config import ModelConfig
 from megatron_taskmoe.reference import config as rc
@@ -245,8 +247,8 @@ def export_checkpoint(ckpt: FullCheckpoint, output: str | os.PathLike, *, dtype:
         raise CheckpointToolError(f"--dtype {dtype!r} is not one of {sorted(DTYPES)}")
     output = check_output(output, overwrite)
     if ckpt.tokenizer is None:
-        raise CheckpointToolError(f"{ckpt.source}: the checkpoint carries no tokenizer (tokenizer.model beside "
-                                  "checkpoint.json); the export needs it")
+        raise CheckpointToolError(f"{ckpt.source}: the checkpoint carries no tokenizer ({TOKENIZER_FILE} beside "
+                                  f"{MARKER}); the export needs it")
     sha = hashlib.sha256(ckpt.tokenizer).hexdigest()
     recorded = ckpt.meta.get("tokenizer_sha256")
     if recorded and recorded != sha:
@@ -284,7 +286,7 @@ def export_checkpoint(ckpt: FullCheckpoint, output: str | os.PathLike, *, dtype:
 def export(source: str | os.PathLike, output: str | os.PathLike, **kwargs) -> dict:
     """`export_checkpoint` of a trainer checkpoint (any layout; a checkpoint, checkpoints root or run directory)
     or a single .safetensors file written by convert.py."""
-    from megatron_taskmoe.checkpoint_tools.io import read_checkpoint
+    from megatron_taskmoe.checkpoint_tools.reading import read_checkpoint
 
     check_output(output, kwargs.get("overwrite", False))
     return export_checkpoint(read_checkpoint(source), output, **kwargs)
@@ -297,7 +299,7 @@ def verify_export(ckpt: FullCheckpoint, directory: str | os.PathLike, *, dtype: 
     """Megatron model (weights rounded through `dtype`) vs the exported reference model on `verify.fixed_batch`:
     the largest absolute logit difference at real target positions, and whether greedy and beam-4 searches over
     the batch's sources give the same token ids."""
-    from megatron_taskmoe.checkpoint_tools.io import model_from_full
+    from megatron_taskmoe.checkpoint_tools.models import model_from_full
     from megatron_taskmoe.checkpoint_tools.verify import fixed_batch, model_logits
     from megatron_taskmoe.generation import beam_search
     from megatron_taskmoe.model.decoding import ModelDecoder

@@ -41,7 +41,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from megatron_taskmoe.checkpoint_tools.io import CheckpointToolError, FullCheckpoint
+from megatron_taskmoe.checkpoint_tools.full import CheckpointToolError, FullCheckpoint
 from megatron_taskmoe.checkpoint_tools.merge import ADAPTER_STACKED
 from megatron_taskmoe.config_io import to_dict
 from megatron_taskmoe.model import routing as R

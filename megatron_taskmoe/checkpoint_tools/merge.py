@@ -5,7 +5,7 @@ combined with each other [...]. Second, the task routers will also be merged and
 each data will now have 4 selections instead of 2 outputs as in the previous models. Finally, the rest of the
 transformer and MoE layers will have their weights averaged."
 
-Here, per tensor of the one-process model (`io.FullCheckpoint` names):
+Here, per tensor of the one-process model (`full.FullCheckpoint` names):
   * dynamic / shared-dynamic adapters (stacked `[A, ...]` parameters and the adapter gate's rows): concatenated,
     A's adapters then B's (La + Lb adapters), so the adapter gate chooses among all of them;
   * static adapters (one per task row) and every task table (router `task_embedding`, a dynamic gate's own table):
@@ -27,7 +27,7 @@ from typing import Optional
 
 import torch
 
-from megatron_taskmoe.checkpoint_tools.io import CheckpointToolError, FullCheckpoint
+from megatron_taskmoe.checkpoint_tools.full import CheckpointToolError, FullCheckpoint
 from megatron_taskmoe.config_io import to_dict
 from megatron_taskmoe.model.config import ModelConfig
 

@@ -2,7 +2,8 @@
 
 A fixed, seeded batch in the trainer's batch format (ragged padding on both sides, every task and language id of
 the model represented) is run through the one-process model of each checkpoint; the largest absolute logit
-difference is the figure the tools print and the tests bound (1e-5 in fp32 for a conversion).
+difference is the figure the tools print and the tests bound (1e-5 in fp32 for a conversion). Logits in a parallel
+layout: `layout_jobs.logits_in_layout`.
 
 Legend: B batch, S source length, T target length, V vocabulary.
 """
@@ -13,7 +14,8 @@ from typing import Optional
 
 import torch
 
-from megatron_taskmoe.checkpoint_tools.io import FullCheckpoint, model_from_full
+from megatron_taskmoe.checkpoint_tools.full import FullCheckpoint
+from megatron_taskmoe.checkpoint_tools.models import model_from_full
 from megatron_taskmoe.model.config import ModelConfig
 
 
@@ -58,58 +60,3 @@ def max_logit_difference(a: FullCheckpoint, b: FullCheckpoint, batch: Optional[d
     batch = batch if batch is not None else fixed_batch(a.model_config())
     return float((checkpoint_logits(a, batch) - checkpoint_logits(b, batch)).abs().max())
 
-
-def rank_logits_job(job: dict) -> None:
-    """One process of `logits_in_layout`: the model at the job's layout, loaded from the checkpoint (megatron
-    reshards on load), run on the batch; rank 0 saves the gathered logits."""
-    import torch.distributed as dist
-    from megatron.core import dist_checkpointing
-
-    from megatron_taskmoe.config_io import from_dict
-    from megatron_taskmoe.model.config import ParallelConfig, to_transformer_config
-    from megatron_taskmoe.model.encdec import EncoderDecoderModel
-    from megatron_taskmoe.parallel import groups
-    from megatron_taskmoe.training.loop import MODEL_CKPT_METADATA
-
-    model_cfg = ModelConfig.from_record(job["model_config"])
-    parallel = from_dict(ParallelConfig, job["parallel"])
-    pg = groups.initialize_model_parallel(parallel)
-    groups.model_parallel_manual_seed(0)
-    tconfig = to_transformer_config(model_cfg, parallel, perform_initialization=False)
-    model = EncoderDecoderModel(model_cfg, parallel, pg_collection=pg, transformer_config=tconfig).eval()
-    loaded = dist_checkpointing.load({"model": model.sharded_state_dict(metadata=MODEL_CKPT_METADATA)},
-                                     job["source"])
-    model.load_state_dict(loaded["model"], strict=True)
-    batch = torch.load(job["batch"])
-    logits_BTV = model_logits(model, batch)
-    if dist.get_rank() == 0:
-        torch.save(logits_BTV, job["out"])
-
-
-def logits_in_layout(runs: list, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-    """Logits of trainer checkpoints, each run under its parallel layout: `runs` = [(checkpoint, ParallelConfig)]
-    (one set of processes per world size). The check that a converted checkpoint computes the same function in
-    the layout it was made for."""
-    import tempfile
-    from pathlib import Path
-
-    from megatron_taskmoe.checkpoint_tools.io import CheckpointToolError, check_layout, model_config_from_meta, run_layout
-    from megatron_taskmoe.config_io import to_dict
-    from megatron_taskmoe.inference import CheckpointError, find_checkpoint
-
-    with tempfile.TemporaryDirectory(prefix="layout-logits.") as tmp:
-        torch.save(batch, Path(tmp, "batch.pt"))
-        jobs: dict[int, list] = {}
-        for i, (checkpoint, parallel) in enumerate(runs):
-            try:
-                info = find_checkpoint(checkpoint)
-            except CheckpointError as e:
-                raise CheckpointToolError(str(e)) from None
-            model_cfg = model_config_from_meta(info.meta, str(info.path))
-            world = check_layout(model_cfg, parallel, where=str(info.path))
-            jobs.setdefault(world, []).append(dict(kind="logits", model_config=to_dict(model_cfg),
-                                                   parallel=to_dict(parallel), source=str(info.path),
-                                                   batch=str(Path(tmp, "batch.pt")), out=str(Path(tmp, f"{i}.pt"))))
-        for world, group in sorted(jobs.items()):
-            run_layout(group, world)
-        return [torch.load(Path(tmp, f"{i}.pt")) for i in range(len(runs))]

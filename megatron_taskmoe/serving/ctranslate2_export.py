@@ -44,7 +44,7 @@ import torch
 from ctranslate2.converters import Converter
 from ctranslate2.specs import common_spec, transformer_spec
 
-from megatron_taskmoe.checkpoint_tools.io import CheckpointToolError
+from megatron_taskmoe.checkpoint_tools.full import CheckpointToolError
 from megatron_taskmoe.data.tokenizer import lang_tag
 from megatron_taskmoe.serving.dense import SIDES, DenseModel, densify
 from megatron_taskmoe.serving.source import ReferenceSource

@@ -34,7 +34,7 @@ from typing import Optional, Sequence
 import ctranslate2
 import torch
 
-from megatron_taskmoe.checkpoint_tools.io import CheckpointToolError
+from megatron_taskmoe.checkpoint_tools.full import CheckpointToolError
 from megatron_taskmoe.generation import SearchConfig, beam_search
 from megatron_taskmoe.reference.model import ReferenceDecoder
 from megatron_taskmoe.serving.ctranslate2_export import FORMAT, SERVING_FILE, TOKENIZER_FILE, check_directory

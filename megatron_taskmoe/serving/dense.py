@@ -34,7 +34,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from megatron_taskmoe.checkpoint_tools.io import CheckpointToolError
+from megatron_taskmoe.checkpoint_tools.full import CheckpointToolError
 from megatron_taskmoe.model import routing as R
 from megatron_taskmoe.reference.config import ArchConfig, ExportConfig
 

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from megatron_taskmoe.checkpoint_tools.extract import select
-from megatron_taskmoe.checkpoint_tools.io import CheckpointToolError, atomic_dir, check_output
+from megatron_taskmoe.checkpoint_tools.full import CheckpointToolError
+from megatron_taskmoe.checkpoint_tools.outputs import atomic_dir, check_output
 from megatron_taskmoe.serving.ctranslate2_export import QUANTIZATIONS, SERVING_FILE, write_model
 from megatron_taskmoe.serving.ctranslate2_translator import bitext_test_sets, synthetic_test_sets, verify
 from megatron_taskmoe.serving.dense import densify

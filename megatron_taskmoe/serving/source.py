@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_taskmoe.checkpoint_tools.io import CheckpointToolError
+from megatron_taskmoe.checkpoint_tools.full import CheckpointToolError
 from megatron_taskmoe.reference import config as rc
 from megatron_taskmoe.reference.model import ReferenceModel
 
@@ -68,7 +68,7 @@ def read_export_dir(path: Path) -> ReferenceSource:
 def read_trainer(path: Path) -> ReferenceSource:
     from megatron_taskmoe.checkpoint_tools.export import (check_against_model, export_config, language_tags,
                                                           reference_state)
-    from megatron_taskmoe.checkpoint_tools.io import read_checkpoint
+    from megatron_taskmoe.checkpoint_tools.reading import read_checkpoint
 
     ckpt = read_checkpoint(path)
     if ckpt.tokenizer is None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
 import signal
 import time
 from dataclasses import dataclass, field
@@ -23,13 +22,18 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from megatron_taskmoe.checkpoint import state as ckpt_state
+from megatron_taskmoe.checkpoint.format import CHECKPOINTS_DIR
+from megatron_taskmoe.checkpoint.manager import (CheckpointManager, latest_checkpoint, load_rank_state,
+                                                 resolve_checkpoint)
+from megatron_taskmoe.checkpoint.record import CheckpointRecord
+from megatron_taskmoe.checkpoint.rng import capture_rng_state, restore_rng_state
 from megatron_taskmoe.compat import aux_losses
 from megatron_taskmoe.config_io import ConfigError, dump_yaml, to_dict
 from megatron_taskmoe.data.batching import BatchingConfig, BatchIterator, to_device
 from megatron_taskmoe.data.dataset import MultilingualDataset
 from megatron_taskmoe.model.config import RECORD_DEFAULTS, ModelConfig
 from megatron_taskmoe.parallel import groups
-from megatron_taskmoe.training import checkpointing as ckpt
 from megatron_taskmoe.training.config import RunConfig
 from megatron_taskmoe.training.forward import make_forward_step
 from megatron_taskmoe.training.metrics import MetricsWriter
@@ -39,11 +43,6 @@ from megatron_taskmoe.training.validation import ValidationSet, Validator
 
 log = logging.getLogger(__name__)
 
-MODEL_CKPT_METADATA = {"non_homogeneous_layers": True}
-OPTIMIZER_CKPT_METADATA = {
-    "distrib_optim_sharding_type": "fully_reshardable",
-    "distrib_optim_fully_reshardable_mem_efficient": True,
-}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -66,15 +65,6 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def _without_dp0_state(common: dict) -> dict:
-    """The memory-efficient fully-reshardable optimizer format keeps `param_state` on data-parallel rank 0 only;
-    leave it out of megatron's cross-rank consistency check of the common state (it is expected to differ)."""
-    def strip(node):
-        if isinstance(node, dict):
-            return {k: strip(v) for k, v in node.items() if k != "param_state"}
-        return node
-
-    return {k: (strip(v) if k == "optimizer" else v) for k, v in common.items()}
 
 
 def _dict_diff(a: dict, b: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
@@ -115,7 +105,7 @@ class Trainer:
         self.built: Built = build(cfg, model_cfg)
         pg = self.built.pg_collection
         self.dp_rank, self.dp_size = pg.dp.rank(), pg.dp.size()
-        self.ckpt = ckpt.CheckpointManager(self.run_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last,
+        self.ckpt = CheckpointManager(self.run_dir / CHECKPOINTS_DIR, keep_last=cfg.checkpoint.keep_last,
                                            keep_best=cfg.checkpoint.keep_best)
         self.state = TrainState()
         self.metrics = MetricsWriter(self.run_dir, enabled=self.rank == 0)
@@ -139,97 +129,77 @@ class Trainer:
             dump_yaml(model_cfg, self.run_dir / "model.yaml")
 
     # ------------------------------------------------------------------------------------------ checkpoints
-    def _optimizers(self) -> list:
-        """megatron-core's chained optimizers: dense, then expert parameters (when the model has MoE layers)."""
-        return list(getattr(self.built.optimizer, "chained_optimizers", [self.built.optimizer]))
-
-    def _sharded_state_dict(self, is_loading: bool = False, with_optimizer: bool = True) -> dict:
-        # Keys of the bare model (no DDP/Float16 prefixes), one entry per layer by its global number.
-        model_sd = self.built.module.sharded_state_dict(metadata=MODEL_CKPT_METADATA)
-        sharded = {"model": model_sd}
-        if with_optimizer:
-            # "fully_reshardable": optimizer state in model space, so a resume may change TP/PP/DP sizes;
-            # the memory-efficient variant gathers it over gloo on the CPU (on GPUs too).
-            sharded["optimizer"] = self.built.optimizer.sharded_state_dict(
-                model_sd, is_loading=is_loading, metadata=OPTIMIZER_CKPT_METADATA)
-        return sharded
-
     def save_checkpoint(self, metric: Optional[float] = None) -> Path:
-        from megatron.core import dist_checkpointing
-
-        sharded = self._sharded_state_dict()
+        sharded = ckpt_state.sharded_state_dict(self.built.module, self.built.optimizer)
         sharded["scheduler"] = self.built.scheduler.state_dict()
         sharded["train_state"] = to_dict(self.state)
-        meta = {
-            "task_map": self.corpus.manifest["task_map"],
-            "languages": self.corpus.manifest["languages"],
-            "tokenizer_sha256": self.corpus.tokenizer_sha256,
-            "model_config": to_dict(self.model_cfg),
-            "parallel": to_dict(self.cfg.parallel),
-            "consumed_samples": self.state.consumed_samples,
-            "optimizer_chains": len(self._optimizers()),
-        }
-        path = self.ckpt.save(self.state.step,
-                              lambda d: dist_checkpointing.save(
-                                  sharded, str(d), preprocess_common_before_consistancy_check=_without_dp0_state),
-                              rank_state={"rng": ckpt.capture_rng_state()}, meta=meta, metric=metric)
-        if self.rank == 0:  # the tokenizer travels with the checkpoint, so translate.py needs nothing else
-            shutil.copyfile(self.corpus.tokenizer_path, path / "tokenizer.model")
-        return path
+        record = CheckpointRecord(
+            step=self.state.step, metric=metric,
+            task_map=self.corpus.manifest["task_map"],
+            languages=self.corpus.manifest["languages"],
+            tokenizer_sha256=self.corpus.tokenizer_sha256,
+            model_config=to_dict(self.model_cfg),
+            parallel=to_dict(self.cfg.parallel),
+            consumed_samples=self.state.consumed_samples,
+            optimizer_chains=len(ckpt_state.optimizers(self.built.optimizer)),
+        )
+        # The tokenizer travels with the checkpoint, so translate.py needs nothing else.
+        return self.ckpt.save(record, lambda d: ckpt_state.save_state(sharded, d),
+                              rank_state={"rng": capture_rng_state()}, tokenizer=self.corpus.tokenizer_path)
 
     def _maybe_resume(self) -> None:
         load = self.cfg.checkpoint.load
         if load is None:
             return
         if load == "auto":
-            info = ckpt.latest_checkpoint(self.run_dir / "checkpoints")
+            info = latest_checkpoint(self.run_dir / CHECKPOINTS_DIR)
             if info is None:
                 return
         else:
             try:
-                info = ckpt.resolve_checkpoint(load)
+                info = resolve_checkpoint(load)
             except FileNotFoundError as e:
                 raise ConfigError(f"checkpoint.load: {e}") from e
-        check_task_map(info.meta.get("task_map"), self.corpus)
-        saved_model = info.meta.get("model_config")
+        record = info.record
+        check_task_map(record.task_map, self.corpus)
+        saved_model = record.model_config
         if saved_model is not None:
             saved_model = {**RECORD_DEFAULTS, **saved_model}
         if saved_model is not None and saved_model != to_dict(self.model_cfg):
             diffs = _dict_diff(saved_model, to_dict(self.model_cfg))
             raise ConfigError(f"{info.path} holds a different model than the config builds: "
                               + "; ".join(f"model.overrides.{k}: checkpoint {a!r}, config {b!r}" for k, a, b in diffs))
-        if info.meta.get("tokenizer_sha256") not in (None, self.corpus.tokenizer_sha256):
+        if record.tokenizer_sha256 not in (None, self.corpus.tokenizer_sha256):
             raise ConfigError(f"{info.path}: trained with another tokenizer (sha256 differs from "
                               f"{self.corpus.tokenizer_path})")
-        from megatron.core import dist_checkpointing
-
         # Expert parameters always have their own chained optimizer (setup.mark_expert_parameters), so the optimizer
-        # state reshards across every layout change, EP=1 <-> EP>1 included. A checkpoint written before that (at
-        # EP=1: one optimizer) has another structure: then the weights, schedule and data position are restored and
-        # the Adam moments start afresh (said in the log).
-        with_optimizer = info.meta.get("optimizer_chains", len(self._optimizers())) == len(self._optimizers())
+        # state reshards across every layout change, EP=1 <-> EP>1 included. A checkpoint with another optimizer
+        # structure (one optimizer for a MoE model, saved at EP=1) restores the weights, schedule and data
+        # position, and the Adam moments start afresh (said in the log).
+        chains = len(ckpt_state.optimizers(self.built.optimizer))
+        saved_chains = record.optimizer_chains if record.optimizer_chains is not None else chains
+        with_optimizer = saved_chains == chains
         if with_optimizer:
             # The loading template needs optimizer states to exist: materialise them (overwritten by the load).
-            for opt in self._optimizers():
-                if not opt.optimizer.state:
-                    opt._init_optimizer_states_with_dummy_values()
+            ckpt_state.materialize_optimizer_state(self.built.optimizer)
         elif self.rank == 0:
             log.warning("%s holds %s chained optimizer(s), this run has %d (a checkpoint from before expert "
                         "weights always had their own optimizer): the Adam moments restart",
-                        info.path, info.meta.get("optimizer_chains"), len(self._optimizers()))
-        sharded = self._sharded_state_dict(is_loading=True, with_optimizer=with_optimizer)
+                        info.path, record.optimizer_chains, chains)
+        sharded = ckpt_state.sharded_state_dict(self.built.module, self.built.optimizer if with_optimizer else None,
+                                                is_loading=True)
         sharded["scheduler"] = None
         sharded["train_state"] = None
-        loaded = dist_checkpointing.load(sharded, str(info.path))
+        loaded = ckpt_state.load_state(sharded, info.path)
         self.built.module.load_state_dict(loaded["model"], strict=True)
         if with_optimizer:
             self.built.optimizer.load_state_dict(loaded["optimizer"])
         self.built.scheduler.load_state_dict(loaded["scheduler"])
         self.state = TrainState(**loaded["train_state"])
-        rank_state = ckpt.load_rank_state(info.path)
-        same_layout = info.meta.get("parallel") == to_dict(self.cfg.parallel)
+        rank_state = load_rank_state(info.path)
+        same_layout = record.parallel == to_dict(self.cfg.parallel)
         if rank_state is not None and same_layout:
-            ckpt.restore_rng_state(rank_state["rng"])
+            restore_rng_state(rank_state["rng"])
         else:
             log.warning("resuming %s under another parallel layout: RNG streams restart from the seed", info.path)
             groups.model_parallel_manual_seed(self.cfg.train.seed + self.state.step)

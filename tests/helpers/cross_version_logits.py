@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from megatron_taskmoe import compat
-from megatron_taskmoe.checkpoint_tools.io import read_checkpoint
+from megatron_taskmoe.checkpoint_tools.reading import read_checkpoint
 from megatron_taskmoe.checkpoint_tools.verify import checkpoint_logits, fixed_batch
 from megatron_taskmoe.compat.versions import mcore_version
 from megatron_taskmoe.inference import find_checkpoint

@@ -68,7 +68,8 @@ def matrix_configs(vocab: int, tasks: int, languages: int) -> dict:
 def random_checkpoint(cfg, meta: dict, tokenizer: bytes, seed: int):
     import torch
 
-    from megatron_taskmoe.checkpoint_tools.io import FullCheckpoint, one_process_groups
+    from megatron_taskmoe.checkpoint.process_groups import one_process_groups
+    from megatron_taskmoe.checkpoint_tools.full import FullCheckpoint
     from megatron_taskmoe.config_io import to_dict
     from megatron_taskmoe.model.config import ParallelConfig, to_transformer_config
     from megatron_taskmoe.model.encdec import EncoderDecoderModel
@@ -94,7 +95,7 @@ def main(job_path: str) -> None:
     result: dict = {}
     from megatron_taskmoe import compat
     from megatron_taskmoe.checkpoint_tools.export import export_checkpoint, verify_export
-    from megatron_taskmoe.checkpoint_tools.io import read_checkpoint
+    from megatron_taskmoe.checkpoint_tools.reading import read_checkpoint
 
     compat.apply()
 

@@ -52,7 +52,7 @@ def trained(bible_data, tmp_path_factory):
 
 
 def test_convert_to_single_file_verifies_and_keeps_everything(trained, tmp_path):
-    from megatron_taskmoe.checkpoint_tools.io import read_single_file
+    from megatron_taskmoe.checkpoint_tools.single_file import read_single_file
 
     out = tmp_path / "model.safetensors"
     r = run_tool("tools/checkpoint/convert.py", str(trained), str(out), "--verify")
@@ -86,7 +86,7 @@ def test_convert_bad_inputs_fail_cleanly(trained, tmp_path):
 
 
 def test_merge_two_task_sets_then_train_on_the_union(bible_data, tmp_path):
-    from megatron_taskmoe.checkpoint_tools.io import read_single_file
+    from megatron_taskmoe.checkpoint_tools.single_file import read_single_file
 
     root = bible_data.parent
     data_de, data_fr = _subset_corpus(root, tmp_path, "de"), _subset_corpus(root, tmp_path, "fr")

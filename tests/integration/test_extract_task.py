@@ -82,7 +82,7 @@ def test_extracted_model_is_the_expected_size_and_records_the_kept_tasks(extract
 
 def test_extracted_logits_and_translations_equal_the_full_models(models):
     from megatron_taskmoe.checkpoint_tools.extract import direction_batch
-    from megatron_taskmoe.checkpoint_tools.io import FullCheckpoint
+    from megatron_taskmoe.checkpoint_tools.full import FullCheckpoint
     from megatron_taskmoe.checkpoint_tools.verify import model_logits
     from megatron_taskmoe.inference import Translator, TranslatorConfig
 
@@ -131,7 +131,8 @@ def _tool(argv, capsys) -> tuple[int, str]:
 
 
 def test_bad_inputs_exit_2_naming_the_option_and_write_nothing(extracted, models, tmp_path, capsys):
-    from megatron_taskmoe.checkpoint_tools.io import FullCheckpoint, write_single_file
+    from megatron_taskmoe.checkpoint_tools.full import FullCheckpoint
+    from megatron_taskmoe.checkpoint_tools.single_file import write_single_file
     from megatron_taskmoe.config_io import to_dict
     from megatron_taskmoe.model import presets
 
@@ -148,7 +149,7 @@ def test_bad_inputs_exit_2_naming_the_option_and_write_nothing(extracted, models
 
     full, _ = models  # a token-routed model with the same record: nothing is task-routed
     cfg = presets.moe_token(full.model_config)
-    from megatron_taskmoe.checkpoint_tools.io import build_model
+    from megatron_taskmoe.checkpoint_tools.models import build_model
 
     state = {k: torch.zeros_like(v) for k, v in build_model(cfg).state_dict().items() if isinstance(v, torch.Tensor)}
     token_only = write_single_file(FullCheckpoint(state=state, meta={**full.meta, "model_config": to_dict(cfg)},
@@ -159,7 +160,8 @@ def test_bad_inputs_exit_2_naming_the_option_and_write_nothing(extracted, models
 
 
 def _random(cfg):
-    from megatron_taskmoe.checkpoint_tools.io import FullCheckpoint, one_process_groups
+    from megatron_taskmoe.checkpoint.process_groups import one_process_groups
+    from megatron_taskmoe.checkpoint_tools.full import FullCheckpoint
     from megatron_taskmoe.config_io import to_dict
     from megatron_taskmoe.model.config import ParallelConfig, to_transformer_config
     from megatron_taskmoe.model.encdec import EncoderDecoderModel
@@ -178,7 +180,7 @@ def _random(cfg):
 @pytest.mark.parametrize("case", ["top1", "task_both_static", "task_both_dynamic"])
 def test_other_routing_cases_keep_the_logits(case, extracted):
     from megatron_taskmoe.checkpoint_tools.extract import extract, max_logit_difference
-    from megatron_taskmoe.checkpoint_tools.io import CheckpointToolError
+    from megatron_taskmoe.checkpoint_tools.full import CheckpointToolError
     from megatron_taskmoe.model import presets
     from megatron_taskmoe.model.moe_config import AdapterConfig
 
@@ -212,7 +214,7 @@ def test_other_routing_cases_keep_the_logits(case, extracted):
 @pytest.mark.parametrize("drop_policy", ["probs", "position"])
 def test_capacity_models_drop_the_same_tokens(drop_policy):
     from megatron_taskmoe.checkpoint_tools.extract import extract, max_logit_difference
-    from megatron_taskmoe.checkpoint_tools.io import CheckpointToolError, FullCheckpoint
+    from megatron_taskmoe.checkpoint_tools.full import CheckpointToolError, FullCheckpoint
     from megatron_taskmoe.config_io import to_dict
     from megatron_taskmoe.model import presets
 

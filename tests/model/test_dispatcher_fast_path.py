@@ -10,7 +10,7 @@ def test_fast_path_only_where_routing_can_be_uniform():
     # by task or with as many experts as each token picks (one expert: every token takes it).
     import torch.distributed as dist
 
-    from megatron_taskmoe.checkpoint_tools.io import build_model
+    from megatron_taskmoe.checkpoint_tools.models import build_model
     from megatron_taskmoe.model import presets
 
     had_group = dist.is_initialized()

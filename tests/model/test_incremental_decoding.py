@@ -130,7 +130,7 @@ def test_the_cache_refuses_training_mode_overflow_and_bad_ids(megatron_world1):
 def reference_of(model, cfg):
     """The pure-PyTorch reference model with the megatron model's weights."""
     from megatron_taskmoe.checkpoint_tools.export import arch_config, reference_state
-    from megatron_taskmoe.checkpoint_tools.io import FullCheckpoint
+    from megatron_taskmoe.checkpoint_tools.full import FullCheckpoint
     from megatron_taskmoe.config_io import to_dict
     from megatron_taskmoe.reference.model import ReferenceModel
 

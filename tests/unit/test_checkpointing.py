@@ -1,18 +1,19 @@
+import json
 import random
 
 import numpy as np
 import pytest
 import torch
 
-from megatron_taskmoe.training.checkpointing import (
+from megatron_taskmoe.checkpoint.manager import (
     CheckpointManager,
-    capture_rng_state,
     latest_checkpoint,
     list_checkpoints,
     load_rank_state,
     resolve_checkpoint,
-    restore_rng_state,
 )
+from megatron_taskmoe.checkpoint.record import CheckpointRecord
+from megatron_taskmoe.checkpoint.rng import capture_rng_state, restore_rng_state
 
 
 def _writer(value):
@@ -25,7 +26,7 @@ def _writer(value):
 def test_save_list_latest_and_rank_state(tmp_path):
     mgr = CheckpointManager(tmp_path, keep_last=5, keep_best=0)
     for step in (10, 20):
-        mgr.save(step, _writer(step), rank_state={"step": step}, meta={"tokenizer_sha256": "ab"})
+        mgr.save(CheckpointRecord(step=step, tokenizer_sha256="ab"), _writer(step), rank_state={"step": step})
     infos = list_checkpoints(tmp_path)
     assert [i.step for i in infos] == [10, 20]
     latest = latest_checkpoint(tmp_path)
@@ -35,22 +36,30 @@ def test_save_list_latest_and_rank_state(tmp_path):
     assert load_rank_state(latest.path, rank=3) is None
 
 
+def test_the_tokenizer_is_part_of_the_complete_checkpoint(tmp_path):
+    tokenizer = tmp_path / "spm.model"
+    tokenizer.write_bytes(b"sentencepiece bytes")
+    path = CheckpointManager(tmp_path / "ckpt").save(CheckpointRecord(step=3), _writer(3), tokenizer=tokenizer)
+    assert (path / "tokenizer.model").read_bytes() == b"sentencepiece bytes"
+    assert json.loads((path / "checkpoint.json").read_text()) == {"step": 3, "metric": None}
+
+
 def test_crash_during_save_leaves_previous_checkpoint_and_is_ignored(tmp_path):
     mgr = CheckpointManager(tmp_path, keep_last=2, keep_best=0)
-    mgr.save(10, _writer(10))
+    mgr.save(CheckpointRecord(step=10), _writer(10))
 
     def crashing(directory):
         (directory / "half_written.bin").write_bytes(b"\0" * 10)
         raise RuntimeError("killed mid-save")
 
     with pytest.raises(RuntimeError, match="mid-save"):
-        mgr.save(20, crashing)
+        mgr.save(CheckpointRecord(step=20), crashing)
     assert [i.step for i in list_checkpoints(tmp_path)] == [10]
     assert latest_checkpoint(tmp_path).step == 10
     assert resolve_checkpoint(tmp_path).step == 10
     assert any(p.name.startswith(".partial.") for p in tmp_path.iterdir())
     # The next save clears the stale partial directory.
-    mgr.save(30, _writer(30))
+    mgr.save(CheckpointRecord(step=30), _writer(30))
     assert not any(p.name.startswith(".partial.") for p in tmp_path.iterdir())
     assert [i.step for i in list_checkpoints(tmp_path)] == [10, 30]
 
@@ -67,7 +76,7 @@ def test_retention_keeps_last_k_and_best(tmp_path):
     mgr = CheckpointManager(tmp_path, keep_last=2, keep_best=1)
     bleu = {1: 5.0, 2: 9.0, 3: 7.0, 4: 6.0, 5: 1.0}
     for step, metric in bleu.items():
-        mgr.save(step, _writer(step), metric=metric)
+        mgr.save(CheckpointRecord(step=step, metric=metric), _writer(step))
     assert [i.step for i in list_checkpoints(tmp_path)] == [2, 4, 5]
     assert mgr.best().step == 2
 

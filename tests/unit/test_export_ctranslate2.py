@@ -188,7 +188,7 @@ def test_ctranslate2_reproduces_the_reference_model(tokenizer, tmp_path, kind, d
 
 
 def test_directions_whose_gates_differ_are_refused(tokenizer, tmp_path):
-    from megatron_taskmoe.checkpoint_tools.io import CheckpointToolError
+    from megatron_taskmoe.checkpoint_tools.full import CheckpointToolError
     from megatron_taskmoe.serving.dense import NotDenseError
     from megatron_taskmoe.serving.export import export_source
 

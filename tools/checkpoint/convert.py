@@ -43,32 +43,37 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from megatron_taskmoe.checkpoint_tools import io
+    from megatron_taskmoe.checkpoint_tools.full import CheckpointToolError
+    from megatron_taskmoe.checkpoint_tools.outputs import check_output
+    from megatron_taskmoe.checkpoint_tools.reading import read_checkpoint
+    from megatron_taskmoe.checkpoint_tools.single_file import SINGLE_FILE_SUFFIX, read_single_file, write_single_file
+    from megatron_taskmoe.checkpoint_tools.trainer_checkpoints import (convert_trainer_checkpoint,
+                                                                       write_trainer_checkpoint)
     from megatron_taskmoe.checkpoint_tools.cli import layout_from_args, run_config_from_args
 
     source, output = Path(args.source), Path(args.output)
-    single = args.single_file or output.suffix == io.SINGLE_FILE_SUFFIX
-    if single and output.suffix != io.SINGLE_FILE_SUFFIX:
-        raise io.CheckpointToolError(f"{output}: a single-file output must end in {io.SINGLE_FILE_SUFFIX}")
+    single = args.single_file or output.suffix == SINGLE_FILE_SUFFIX
+    if single and output.suffix != SINGLE_FILE_SUFFIX:
+        raise CheckpointToolError(f"{output}: a single-file output must end in {SINGLE_FILE_SUFFIX}")
     if single and (args.tensor, args.expert, args.pipeline, args.expert_tensor) != (1, 1, 1, None):
-        raise io.CheckpointToolError("--tensor/--expert/--pipeline apply to trainer-format outputs; a single file "
-                                     "has no layout")
+        raise CheckpointToolError("--tensor/--expert/--pipeline apply to trainer-format outputs; a single file "
+                                  "has no layout")
     parallel = layout_from_args(args)
-    io.check_output(output, args.overwrite)
+    check_output(output, args.overwrite)
     if single:
-        ckpt = io.read_checkpoint(source)
-        io.write_single_file(ckpt, output, overwrite=args.overwrite)
+        ckpt = read_checkpoint(source)
+        write_single_file(ckpt, output, overwrite=args.overwrite)
     elif source.is_file():
-        ckpt = io.read_single_file(source)
-        io.write_trainer_checkpoint(ckpt, output, parallel, run_config=run_config_from_args(args),
-                                    overwrite=args.overwrite, extra_meta={"converted_from": {"path": str(source)}})
+        ckpt = read_single_file(source)
+        write_trainer_checkpoint(ckpt, output, parallel, run_config=run_config_from_args(args),
+                                 overwrite=args.overwrite, extra_meta={"converted_from": {"path": str(source)}})
     else:
-        io.convert_trainer_checkpoint(source, output, parallel, overwrite=args.overwrite)
+        convert_trainer_checkpoint(source, output, parallel, overwrite=args.overwrite)
     log.info("wrote %s", output)
     if args.verify:
         from megatron_taskmoe.checkpoint_tools.verify import max_logit_difference
 
-        before, after = io.read_checkpoint(source), io.read_checkpoint(output)
+        before, after = read_checkpoint(source), read_checkpoint(output)
         diff = max_logit_difference(before, after)
         print(json.dumps({"output": str(output), "max_abs_logit_difference": diff}))
         if not diff <= 1e-5:

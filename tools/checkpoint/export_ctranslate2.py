@@ -68,20 +68,21 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from megatron_taskmoe.checkpoint_tools import io
+    from megatron_taskmoe.checkpoint_tools.full import CheckpointToolError
+    from megatron_taskmoe.checkpoint_tools.outputs import check_output
 
     if args.verify_sentences < 1:
-        raise io.CheckpointToolError(f"--verify-sentences {args.verify_sentences} must be >= 1")
+        raise CheckpointToolError(f"--verify-sentences {args.verify_sentences} must be >= 1")
     if not args.tolerance >= 0:
-        raise io.CheckpointToolError(f"--tolerance {args.tolerance} must be >= 0")
+        raise CheckpointToolError(f"--tolerance {args.tolerance} must be >= 0")
     if args.verify_data is not None and not args.verify_data.is_dir():
-        raise io.CheckpointToolError(f"--verify-data {args.verify_data}: no such directory")
-    output = io.check_output(args.output, args.overwrite)
+        raise CheckpointToolError(f"--verify-data {args.verify_data}: no such directory")
+    output = check_output(args.output, args.overwrite)
     try:
         import ctranslate2  # noqa: F401  (the optional dependency, checked before any work)
     except ImportError:
-        raise io.CheckpointToolError("the ctranslate2 package is not installed: pip install 'ctranslate2>=4,<5' "
-                                     "(or pip install -e '.[serve]')") from None
+        raise CheckpointToolError("the ctranslate2 package is not installed: pip install 'ctranslate2>=4,<5' "
+                                  "(or pip install -e '.[serve]')") from None
     from megatron_taskmoe.serving.export import ExportVerificationError, export_ctranslate2
 
     try:

@@ -71,27 +71,32 @@ def write_json_atomic(path: Path, data: dict) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from megatron_taskmoe.checkpoint_tools import io
+    from megatron_taskmoe.checkpoint_tools.full import CheckpointToolError
+    from megatron_taskmoe.checkpoint_tools.layouts import check_layout
+    from megatron_taskmoe.checkpoint_tools.outputs import check_output
+    from megatron_taskmoe.checkpoint_tools.reading import read_checkpoint
+    from megatron_taskmoe.checkpoint_tools.single_file import SINGLE_FILE_SUFFIX, write_single_file
+    from megatron_taskmoe.checkpoint_tools.trainer_checkpoints import write_trainer_checkpoint
     from megatron_taskmoe.checkpoint_tools.cli import layout_from_args, run_config_from_args
     from megatron_taskmoe.checkpoint_tools.extract import extract, max_logit_difference, table
 
     output = Path(args.output)
-    single = output.suffix == io.SINGLE_FILE_SUFFIX
+    single = output.suffix == SINGLE_FILE_SUFFIX
     if single and (args.tensor, args.expert, args.pipeline, args.expert_tensor) != (1, 1, 1, None):
-        raise io.CheckpointToolError("--tensor/--expert/--pipeline apply to trainer-format outputs; a single file "
-                                     "has no layout")
+        raise CheckpointToolError("--tensor/--expert/--pipeline apply to trainer-format outputs; a single file "
+                                  "has no layout")
     if not args.task and not args.target_lang:
-        raise io.CheckpointToolError("name what to keep with --task (a task or direction) or --target-lang")
+        raise CheckpointToolError("name what to keep with --task (a task or direction) or --target-lang")
     if not args.tolerance >= 0:
-        raise io.CheckpointToolError(f"--tolerance {args.tolerance} must be >= 0")
-    io.check_output(output, args.overwrite)
-    io.check_output(report_path(output), args.overwrite)
+        raise CheckpointToolError(f"--tolerance {args.tolerance} must be >= 0")
+    check_output(output, args.overwrite)
+    check_output(report_path(output), args.overwrite)
     parallel = layout_from_args(args)
     run_config = run_config_from_args(args)
-    source = io.read_checkpoint(args.source)
+    source = read_checkpoint(args.source)
     sub, report = extract(source, tasks=args.task, target_langs=args.target_lang)
     if not single:
-        io.check_layout(sub.model_config(), parallel, where=str(output))
+        check_layout(sub.model_config(), parallel, where=str(output))
     if args.verify:
         diff = max_logit_difference(source, sub)
         report["verify"] = {"max_abs_logit_difference": diff, "tolerance": args.tolerance}
@@ -102,9 +107,9 @@ def main(argv=None) -> int:
                   "nothing written", file=sys.stderr)
             return 1
     if single:
-        io.write_single_file(sub, output, overwrite=args.overwrite)
+        write_single_file(sub, output, overwrite=args.overwrite)
     else:
-        io.write_trainer_checkpoint(sub, output, parallel, run_config=run_config, overwrite=args.overwrite)
+        write_trainer_checkpoint(sub, output, parallel, run_config=run_config, overwrite=args.overwrite)
     report["output"] = str(output)
     write_json_atomic(report_path(output), report)
     print(table(report))

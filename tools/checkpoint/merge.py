@@ -45,12 +45,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from megatron_taskmoe.checkpoint_tools import io
+    from megatron_taskmoe.checkpoint_tools.full import CheckpointToolError
+    from megatron_taskmoe.checkpoint_tools.outputs import check_output
+    from megatron_taskmoe.checkpoint_tools.reading import read_checkpoint
+    from megatron_taskmoe.checkpoint_tools.single_file import SINGLE_FILE_SUFFIX, write_single_file
+    from megatron_taskmoe.checkpoint_tools.trainer_checkpoints import write_trainer_checkpoint
     from megatron_taskmoe.checkpoint_tools.cli import layout_from_args, run_config_from_args
     from megatron_taskmoe.checkpoint_tools.merge import config_overrides, merge
 
     output = Path(args.output)
-    io.check_output(output, args.overwrite)
+    check_output(output, args.overwrite)
     parallel = layout_from_args(args)
     run_config = run_config_from_args(args)
     task_map = languages = None
@@ -61,14 +65,14 @@ def main(argv=None) -> int:
         try:
             manifest = load_manifest(Path(args.data_dir))
         except DataError as e:
-            raise io.CheckpointToolError(f"--data-dir: {e}") from None
+            raise CheckpointToolError(f"--data-dir: {e}") from None
         task_map, languages = manifest["task_map"], manifest["languages"]
-    a, b = io.read_checkpoint(args.checkpoint_a), io.read_checkpoint(args.checkpoint_b)
+    a, b = read_checkpoint(args.checkpoint_a), read_checkpoint(args.checkpoint_b)
     merged = merge(a, b, weight=args.weight, task_map=task_map, languages=languages)
-    if output.suffix == io.SINGLE_FILE_SUFFIX:
-        io.write_single_file(merged, output, overwrite=args.overwrite)
+    if output.suffix == SINGLE_FILE_SUFFIX:
+        write_single_file(merged, output, overwrite=args.overwrite)
     else:
-        io.write_trainer_checkpoint(merged, output, parallel, run_config=run_config, overwrite=args.overwrite)
+        write_trainer_checkpoint(merged, output, parallel, run_config=run_config, overwrite=args.overwrite)
     flags = config_overrides(merged.model_config())
     print(json.dumps({"output": str(output), "tasks": merged.meta["task_map"]["tasks"],
                       "languages": merged.meta["languages"], "parameters": merged.num_parameters(),
