@@ -37,8 +37,10 @@ class Bitext:
     split: str
     src: str
     tgt: str
-    kind: str  # "aligned" | "tsv" | "jsonl"
-    paths: tuple[Path, ...]  # aligned: (src file, tgt file); tsv/jsonl: (file,)
+    kind: str
+    """File format: "aligned", "tsv" or "jsonl"."""
+    paths: tuple[Path, ...]
+    """aligned: (src file, tgt file); tsv/jsonl: (file,)"""
 
     @property
     def pair(self) -> str:

@@ -59,7 +59,8 @@ class EncoderState:
     """What decoding needs from the encoder, per source sentence (batch index b)."""
 
     output_SBD: torch.Tensor  # [S(/TP), B, D]: this rank's sequence shard under sequence parallelism
-    src_padding_mask_BS: torch.Tensor  # [B, S], True at padding (S padded to a multiple of TP)
+    src_padding_mask_BS: torch.Tensor
+    """[B, S], True at padding (S padded to a multiple of TP)"""
     task_ids_B: Optional[torch.Tensor]
     src_lang_ids_B: Optional[torch.Tensor]
     tgt_lang_ids_B: Optional[torch.Tensor]

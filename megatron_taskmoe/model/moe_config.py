@@ -53,22 +53,26 @@ class RoutingConfig:
     """
 
     mode: Literal["token", "sentence", "task", "task_token"] = "token"
-    # Which id indexes the task table in "task"/"task_token" modes: the task (language pair/direction) or the
-    # target language (Kudugunta et al. route decoder tokens by target language).
     task_source: Literal["task", "target_language"] = "task"
-    # Width C of the task embedding used by the "task" and "task_token" gates.
+    """Which id indexes the task table in "task"/"task_token" modes: the task (language pair/direction) or the target
+    language (Kudugunta et al. route decoder tokens by target language).
+    """
     task_embed_dim: int = 64
-    # Which FFNs of this side are MoE: 1 = every layer, 2 = every other layer (layers 0, 2, 4, ... as
-    # megatron's moe_layer_freq), 0 = none (a dense side).
+    """Width C of the task embedding used by the "task" and "task_token" gates."""
     layer_freq: int = 1
-    # Experts in this side's MoE layers; None means MoEConfig.num_experts. A task sub-network extracted from a
-    # task-routed side (checkpoint_tools/extract.py) keeps only the experts its tasks route to, so its two sides
-    # can differ (e.g. a token-routed encoder keeps all 8 experts, the target-routed decoder 2).
+    """Which FFNs of this side are MoE: 1 = every layer, 2 = every other layer (layers 0, 2, 4, ... as megatron's
+    moe_layer_freq), 0 = none (a dense side).
+    """
     num_experts: int | None = None
-    # E in this side's capacity formula (capacity = ceil(tokens * topk / E * capacity_factor)); None means the
-    # side's experts. A sub-network extracted from a task-routed side keeps the full model's E here, so each kept
-    # expert accepts as many tokens as before and exactly the same tokens are dropped.
+    """Experts in this side's MoE layers; None means MoEConfig.num_experts. A task sub-network extracted from a
+    task-routed side (checkpoint_tools/extract.py) keeps only the experts its tasks route to, so its two sides can
+    differ (e.g. a token-routed encoder keeps all 8 experts, the target-routed decoder 2).
+    """
     capacity_num_experts: int | None = None
+    """E in this side's capacity formula (capacity = ceil(tokens * topk / E * capacity_factor)); None means the side's
+    experts. A sub-network extracted from a task-routed side keeps the full model's E here, so each kept expert
+    accepts as many tokens as before and exactly the same tokens are dropped.
+    """
 
     def __post_init__(self) -> None:
         self.validate()
@@ -112,16 +116,16 @@ class AdapterConfig:
     """
 
     mode: Literal["none", "static", "dynamic", "shared_dynamic"] = "none"
-    # Width C of the task embedding the task gate sees (paper: 64).
     task_embed_dim: int = 64
-    # Bottleneck width of every adapter (paper: 256).
+    """Width C of the task embedding the task gate sees (paper: 64)."""
     hidden_size: int = 256
-    # Number L of shared adapters in the dynamic modes; None means ceil(log2(number of tasks)), at least 2.
+    """Bottleneck width of every adapter (paper: 256)."""
     num_adapters: int | None = None
-    # How many adapters each token uses in the dynamic modes.
+    """Number L of shared adapters in the dynamic modes; None means ceil(log2(number of tasks)), at least 2."""
     topk: int = 1
-    # Which id indexes the adapters/task table: the task (language pair) or the target language.
+    """How many adapters each token uses in the dynamic modes."""
     task_source: Literal["task", "target_language"] = "task"
+    """Which id indexes the adapters/task table: the task (language pair) or the target language."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -166,37 +170,44 @@ class MoEConfig:
     """
 
     num_experts: int = 8
-    # 1 (Switch) or 2 (GShard, the paper's setting: top-2 of the softmax, renormalized over the two).
     topk: int = 2
-    # Top-2 weights renormalized to sum to 1 (GShard); False keeps the raw softmax probabilities. Top-1 always
-    # uses the raw probability (Switch): a renormalized top-1 weight is constant 1 and the gate gets no gradient.
+    """1 (Switch) or 2 (GShard, the paper's setting: top-2 of the softmax, renormalized over the two)."""
     renormalize_topk: bool = True
+    """Top-2 weights renormalized to sum to 1 (GShard); False keeps the raw softmax probabilities. Top-1 always uses
+    the raw probability (Switch): a renormalized top-1 weight is constant 1 and the gate gets no gradient.
+    """
     capacity_factor: float | None = None
-    # Capacity factor outside training (validation, evaluation, decoding); None drops nothing there, so a sentence's
-    # translation does not depend on its batch-mates or the beam size (NLLB-MoE's eval capacity, off by default).
-    # Models with pad_to_capacity keep the training capacity everywhere (their fixed shapes need it).
     eval_capacity_factor: float | None = None
+    """Capacity factor outside training (validation, evaluation, decoding); None drops nothing there, so a sentence's
+    translation does not depend on its batch-mates or the beam size (NLLB-MoE's eval capacity, off by default).
+    Models with pad_to_capacity keep the training capacity everywhere (their fixed shapes need it).
+    """
     drop_policy: Literal["probs", "position"] = "probs"
-    # Pad every expert's input to its capacity (fixed shapes) when dropping tokens.
     pad_to_capacity: bool = False
+    """Pad every expert's input to its capacity (fixed shapes) when dropping tokens."""
     aux_loss_coeff: float = 1e-2
-    # Router z-loss (ST-MoE); 0 disables it.
     z_loss_coeff: float = 0.0
-    # Expert FFN width; None uses the model's FFN width (Pham et al.: experts the size of the replaced FFN).
+    """Router z-loss (ST-MoE); 0 disables it."""
     expert_ffn_hidden_size: int | None = None
+    """Expert FFN width; None uses the model's FFN width (Pham et al.: experts the size of the replaced FFN)."""
     token_dispatcher: Literal["alltoall", "allgather"] = "alltoall"
-    # Permutation implementation (ops/): "torch" pure torch, "extension" the compiled kernels, "auto" the
-    # extension when it is built for this device, else torch.
     permute_backend: Literal["auto", "torch", "extension"] = "auto"
-    # Router logits in fp32 (stable under bf16) or in the input's dtype.
+    """Permutation implementation (ops/): "torch" pure torch, "extension" the compiled kernels, "auto" the extension
+    when it is built for this device, else torch.
+    """
     router_dtype: Literal["fp32", "input"] = "fp32"
+    """Router logits in fp32 (stable under bf16) or in the input's dtype."""
     encoder: RoutingConfig = field(default_factory=RoutingConfig)
     decoder: RoutingConfig = field(default_factory=RoutingConfig)
     adapters: AdapterConfig = field(default_factory=AdapterConfig)
-    # Sizes of the id spaces (task ids are indexes into the manifest's task list, language ids into its sorted
-    # language list); they size the task tables and the static adapters.
     num_tasks: int = 1
+    """Number of tasks, the size of the task id space (task ids are indexes into the manifest's task list); it sizes
+    the task tables and the static adapters.
+    """
     num_languages: int = 1
+    """Number of languages, the size of the language id space (language ids are indexes into the manifest's sorted
+    language list); it sizes the task tables and the static adapters indexed by language.
+    """
 
     def __post_init__(self) -> None:
         self.validate()

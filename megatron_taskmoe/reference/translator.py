@@ -34,7 +34,8 @@ class Exported:
 
     model: ReferenceModel
     config: ExportConfig
-    tokenizer: object  # sentencepiece.SentencePieceProcessor
+    tokenizer: object
+    """sentencepiece.SentencePieceProcessor"""
     directory: Path
 
 

@@ -140,8 +140,10 @@ def mark_expert_parameters(module: torch.nn.Module) -> int:
 class Built:
     """The live objects of a run."""
 
-    model: Any  # megatron DistributedDataParallel wrapping EncoderDecoderModel
-    module: Any  # the EncoderDecoderModel itself
+    model: Any
+    """megatron DistributedDataParallel wrapping EncoderDecoderModel"""
+    module: Any
+    """the EncoderDecoderModel itself"""
     optimizer: Any
     scheduler: Any
     pg_collection: Any
