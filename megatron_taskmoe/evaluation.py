@@ -49,11 +49,15 @@ class TaskScore:
     """Corpus-level scores of one direction."""
 
     bleu: float
+    """Corpus BLEU (sacrebleu, 0-100)."""
     chrf: float
+    """Corpus chrF (sacrebleu, 0-100)."""
     sentences: int
+    """Number of scored sentences."""
     signature: str = ""
     """sacrebleu's BLEU signature (tokenizer, version, ...)."""
     chrf_signature: str = ""
+    """sacrebleu's chrF signature."""
 
 
 def score_corpus(hypotheses: Sequence[str], references: Sequence[str], *, tgt_lang: Optional[str] = None,
@@ -85,10 +89,13 @@ class ResultTable:
     """Rows: systems; columns: directions. `sizes` (training sentences per direction) enables high/low averages."""
 
     metric: str = "bleu"
+    """Name of the metric in the cells (e.g. "bleu")."""
     rows: dict[str, dict[str, float]] = field(default_factory=dict)
+    """System -> direction -> score."""
     signatures: dict[str, set[str]] = field(default_factory=dict)
     """sacrebleu signature -> the directions scored with it (filled by `add` from TaskScores)."""
     sizes: Mapping[str, int] = field(default_factory=dict)
+    """Direction -> training sentences; directions missing here are left out of the high/low averages."""
     high_resource_min: Optional[int] = None
     """Directions with at least this many training sentences count as high-resource."""
 

@@ -58,6 +58,7 @@ class LoadedModel:
     model: torch.nn.Module
     """`EncoderDecoderModel` in eval mode on `device`."""
     tokenizer: Tokenizer
+    """The sentencepiece tokenizer the model was trained with."""
     model_config: object
     """The `ModelConfig` the run trained."""
     task_map: dict
@@ -65,8 +66,11 @@ class LoadedModel:
     languages: list[str]
     """Sorted language codes; a language's id is its index."""
     checkpoint: Path
+    """The checkpoint directory the model was read from."""
     step: int
+    """The training step of the checkpoint."""
     device: torch.device
+    """Where the model's parameters are."""
     meta: dict = field(default_factory=dict)
     """The whole `checkpoint.json`."""
 
@@ -179,9 +183,11 @@ class TranslatorConfig:
     beam_size: int = 4
     """1 is greedy search."""
     length_penalty: float = 1.0
+    """Finished hypotheses are ranked by score / length ** length_penalty (length counts the eos)."""
     max_len_a: float = 1.2
     """Maximum output length is max_len_a * source length + max_len_b (capped by the model's positions)."""
     max_len_b: int = 10
+    """Constant term of the maximum output length (see max_len_a), in tokens."""
     min_len: int = 0
     """Minimum output length (tokens before eos)."""
     batch_size: int = 32

@@ -54,6 +54,7 @@ class LayerRouting:
     name: str
     """Module name in the model, e.g. `encoder.layers.1.mlp.router`."""
     kind: Literal["experts", "adapters"]
+    """"experts" for an MoE router, "adapters" for a dynamic adapter block's task gate."""
     counts_GX: np.ndarray
     """Real tokens of task g assigned to expert/adapter x (a token counts once per chosen expert: top-k)."""
     tokens_G: np.ndarray
@@ -73,7 +74,9 @@ class RoutingStats:
     """Per-task routing of every MoE layer and adapter block, encoder first, in module order."""
 
     tasks: list[str]
+    """Task names in id order; row g of every layer's counts is task g."""
     layers: list[LayerRouting] = field(default_factory=list)
+    """One entry per router and adapter block, encoder first, in module order."""
 
     def experts(self) -> list[LayerRouting]:
         return [layer for layer in self.layers if layer.kind == "experts"]

@@ -57,11 +57,17 @@ class Selection:
     """What is kept: directions with their old task ids, tasks and languages in their old order."""
 
     directions: dict[str, int]
+    """Kept direction ("de-en") -> its task id in the full model."""
     tasks: list[str]
+    """Names of the kept tasks, in their order in the full model."""
     task_ids: list[int]
+    """Ids of the kept tasks in the full model, ascending; new task id i is old `task_ids[i]`."""
     languages: list[str]
+    """Codes of the languages of the kept directions, in their sorted order in the full model."""
     language_ids: list[int]
+    """Ids of the kept languages in the full model, ascending; new language id i is old `language_ids[i]`."""
     target_language_ids: list[int]
+    """Ids in the full model of the kept directions' target languages, ascending."""
 
     def task_map(self, old: dict) -> dict:
         new_id = {old_id: i for i, old_id in enumerate(self.task_ids)}
@@ -123,16 +129,23 @@ class LayerPlan:
     """One MoE layer's extraction: which old experts stay (new expert i = old `kept[i]`)."""
 
     layer: str
+    """Module name prefix of the MoE layer in the model's state dict."""
     side: str
+    """"encoder" or "decoder"."""
     mode: str
+    """The side's routing mode (RoutingConfig.mode)."""
     task_source: str
+    """The side's task_source: which id indexes the task table."""
     experts: int
+    """Number of experts of the layer in the full model."""
     kept: list[int]
+    """Old indexes of the experts that stay, ascending."""
     chosen: dict[str, list[int]] = field(default_factory=dict)
     """Kept row name -> its top-k old experts (task-routed layers)."""
     scale: Optional[float] = None
     """Folded into the kept experts' output weights (raw-probability routing with one row)."""
     note: str = ""
+    """Human-readable remark for the extraction report (why all experts stay, padding experts added); empty if none."""
 
     def summary(self) -> dict:
         return {"layer": self.layer, "routing": self.mode if self.mode != "task" else f"task ({self.task_source})",

@@ -35,8 +35,11 @@ class Bitext:
     """One parallel corpus file set: a split of a language pair, in one of the accepted formats."""
 
     split: str
+    """Split name ("train", "valid", "test", ...)."""
     src: str
+    """Source language code."""
     tgt: str
+    """Target language code."""
     kind: str
     """File format: "aligned", "tsv" or "jsonl"."""
     paths: tuple[Path, ...]

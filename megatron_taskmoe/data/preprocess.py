@@ -94,17 +94,25 @@ class PreprocessConfig:
 @dataclass(kw_only=True)
 class SideStats:
     sentences: int = 0
+    """Kept sentences of this side."""
     tokens: int = 0
+    """Pieces in the kept sentences."""
     max_len: int = 0
+    """Pieces in the longest kept sentence."""
 
 
 @dataclass(kw_only=True)
 class BitextResult:
     bitext: Bitext
+    """The bitext these counts are for."""
     lines: int = 0
+    """Sentence pairs read from the bitext."""
     removed: dict[str, int] = field(default_factory=lambda: dict.fromkeys(FILTERS, 0))
+    """Filter name (preprocess.FILTERS) -> pairs it removed."""
     src: SideStats = field(default_factory=SideStats)
+    """Statistics of the kept source sentences."""
     tgt: SideStats = field(default_factory=SideStats)
+    """Statistics of the kept target sentences."""
 
 
 @dataclass(kw_only=True)
@@ -112,11 +120,17 @@ class EncodedChunk:
     """Kept pairs of one chunk, both sides as flat tokens in the file dtype, and the filters' removal counts."""
 
     src_tokens_T: np.ndarray
+    """Source piece ids of the kept pairs, concatenated."""
     src_lengths_N: np.ndarray
+    """Source length in pieces of each kept pair."""
     tgt_tokens_T: np.ndarray
+    """Target piece ids of the kept pairs, concatenated."""
     tgt_lengths_N: np.ndarray
+    """Target length in pieces of each kept pair."""
     removed: dict[str, int]
+    """Filter name -> pairs of the chunk it removed."""
     lines: int
+    """Pairs in the chunk before filtering."""
     keep_N: np.ndarray
     """Which of the chunk's pairs were kept."""
 

@@ -44,6 +44,7 @@ class SyntheticCorpus:
     test: int = 64
     """Test pairs per bitext (sentences never seen in training)."""
     seed: int = 1
+    """Seed of the lexicon and the sentences: the same seed writes the same bytes."""
 
     def __post_init__(self) -> None:
         if self.words < 2 or not 1 <= self.min_len <= self.max_len:

@@ -51,19 +51,29 @@ class ModelConfig:
     vocab_pad_multiple: int = 128
     """The embedding/output rows are padded to a multiple of this (and of the tensor-parallel size)."""
     hidden_size: int = 512
+    """Model width D."""
     ffn_hidden_size: int = 2048
+    """Inner width of the dense FFNs."""
     num_attention_heads: int = 8
+    """Attention heads of every self- and cross-attention."""
     encoder_layers: int = 6
+    """Number of encoder layers."""
     decoder_layers: int = 6
+    """Number of decoder layers."""
     max_source_positions: int = 256
     """Learned positions are shared by both sides: the table has max(source, target) rows."""
     max_target_positions: int = 256
+    """Longest target sequence in tokens (see max_source_positions)."""
     dropout: float = 0.1
     """Residual and embedding dropout (megatron's hidden_dropout)."""
     attention_dropout: float = 0.1
+    """Dropout on the attention probabilities."""
     activation: Literal["relu", "gelu", "swiglu"] = "relu"
+    """FFN activation; "swiglu" is the gated form."""
     normalization: Literal["LayerNorm", "RMSNorm"] = "LayerNorm"
+    """The pre-norm of every sub-layer and the final norms."""
     layernorm_epsilon: float = 1e-5
+    """Epsilon of the norms."""
     bias: bool = False
     """Biases in attention/FFN linears. megatron-core 0.16.1's MoE experts cannot take biases (an in-place add on
     a view in `MLP.forward` fails under autograd), so this must stay False when there are MoE layers."""
@@ -79,8 +89,11 @@ class ModelConfig:
     """Multiply token embeddings by sqrt(hidden_size) before the learned positions are added (fairseq's and
     CTranslate2's `scale_embeddings`); with init_method="xavier_uniform" a token's embedding then has unit scale."""
     label_smoothing: float = 0.1
+    """Label smoothing of the training cross-entropy; 0 disables it."""
     pad_id: int = 0
+    """Piece id of padding; padded token and label positions hold it."""
     params_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Dtype of the parameters."""
     moe: Optional[MoEConfig] = None
     """None: a dense model. Otherwise the MoE layers, their routing per side and the task adapters."""
 

@@ -58,12 +58,16 @@ from megatron_taskmoe.model.task_context import TaskContext
 class EncoderState:
     """What decoding needs from the encoder, per source sentence (batch index b)."""
 
-    output_SBD: torch.Tensor  # [S(/TP), B, D]: this rank's sequence shard under sequence parallelism
+    output_SBD: torch.Tensor
+    """[S(/TP), B, D]: the encoder output, this rank's sequence shard under sequence parallelism."""
     src_padding_mask_BS: torch.Tensor
     """[B, S], True at padding (S padded to a multiple of TP)"""
     task_ids_B: Optional[torch.Tensor]
+    """Task id of each sentence; None when nothing routes by task."""
     src_lang_ids_B: Optional[torch.Tensor]
+    """Source language id of each sentence, or None."""
     tgt_lang_ids_B: Optional[torch.Tensor]
+    """Target language id of each sentence, or None."""
 
 
 def _pad_to_multiple(tokens_BX: torch.Tensor, mask_BX: torch.Tensor, multiple: int, pad_id: int):

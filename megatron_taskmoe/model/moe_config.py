@@ -53,6 +53,7 @@ class RoutingConfig:
     """
 
     mode: Literal["token", "sentence", "task", "task_token"] = "token"
+    """How the router computes its logits: "token", "sentence", "task" or "task_token" (see above)."""
     task_source: Literal["task", "target_language"] = "task"
     """Which id indexes the task table in "task"/"task_token" modes: the task (language pair/direction) or the target
     language (Kudugunta et al. route decoder tokens by target language).
@@ -116,6 +117,7 @@ class AdapterConfig:
     """
 
     mode: Literal["none", "static", "dynamic", "shared_dynamic"] = "none"
+    """Which adapters: "none", "static", "dynamic" or "shared_dynamic" (see above)."""
     task_embed_dim: int = 64
     """Width C of the task embedding the task gate sees (paper: 64)."""
     hidden_size: int = 256
@@ -170,6 +172,7 @@ class MoEConfig:
     """
 
     num_experts: int = 8
+    """Experts E in every MoE layer (a side's RoutingConfig.num_experts can override it)."""
     topk: int = 2
     """1 (Switch) or 2 (GShard, the paper's setting: top-2 of the softmax, renormalized over the two)."""
     renormalize_topk: bool = True
@@ -177,20 +180,28 @@ class MoEConfig:
     the raw probability (Switch): a renormalized top-1 weight is constant 1 and the gate gets no gradient.
     """
     capacity_factor: float | None = None
+    """Capacity factor in training; None is dropless, a number drops the tokens beyond an expert's capacity (see
+    above).
+    """
     eval_capacity_factor: float | None = None
     """Capacity factor outside training (validation, evaluation, decoding); None drops nothing there, so a sentence's
     translation does not depend on its batch-mates or the beam size (NLLB-MoE's eval capacity, off by default).
     Models with pad_to_capacity keep the training capacity everywhere (their fixed shapes need it).
     """
     drop_policy: Literal["probs", "position"] = "probs"
+    """Which tokens an expert over capacity keeps: "probs" the highest routing probabilities, "position" the earliest
+    tokens.
+    """
     pad_to_capacity: bool = False
     """Pad every expert's input to its capacity (fixed shapes) when dropping tokens."""
     aux_loss_coeff: float = 1e-2
+    """Weight of the load-balancing loss; 0 disables it."""
     z_loss_coeff: float = 0.0
     """Router z-loss (ST-MoE); 0 disables it."""
     expert_ffn_hidden_size: int | None = None
     """Expert FFN width; None uses the model's FFN width (Pham et al.: experts the size of the replaced FFN)."""
     token_dispatcher: Literal["alltoall", "allgather"] = "alltoall"
+    """megatron-core's token dispatcher between expert-parallel ranks."""
     permute_backend: Literal["auto", "torch", "extension"] = "auto"
     """Permutation implementation (ops/): "torch" pure torch, "extension" the compiled kernels, "auto" the extension
     when it is built for this device, else torch.
@@ -198,8 +209,11 @@ class MoEConfig:
     router_dtype: Literal["fp32", "input"] = "fp32"
     """Router logits in fp32 (stable under bf16) or in the input's dtype."""
     encoder: RoutingConfig = field(default_factory=RoutingConfig)
+    """Routing of the encoder's MoE layers."""
     decoder: RoutingConfig = field(default_factory=RoutingConfig)
+    """Routing of the decoder's MoE layers."""
     adapters: AdapterConfig = field(default_factory=AdapterConfig)
+    """Task adapters of both sides."""
     num_tasks: int = 1
     """Number of tasks, the size of the task id space (task ids are indexes into the manifest's task list); it sizes
     the task tables and the static adapters.

@@ -40,11 +40,18 @@ SIDES = ("encoder", "decoder")
 @dataclass(kw_only=True)
 class _MicroBatchIds:
     task_ids_B: torch.Tensor | None
+    """Task id of each sentence, or None."""
     tgt_lang_ids_B: torch.Tensor | None
+    """Target language id of each sentence, or None."""
     src_lang_ids_B: torch.Tensor | None
+    """Source language id of each sentence, or None."""
     src_padding_mask_BS: torch.Tensor | None
+    """True at source padding, or None."""
     tgt_padding_mask_BT: torch.Tensor | None
+    """True at target padding, or None."""
     source_mean_BD: torch.Tensor | None = None
+    """Each source sentence's mean encoder output over its real tokens (the decoder's sentence routing input), or None.
+    """
 
 
 def _check_ids(name: str, ids, batch_size: int | None, limit: int | None = None) -> torch.Tensor | None:

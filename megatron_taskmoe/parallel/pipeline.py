@@ -53,12 +53,15 @@ class StageLayout:
     """What one pipeline stage holds (pure data; `stage_layout` computes it)."""
 
     stage: int
+    """This stage's 0-based index."""
     num_stages: int
+    """Number of pipeline stages."""
     encoder_stages: int
     """Leading stages holding the encoder (0 without pipelining, where one stage holds everything)."""
     encoder_layers: Optional[tuple[int, ...]]
     """0-based encoder layer indexes on this stage, None if it holds no encoder layer."""
     decoder_layers: Optional[tuple[int, ...]]
+    """0-based decoder layer indexes on this stage, None if it holds no decoder layer."""
 
     @property
     def add_encoder(self) -> bool:

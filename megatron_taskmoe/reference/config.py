@@ -38,12 +38,15 @@ class RoutingSpec:
     """One side's MoE layers: which layers, how many experts, how the router computes its logits."""
 
     mode: str = "token"
+    """"token", "sentence", "task" or "task_token" (as RoutingConfig.mode)."""
     task_source: str = "task"
     """Which id indexes the task table ("task" or "target_language") in the task / task_token modes."""
     task_embed_dim: int = 0
+    """Width of the task embedding of the "task" / "task_token" gates."""
     moe_layers: list[int] = field(default_factory=list)
     """0-based indexes of this side's layers whose FFN is an MoE layer."""
     num_experts: int = 0
+    """Experts in this side's MoE layers."""
     capacity_num_experts: Optional[int] = None
     """E in the capacity formula when it is not num_experts (a sub-network extracted from a larger model)."""
 
@@ -51,31 +54,47 @@ class RoutingSpec:
 @dataclass(kw_only=True)
 class AdapterSpec:
     mode: str = "none"
+    """"none", "static", "dynamic" or "shared_dynamic" (as AdapterConfig.mode)."""
     task_source: str = "task"
+    """Which id indexes the adapters / task table ("task" or "target_language")."""
     task_embed_dim: int = 0
+    """Width of the task embedding the adapter gate sees."""
     hidden_size: int = 0
+    """Bottleneck width of every adapter."""
     num_adapters: int = 0
     """A: one per task row (static) or the resolved number of shared adapters (dynamic modes)."""
     topk: int = 1
+    """Adapters each token uses in the dynamic modes."""
 
 
 @dataclass(kw_only=True)
 class MoESpec:
     topk: int
+    """Experts each token goes to."""
     renormalize: bool
     """Top-k weights = softmax over the k selected logits (GShard top-2) instead of the raw softmax probabilities."""
     capacity_factor: Optional[float]
     """The capacity factor at inference (the trained model's outside training). None: no token is dropped; else an
     expert keeps ceil(tokens * topk / E * factor) tokens of a batch."""
     drop_policy: str
+    """Which tokens an expert over capacity keeps: "probs" the highest routing probabilities, "position" the earliest.
+    """
     pad_to_capacity: bool
+    """Every expert's input padded to its capacity when dropping tokens."""
     router_fp32: bool
+    """Router logits in fp32; False computes them in the input's dtype."""
     expert_ffn_hidden_size: int
+    """Inner width of every expert FFN."""
     num_tasks: int
+    """Number of tasks (rows of the task tables indexed by task)."""
     num_languages: int
+    """Number of languages (rows of the tables indexed by language)."""
     encoder: RoutingSpec
+    """The encoder's MoE layers."""
     decoder: RoutingSpec
+    """The decoder's MoE layers."""
     adapters: AdapterSpec
+    """Task adapters of both sides."""
 
     def side(self, side: str) -> RoutingSpec:
         return self.encoder if side == "encoder" else self.decoder
@@ -89,20 +108,33 @@ class ArchConfig:
     """The encoder-decoder Transformer (pre-norm, shared source/target/output embeddings, learned positions)."""
 
     vocab_size: int
+    """Rows of the embedding and the output layer."""
     hidden_size: int
+    """Model width D."""
     ffn_hidden_size: int
+    """Inner width of the dense FFNs."""
     num_attention_heads: int
+    """Attention heads of every attention."""
     encoder_layers: int
+    """Number of encoder layers."""
     decoder_layers: int
+    """Number of decoder layers."""
     max_source_positions: int
+    """Longest source sequence in tokens."""
     max_target_positions: int
+    """Longest target sequence in tokens."""
     activation: str
+    """"relu", "gelu" or "swiglu"."""
     normalization: str
+    """"LayerNorm" or "RMSNorm"."""
     layernorm_epsilon: float
+    """Epsilon of the norms."""
     bias: bool
+    """Biases in the attention and FFN linears."""
     embedding_scale: float = 1.0
     """Token embeddings are multiplied by this before positions are added (sqrt(hidden_size) or 1)."""
     moe: Optional[MoESpec] = None
+    """None: a dense model; otherwise its MoE layers and adapters."""
 
     @property
     def max_positions(self) -> int:
@@ -117,6 +149,7 @@ class ExportConfig:
     """The whole `config.json`."""
 
     model: ArchConfig
+    """The architecture."""
     task_map: dict
     """{"mode", "tasks": [names in id order], "direction_to_task": {"de-en": id, ...}}."""
     languages: list[str]
@@ -126,10 +159,15 @@ class ExportConfig:
     special_ids: dict[str, int]
     """pad, unk, bos, eos."""
     dtype: str
+    """Dtype the tensors are stored in."""
     tokenizer_sha256: str
+    """sha256 of the exported sentencepiece model file."""
     source: dict = field(default_factory=dict)
+    """Where the export came from: checkpoint, step, parallel layout, ..."""
     format: str = FORMAT
+    """The format's name; a reader checks it."""
     format_version: int = FORMAT_VERSION
+    """The format's version."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)

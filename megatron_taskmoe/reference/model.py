@@ -52,7 +52,9 @@ class Ids:
     """Per-sentence ids [B] that task routing and adapters read."""
 
     task_B: Optional[torch.Tensor] = None
+    """Task id of each sentence, or None."""
     tgt_lang_B: Optional[torch.Tensor] = None
+    """Target language id of each sentence, or None."""
 
     def get(self, source: str) -> torch.Tensor:
         ids = self.task_B if source == "task" else self.tgt_lang_B
@@ -353,14 +355,19 @@ class DecodingState:
     per live sentence."""
 
     beam_size: int
+    """Rows per live sentence."""
     sources_L: torch.Tensor
     """Batch index of each live sentence."""
     memory_padding_LS: torch.Tensor
+    """Source padding (True) of each live sentence."""
     memory_mean_BD: torch.Tensor
     """Each source sentence's mean encoder output (the decoder's sentence routing state)."""
     length: int = 0
+    """Target tokens decoded so far."""
     self_kv: dict = field(default_factory=dict)
+    """Decoder layer index -> its self-attention keys and values so far."""
     cross_kv: dict = field(default_factory=dict)
+    """Decoder layer index -> its cross-attention keys and values of the encoder output."""
 
 
 @dataclass
@@ -368,8 +375,11 @@ class EncoderOutput:
     """What decoding needs per source sentence b."""
 
     memory_SBD: torch.Tensor
+    """The encoder output."""
     padding_BS: torch.Tensor
+    """True at source padding."""
     ids: Ids
+    """The sentences' task and language ids."""
 
 
 class ReferenceModel(nn.Module):

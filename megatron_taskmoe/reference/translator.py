@@ -33,10 +33,13 @@ class Exported:
     """A loaded export: the model (eval mode), its config and the sentencepiece processor."""
 
     model: ReferenceModel
+    """The reference model, in eval mode."""
     config: ExportConfig
+    """The export's config.json."""
     tokenizer: object
     """sentencepiece.SentencePieceProcessor"""
     directory: Path
+    """The export directory it was loaded from."""
 
 
 def _sha256(path: Path) -> str:

@@ -138,8 +138,11 @@ class TestSet:
     """Tokenized sentences of one direction (piece ids without tag/eos); targets optional."""
 
     direction: str
+    """The direction, e.g. "de-en"."""
     sources: list[list[int]]
+    """Source piece ids, one list per sentence."""
     targets: Optional[list[list[int]]] = None
+    """Reference piece ids, one list per sentence, or None."""
 
 
 def synthetic_test_sets(source: ReferenceSource, directions: Sequence[str], *, sentences: int = 32,

@@ -50,8 +50,11 @@ class Gate:
     """One MoE layer's fixed routing for the served directions."""
 
     layer: str
+    """Module name of the MoE layer."""
     experts: list[int]
+    """The experts every token of the served directions goes to."""
     weights: list[float]
+    """Each of those experts' fixed routing weight."""
     reason: str
     """Why the gates are fixed: task routing by which id, or a single expert."""
 
@@ -61,9 +64,13 @@ class DenseLayerFFN:
     """One layer's FFN in dense form (fc1 rows: 2F' for swiglu, gate half first)."""
 
     fc1_weight: torch.Tensor
+    """Input projection of the dense FFN."""
     fc2_weight: torch.Tensor
+    """Output projection of the dense FFN."""
     fc1_bias: Optional[torch.Tensor] = None
+    """Bias of fc1, or None."""
     fc2_bias: Optional[torch.Tensor] = None
+    """Bias of fc2, or None."""
 
 
 @dataclass(kw_only=True)
@@ -75,6 +82,7 @@ class DenseModel:
     ffn: dict[str, DenseLayerFFN]
     """`{side}.layers.{i}` -> its dense FFN."""
     gates: list[Gate] = field(default_factory=list)
+    """The fixed routing of every MoE layer."""
 
     def num_parameters(self) -> int:
         """Parameters of the dense network (the shared embedding table once)."""

@@ -28,6 +28,7 @@ class ReferenceSource:
     """A model in the reference implementation's terms."""
 
     config: rc.ExportConfig
+    """The model's config in the reference format."""
     state: dict[str, torch.Tensor]
     """fp32 tensors under the reference model's names."""
     tokenizer: bytes

@@ -54,11 +54,19 @@ class TrainState:
     """Counters saved in every checkpoint."""
 
     step: int = 0
+    """Optimizer steps taken."""
     consumed_samples: int = 0
+    """Training samples consumed over all data-parallel ranks (the global counter of data/batching.py); resuming
+    continues the data order from here.
+    """
     best_bleu: Optional[float] = None
+    """Best average validation BLEU so far; None before the first evaluation."""
     evals_without_improvement: int = 0
+    """Evaluations since best_bleu last improved (early stopping counts them)."""
     skipped_steps: int = 0
+    """Steps skipped because the loss was not finite (train.nan_policy="skip")."""
     history: list = field(default_factory=list)
+    """One {"step", "bleu_avg"} entry per validation."""
 
 
 def _rank() -> int:

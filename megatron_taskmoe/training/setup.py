@@ -29,8 +29,11 @@ class Corpus:
     """What the run needs to know about the preprocessed data (from manifest.json)."""
 
     data_dir: Path
+    """Directory of the preprocessed data."""
     manifest: dict
+    """The parsed manifest.json."""
     directions: list[str]
+    """The directions the run trains on (data.directions, or every direction with a train split)."""
 
     @property
     def vocab_size(self) -> int:
@@ -145,9 +148,13 @@ class Built:
     module: Any
     """the EncoderDecoderModel itself"""
     optimizer: Any
+    """megatron-core optimizer of the model."""
     scheduler: Any
+    """megatron-core learning-rate scheduler of the optimizer."""
     pg_collection: Any
+    """The process groups of the run."""
     transformer_config: Any
+    """The megatron-core TransformerConfig the model was built from."""
 
 
 def build(cfg: RunConfig, model_cfg: ModelConfig) -> Built:
