@@ -8,10 +8,10 @@ errors that name the key and the file), applies `a.b.c=value` overrides (values 
 Validation of values lives in each dataclass's `__post_init__`; it runs again after overrides because the tree is
 rebuilt from the merged mapping.
 
-A section whose keys moved declares them as `MOVED_KEYS: ClassVar[dict[str, str]]` (the former key: its dotted
-path within the section now, e.g. `{"beam_size": "search.beam_size"}`). Files and overrides that use a former key
-still load: the value is read at its new path, with a logged warning naming both keys; a setting given under both
-keys is an error naming both.
+A section with moved keys declares them as `MOVED_KEYS: ClassVar[dict[str, str]]` (the moved key: its dotted
+path within the section, e.g. `{"beam_size": "search.beam_size"}`). Files and overrides that use a moved key load:
+the value is read at its path, with a logged warning naming both keys; a setting given under both keys is an error
+naming both.
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ def _section_type(tp: Any) -> Any:
 
 
 def _move_keys(cls: Any, data: Mapping[str, Any], prefix: str, warn: bool = True) -> Mapping[str, Any]:
-    """`data` (a mapping for section `cls`) with its former keys (`cls.MOVED_KEYS`) moved to their new paths
+    """`data` (a mapping for section `cls`) with its moved keys (`cls.MOVED_KEYS`) at their paths
     (logged when `warn`)."""
     moved = _moved_keys(cls)
     if not any(old in data for old in moved):
@@ -152,7 +152,7 @@ def _move_keys(cls: Any, data: Mapping[str, Any], prefix: str, warn: bool = True
 
 
 def upgrade_keys(cls: type, data: Mapping[str, Any], prefix: str = "", *, warn: bool = True) -> dict[str, Any]:
-    """A config mapping for `cls` with the former keys of every section moved to their new paths (see the module
+    """A config mapping for `cls` with the moved keys of every section at their paths (see the module
     docstring; logged when `warn`); everything else as it is."""
     out = dict(_move_keys(cls, data, prefix, warn))
     hints = typing.get_type_hints(cls)
@@ -164,13 +164,13 @@ def upgrade_keys(cls: type, data: Mapping[str, Any], prefix: str = "", *, warn: 
 
 
 def same_config(cls: type, a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
-    """Whether two config mappings for `cls` say the same, former keys read at their new paths (e.g. a saved
-    run's config against the one a script would write now)."""
+    """Whether two config mappings for `cls` say the same, moved keys read at their paths (e.g. a saved
+    run's config against the one a script writes)."""
     return upgrade_keys(cls, a, warn=False) == upgrade_keys(cls, b, warn=False)
 
 
 def upgrade_override(cls: type, item: str) -> str:
-    """A dotted `--set key=value` override for `cls` with a former key rewritten to its new path (logged)."""
+    """A dotted `--set key=value` override for `cls` with a moved key rewritten to its path (logged)."""
     path, _ = parse_override(item)
     new_path, tp = [], cls
     for i, part in enumerate(path):
@@ -190,8 +190,8 @@ def upgrade_override(cls: type, item: str) -> str:
 
 
 def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
-    """Build dataclass `cls` from a mapping; unknown keys and bad types raise ConfigError. Former keys of the
-    section (`cls.MOVED_KEYS`) are read at their new paths, with a warning."""
+    """Build dataclass `cls` from a mapping; unknown keys and bad types raise ConfigError. Moved keys of the
+    section (`cls.MOVED_KEYS`) are read at their paths, with a warning."""
     data = _move_keys(cls, data, prefix)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
@@ -271,8 +271,8 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_config(cls: type[T], path: str | os.PathLike | None, overrides: list[str] = ()) -> T:
-    """Read `cls` from an optional YAML file plus dotted overrides; errors name the file. Former keys (in the file or
-    the overrides) are read at their new paths, with a warning."""
+    """Read `cls` from an optional YAML file plus dotted overrides; errors name the file. Moved keys (in the file or
+    the overrides) are read at their paths, with a warning."""
     where = f"{path}: " if path is not None else ""
     data = load_yaml(path) if path is not None else {}
     try:

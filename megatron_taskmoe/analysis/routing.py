@@ -54,7 +54,7 @@ class LayerRouting:
     name: str
     """Module name in the model, e.g. `encoder.layers.1.mlp.router`."""
     kind: Literal["experts", "adapters"]
-    """"experts" for an MoE router, "adapters" for a dynamic adapter block's task gate."""
+    """"experts": a router choosing experts; "adapters": an adapter block choosing adapters."""
     counts_GX: np.ndarray
     """Real tokens of task g assigned to expert/adapter x (a token counts once per chosen expert: top-k)."""
     tokens_G: np.ndarray

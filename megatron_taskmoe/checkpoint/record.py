@@ -1,9 +1,9 @@
 """`CheckpointRecord`: what `checkpoint.json` holds, and reading and writing it.
 
 The trainer writes one record per checkpoint; the checkpoint tools (convert, merge, extract) write records of their
-outputs with a note of where they came from. Every field but `step` may be missing from a file: a record written
-by an earlier version of the trainer lacks `optimizer_chains`, one from a tool lacks `consumed_samples`. Keys this
-version does not know are kept in `extra` and written back unchanged.
+outputs with a note of where they came from. Every field but `step` may be missing from a file and then reads as
+None (e.g. a record without `optimizer_chains`, or a tool's record without `consumed_samples`). Keys this module
+does not know are kept in `extra` and written back unchanged.
 """
 
 from __future__ import annotations
@@ -46,8 +46,8 @@ class CheckpointRecord:
     consumed_samples: Optional[int] = None
     """The data stream position (global samples consumed) at this save."""
     optimizer_chains: Optional[int] = None
-    """How many chained optimizers saved their state (dense, then experts); missing from records written before the
-    expert parameters always had their own optimizer."""
+    """How many chained optimizers saved their state (dense, then experts); None when the record does not say (the
+    saved optimizer state itself tells: `state.saved_with_chained_optimizer`)."""
     converted_from: Optional[dict] = None
     """Written by the conversion tool: the source checkpoint's path and layout, whether Adam's moments were kept."""
     merged_from: Optional[dict] = None

@@ -59,7 +59,7 @@ def load_run_config(path: str | None, overrides: list[str]) -> dict:
 def optimizer_kept(source: str | os.PathLike, model_cfg: ModelConfig) -> bool:
     """Whether converting `source` keeps Adam's moments: the trainer chains a separate expert optimizer exactly
     when the model has MoE layers, whatever the layout, and the source must have been saved chained the same way
-    (checkpoints of MoE models saved at EP=1 by an earlier trainer have one flat optimizer)."""
+    (a checkpoint of an MoE model whose optimizer state has flat keys keeps the weights only)."""
     return ckpt_state.saved_with_chained_optimizer(source) == (ckpt_state.optimizer_chains(model_cfg) > 1)
 
 
@@ -80,8 +80,8 @@ def _rank_job(job: dict) -> None:
     with_optimizer = job["with_optimizer"] and ckpt_state.saved_with_chained_optimizer(job["source"]) == chained
     if job["with_optimizer"] and not with_optimizer:
         # The trainer saves a chained optimizer's state under `chained_{i}.` keys and a nested structure when
-        # there are several (MoE layers; in earlier trainers only under expert parallelism > 1) and flat
-        # otherwise, so megatron cannot map one onto the other.
+        # there are several (MoE layers) and flat otherwise; a source saved with the other structure (e.g. an
+        # MoE checkpoint with flat keys) cannot be mapped onto it by megatron.
         # The weights are exact either way; Adam's moments restart from zero (recorded in checkpoint.json).
         common = ckpt_state.load_common_state(job["source"])
         ckpt_state.load_model_weights(built.module, job["source"])

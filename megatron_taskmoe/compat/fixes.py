@@ -137,7 +137,7 @@ _STRUCTURAL_GROUP_KEYS = ("wd_mult", "lr_mult", "is_expert_parallel", "is_decoup
 def install_param_group_schedule_fix() -> list[Patch]:
     """megatron-core 0.19.0 and later, `optimizer/distrib_optimizer.py`: `DistributedOptimizer.load_state_dict`
     (0.19.2 line 887) pairs the checkpoint's param groups with the optimizer's by their schedule values too
-    (`max_lr`, `min_lr`, `start_wd`, `end_wd`, ...: `param_group_identifier_keys`), so a checkpoint no longer loads
+    (`max_lr`, `min_lr`, `start_wd`, `end_wd`, ...: `param_group_identifier_keys`), so a checkpoint does not load
     into an optimizer built with another learning rate (KeyError) - a resume with a changed `optim.lr`, or the
     checkpoint tools, which rebuild the optimizer from default settings and load the state into it. Before 0.19 the
     groups were paired by structure (`_STRUCTURAL_GROUP_KEYS`) and took the checkpoint's schedule values; this

@@ -71,7 +71,7 @@ class ModelConfig:
     activation: Literal["relu", "gelu", "swiglu"] = "relu"
     """FFN activation; "swiglu" is the gated form."""
     normalization: Literal["LayerNorm", "RMSNorm"] = "LayerNorm"
-    """The pre-norm of every sub-layer and the final norms."""
+    """Which norm the model uses."""
     layernorm_epsilon: float = 1e-5
     """Epsilon of the norms."""
     bias: bool = False
@@ -89,7 +89,7 @@ class ModelConfig:
     """Multiply token embeddings by sqrt(hidden_size) before the learned positions are added (fairseq's and
     CTranslate2's `scale_embeddings`); with init_method="xavier_uniform" a token's embedding then has unit scale."""
     label_smoothing: float = 0.1
-    """Label smoothing of the training cross-entropy; 0 disables it."""
+    """Label smoothing of the cross-entropy loss; 0 disables it."""
     pad_id: int = 0
     """Piece id of padding; padded token and label positions hold it."""
     params_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"

@@ -379,7 +379,7 @@ class EncoderOutput:
     padding_BS: torch.Tensor
     """True at source padding."""
     ids: Ids
-    """The sentences' task and language ids."""
+    """The sentences' task and target language ids."""
 
 
 class ReferenceModel(nn.Module):

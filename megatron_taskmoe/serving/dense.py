@@ -50,7 +50,7 @@ class Gate:
     """One MoE layer's fixed routing for the served directions."""
 
     layer: str
-    """Module name of the MoE layer."""
+    """The MoE layer, `{side}.layers.{i}`."""
     experts: list[int]
     """The experts every token of the served directions goes to."""
     weights: list[float]

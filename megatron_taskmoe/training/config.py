@@ -13,7 +13,7 @@ Sections, each a small dataclass validated on construction:
 `RunConfig.validate_against(world_size, manifest)` checks what needs the launch and the data (parallel sizes, task
 counts), before any model is built.
 
-Keys of earlier layouts still load (`MOVED_KEYS` of a section, config_io.py): `data.max_tokens`,
+Moved keys load (`MOVED_KEYS` of a section, config_io.py): `data.max_tokens`,
 `data.pad_to_multiple`, `data.task_homogeneous` are read as `data.batching.*`, and `eval.beam_size`,
 `eval.length_penalty`, `eval.max_len_a`, `eval.max_len_b` as `eval.search.*`, with a warning.
 """
@@ -72,7 +72,8 @@ class DataSection:
     MOVED_KEYS: ClassVar[dict[str, str]] = {"max_tokens": "batching.max_tokens",
                                             "pad_to_multiple": "batching.pad_to_multiple",
                                             "task_homogeneous": "batching.task_homogeneous"}
-    """Former keys of the section and their paths now (still read, with a warning; config_io.py)."""
+    """Moved keys this section still reads: key -> its dotted path within the section (read there, with a warning;
+    config_io.py)."""
 
     data_dir: str = ""
     """A directory written by tools/preprocess_data.py (has manifest.json)."""
@@ -188,7 +189,8 @@ class EvalSection:
     MOVED_KEYS: ClassVar[dict[str, str]] = {"beam_size": "search.beam_size",
                                             "length_penalty": "search.length_penalty",
                                             "max_len_a": "search.max_len_a", "max_len_b": "search.max_len_b"}
-    """Former keys of the section and their paths now (still read, with a warning; config_io.py)."""
+    """Moved keys this section still reads: key -> its dotted path within the section (read there, with a warning;
+    config_io.py)."""
 
     interval: int = 500
     """Validate every N steps (and at the end); 0 disables on-the-fly validation."""
