@@ -13,6 +13,9 @@ import argparse
 import logging
 import sys
 
+# Imports of torch, megatron-core and this package sit inside the functions: `--help` and option errors answer
+# before their (slow) import.
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -255,7 +255,7 @@ class Translator:
     @torch.no_grad()
     def translate_batch(self, batch: dict) -> list[list[int]]:
         """Best output ids (no bos/eos) for each row of a batch dict."""
-        from megatron_taskmoe.model.decoding import translate_batch
+        from megatron_taskmoe.model.decoding import translate_batch  # the model's modules: see load_checkpoint
 
         return translate_batch(self.loaded.model, batch, self.config.search, bos=BOS_ID, eos=EOS_ID,
                                banned=self.banned, device=self.loaded.device, max_target_len=self.max_tgt_pieces)

@@ -47,6 +47,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from translate import quiet_megatron  # noqa: E402
 
+# Imports of torch, megatron-core and this package sit inside the functions: `--help` and option errors answer
+# before their (slow) import.
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],

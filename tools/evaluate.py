@@ -30,6 +30,9 @@ from translate import quiet_megatron  # noqa: E402
 
 from megatron_taskmoe.fileio import write_text_atomic  # noqa: E402
 
+# Imports of torch, megatron-core and this package sit inside the functions: `--help` and option errors answer
+# before their (slow) import.
+
 FORMATS = ("markdown", "csv", "json")
 METRICS = ("bleu", "chrf")
 

@@ -14,7 +14,11 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 from pathlib import Path
+
+# Imports of torch, megatron-core and this package sit inside the functions: `--help` and option errors answer
+# before their (slow) import.
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -49,8 +53,6 @@ def read_input(path: Path | None) -> list[str]:
 
 
 def quiet_megatron(verbose: bool) -> None:
-    import warnings
-
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if not verbose:

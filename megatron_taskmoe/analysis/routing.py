@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from megatron_taskmoe.data.batching import MODEL_INPUT_KEYS, collate, eval_batches, to_device
+from megatron_taskmoe.data.dataset import MultilingualDataset
 from megatron_taskmoe.fileio import save_figure
 
 _LAYER = re.compile(r"(encoder|decoder)\.layers\.(\d+)\.")
@@ -122,8 +123,6 @@ def dataset_batches(data_dir: str | Path, split: str, *, model_config, direction
     """Every sentence pair of a preprocessed split once (truncated to the model's positions, as in training), or
     the first `max_sentences` pairs of each direction (corpus order, batches of at most `max_tokens` padded
     tokens per side)."""
-    from megatron_taskmoe.data.dataset import MultilingualDataset
-
     data = MultilingualDataset(data_dir, split, directions, max_src_len=model_config.max_source_positions - 2,
                                max_tgt_len=model_config.max_target_positions - 1)
     for d, direction in enumerate(data.directions):
@@ -151,6 +150,7 @@ def collect_routing_stats(model: torch.nn.Module, batches: Iterable[dict], *, ta
     """Run `batches` through `model` (eval mode, teacher forcing) and return what its routers and adapters counted.
 
     The model's counters are zeroed first and switched off afterwards; `groups` are process groups to sum over."""
+    # megatron-core only when collecting: the analysis package reads and plots metrics files without it
     from megatron_taskmoe.model.moe import all_reduce_routing_stats, reset_routing_stats, routing_stats, \
         set_routing_stats
 
@@ -191,6 +191,7 @@ def collect_routing_stats(model: torch.nn.Module, batches: Iterable[dict], *, ta
 def plot_routing(stats: RoutingStats, path: str | Path, *, title: Optional[str] = None, max_cols: int = 4) -> Path:
     """A PNG of tasks x experts heatmaps (one panel per MoE layer), then tasks x adapters panels; written to a
     temporary file and renamed, so `path` is either the old file or the complete new one."""
+    # matplotlib only when plotting: its import is slow
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

@@ -27,6 +27,7 @@ Legend: G tasks, X experts or adapters, L layers.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Literal, Mapping, Optional, Sequence
 
 import numpy as np
@@ -287,8 +288,7 @@ def _draw_dendrogram(ax, Z: np.ndarray, names: Sequence[str]) -> list[int]:
 def plot_similarity(sims: dict, clustering: dict, path, *, title: Optional[str] = None):
     """One PNG: the dendrogram of `clustering`, then the overall / experts / adapters similarity heatmaps with the
     tasks in dendrogram order; written to a temporary file and renamed."""
-    from pathlib import Path
-
+    # matplotlib only when plotting: its import is slow
     import matplotlib
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure

@@ -70,6 +70,7 @@ def family_series(records: Sequence[Mapping], families: Optional[Mapping[str, st
 
 
 def _figure(width: float, height: float):
+    # matplotlib only when plotting: its import is slow
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -163,6 +164,7 @@ def plot_adapters(records: Sequence[Mapping], path: str | Path, *, title: Option
                   max_cols: int = 2) -> Path:
     """One panel per adapter block: tasks x steps, coloured by the task's most used adapter, as strong as its
     share (white: the task had no token in that window)."""
+    # matplotlib only when plotting: its import is slow
     from matplotlib.colors import to_rgb
     from matplotlib.patches import Patch
 
@@ -200,6 +202,7 @@ def plot_adapters(records: Sequence[Mapping], path: str | Path, *, title: Option
 
 
 def _colors(count: int) -> list:
+    # matplotlib only when plotting: its import is slow
     from matplotlib import colormaps
 
     cmap = colormaps["tab10" if count <= 10 else "tab20"]

@@ -10,8 +10,11 @@ import logging
 import sys
 from typing import Callable
 
+from megatron_taskmoe import compat
+
 from megatron_taskmoe.checkpoint_tools.full import CheckpointToolError, quiet_megatron
 from megatron_taskmoe.checkpoint_tools.layouts import parse_layout
+from megatron_taskmoe.config_io import ConfigError
 
 EXIT_BAD_INPUT = 2
 
@@ -50,9 +53,6 @@ def run_config_from_args(args) -> dict:
 def run(main: Callable[[], int], prog: str) -> int:
     """Prepare megatron-core (`compat.apply()`) and call `main()`; a CheckpointToolError (or a config error) is
     printed as `prog: error: ...`, exit 2."""
-    from megatron_taskmoe import compat
-    from megatron_taskmoe.config_io import ConfigError
-
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     quiet_megatron()
     compat.apply()

@@ -31,14 +31,23 @@ import os
 import re
 from pathlib import Path
 
+import sentencepiece as spm
 import torch
+from safetensors.torch import save_file
 
 from megatron_taskmoe.checkpoint.format import MARKER, TOKENIZER_FILE
 from megatron_taskmoe.checkpoint_tools.full import CheckpointToolError, FullCheckpoint
+from megatron_taskmoe.checkpoint_tools.models import model_from_full
 from megatron_taskmoe.checkpoint_tools.outputs import atomic_dir, check_output
+from megatron_taskmoe.checkpoint_tools.reading import read_checkpoint
+from megatron_taskmoe.checkpoint_tools.verify import fixed_batch, model_logits
 from megatron_taskmoe.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, lang_tag
+from megatron_taskmoe.generation import beam_search
 from megatron_taskmoe.model.config import ModelConfig
+from megatron_taskmoe.model.decoding import ModelDecoder
 from megatron_taskmoe.reference import config as rc
+from megatron_taskmoe.reference.model import ReferenceDecoder, ReferenceModel
+from megatron_taskmoe.reference.translator import load
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +96,6 @@ def arch_config(cfg: ModelConfig) -> rc.ArchConfig:
 
 
 def language_tags(tokenizer_path: Path, languages: list[str]) -> dict[str, int]:
-    import sentencepiece as spm
-
     sp = spm.SentencePieceProcessor()
     try:
         sp.Load(str(tokenizer_path))
@@ -226,8 +233,6 @@ def reference_state(ckpt: FullCheckpoint) -> dict[str, torch.Tensor]:
 
 def check_against_model(state: dict[str, torch.Tensor], arch: rc.ArchConfig, where: str) -> None:
     """Names and shapes exactly those of `ReferenceModel(arch)` (so the export loads strictly)."""
-    from megatron_taskmoe.reference.model import ReferenceModel
-
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in ReferenceModel(arch).state_dict().items()}
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
@@ -263,8 +268,6 @@ def export_checkpoint(ckpt: FullCheckpoint, output: str | os.PathLike, *, dtype:
         config = export_config(ckpt, tags, dtype, sha)
         check_against_model(state, config.model, str(ckpt.source))
         (partial / rc.CONFIG_FILE).write_text(config.to_json() + "\n", encoding="utf-8")
-        from safetensors.torch import save_file
-
         save_file({k: v.detach().to(DTYPES[dtype]).contiguous() for k, v in state.items()},
                   str(partial / rc.WEIGHTS_FILE), metadata={"format": rc.FORMAT,
                                                             "format_version": str(rc.FORMAT_VERSION)})
@@ -286,8 +289,6 @@ def export_checkpoint(ckpt: FullCheckpoint, output: str | os.PathLike, *, dtype:
 def export(source: str | os.PathLike, output: str | os.PathLike, **kwargs) -> dict:
     """`export_checkpoint` of a trainer checkpoint (any layout; a checkpoint, checkpoints root or run directory)
     or a single .safetensors file written by convert.py."""
-    from megatron_taskmoe.checkpoint_tools.reading import read_checkpoint
-
     check_output(output, kwargs.get("overwrite", False))
     return export_checkpoint(read_checkpoint(source), output, **kwargs)
 
@@ -299,13 +300,6 @@ def verify_export(ckpt: FullCheckpoint, directory: str | os.PathLike, *, dtype: 
     """Megatron model (weights rounded through `dtype`) vs the exported reference model on `verify.fixed_batch`:
     the largest absolute logit difference at real target positions, and whether greedy and beam-4 searches over
     the batch's sources give the same token ids."""
-    from megatron_taskmoe.checkpoint_tools.models import model_from_full
-    from megatron_taskmoe.checkpoint_tools.verify import fixed_batch, model_logits
-    from megatron_taskmoe.generation import beam_search
-    from megatron_taskmoe.model.decoding import ModelDecoder
-    from megatron_taskmoe.reference.model import ReferenceDecoder
-    from megatron_taskmoe.reference.translator import load
-
     if dtype != "fp32":
         ckpt = FullCheckpoint(state={k: v.to(DTYPES[dtype]).to(v.dtype) for k, v in ckpt.state.items()},
                               meta=ckpt.meta, tokenizer=ckpt.tokenizer, source=ckpt.source)

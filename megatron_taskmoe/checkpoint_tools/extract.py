@@ -43,6 +43,7 @@ import torch
 
 from megatron_taskmoe.checkpoint_tools.full import CheckpointToolError, FullCheckpoint
 from megatron_taskmoe.checkpoint_tools.merge import ADAPTER_STACKED
+from megatron_taskmoe.checkpoint_tools.verify import checkpoint_logits, fixed_batch
 from megatron_taskmoe.config_io import to_dict
 from megatron_taskmoe.model import routing as R
 from megatron_taskmoe.model.config import ModelConfig
@@ -367,8 +368,6 @@ def table(report: dict) -> str:
 def direction_batch(full: FullCheckpoint, extracted: FullCheckpoint, **kwargs) -> tuple[dict, dict]:
     """`verify.fixed_batch` whose rows cycle through the extracted model's directions, with the ids of each
     model's id space: (batch for the full model, the same batch for the extracted model)."""
-    from megatron_taskmoe.checkpoint_tools.verify import fixed_batch
-
     batch = fixed_batch(extracted.model_config(), **kwargs)
     size = batch["src_tokens"].shape[0]
     directions = sorted(extracted.meta["task_map"]["direction_to_task"])
@@ -386,8 +385,6 @@ def direction_batch(full: FullCheckpoint, extracted: FullCheckpoint, **kwargs) -
 
 def max_logit_difference(full: FullCheckpoint, extracted: FullCheckpoint) -> float:
     """Largest |logit difference| of the two models on a fixed batch of the extracted model's directions."""
-    from megatron_taskmoe.checkpoint_tools.verify import checkpoint_logits
-
     batch_full, batch_sub = direction_batch(full, extracted)
     diff = (checkpoint_logits(full, batch_full) - checkpoint_logits(extracted, batch_sub)).abs().max()
     return float(diff) if math.isfinite(float(diff)) else math.inf

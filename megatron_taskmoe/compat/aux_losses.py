@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
+from megatron.core.transformer.moe import moe_utils
 
 
 @dataclass(kw_only=True)
@@ -51,8 +52,6 @@ def _metrics_tracker():
 
 
 def _legacy_tracker() -> dict:
-    from megatron.core.transformer.moe import moe_utils
-
     return moe_utils.get_moe_layer_wise_logging_tracker()
 
 
@@ -70,7 +69,6 @@ def record_aux_loss(name: str, value: torch.Tensor, layer_number: Optional[int],
         tracker.record(name, value, layer_number, num_layers, reduce_group=reduce_group,
                        needs_dp_avg=reduce_group is not None)
         return
-    from megatron.core.transformer.moe import moe_utils
 
     moe_utils.save_to_aux_losses_tracker(name, value, layer_number, num_layers, reduce_group=reduce_group)
 
@@ -90,7 +88,7 @@ def set_aux_loss_entries(entries: dict[str, AuxLossEntry]) -> None:
     """Replace the tracked aux losses by `entries`, in their order."""
     tracker = _metrics_tracker()
     if tracker is not None:
-        from megatron.core.transformer.moe.moe_logging import MetricEntry
+        from megatron.core.transformer.moe.moe_logging import MetricEntry  # megatron-core >= 0.18 only
 
         tracker.metrics.clear()
         for name, e in entries.items():
@@ -114,7 +112,6 @@ def reduce_aux_losses(pg_collection=None) -> None:
     if tracker is not None:
         tracker._sync_metrics(list(tracker.metrics), pg_collection)
         return
-    from megatron.core.transformer.moe import moe_utils
 
     moe_utils.reduce_aux_losses_tracker_across_ranks(pg_collection=pg_collection)
 

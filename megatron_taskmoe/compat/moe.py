@@ -25,7 +25,7 @@ def mcore_permute(tokens: torch.Tensor, routing_map: torch.Tensor, **kwargs):
 
     Without `num_out_tokens` megatron permutes every routed pair (its drop-and-pad path needs the count), which
     0.19's argsort-based permute does only when given that count: it is passed explicitly."""
-    from megatron.core.transformer.moe import moe_utils
+    from megatron.core.transformer.moe import moe_utils  # here, not at the top: see the module docstring
 
     if kwargs.get("num_out_tokens") is None:
         kwargs.update(num_out_tokens=int(routing_map.sum()), drop_and_pad=False)
@@ -43,7 +43,7 @@ def megatron_permute_fusion_available() -> bool:
     CUDA, and a Transformer Engine that provides the fused permute, unpermute and chunk-sort kernels."""
     if not torch.cuda.is_available():
         return False
-    from megatron.core.transformer.moe import moe_utils
+    from megatron.core.transformer.moe import moe_utils  # here, not at the top: see the module docstring
 
     needed = ("fused_permute", "fused_permute_with_probs", "fused_sort_chunks_by_index",
               "fused_sort_chunks_by_index_with_probs", "fused_unpermute")

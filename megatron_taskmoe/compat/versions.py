@@ -62,6 +62,8 @@ TESTED_MCORE = ("0.16.1", "0.19.2")
 
 def mcore_version() -> str:
     """The installed megatron-core release, e.g. "0.19.2" (without the "+git hash" megatron may append)."""
+    # read when asked: this module imports without megatron-core, so the version check can run (and fail clearly)
+    # before megatron-core's own import
     from megatron.core import package_info
 
     return package_info.__version__.split("+")[0]

@@ -26,6 +26,7 @@ class MultilingualDataset:
 
     def __init__(self, data_dir: str | Path, split: str, directions=None, max_src_len: int | None = None,
                  max_tgt_len: int | None = None):
+        # imported here, inside the silenced block: megatron-core warns about missing Apex/TE on import
         import warnings
 
         with warnings.catch_warnings():

@@ -19,6 +19,8 @@ import os
 import tempfile
 from pathlib import Path
 
+import yaml
+
 from megatron_taskmoe.data.bitext import DataError
 from megatron_taskmoe.data.indexed import check_indexed_dataset
 
@@ -45,8 +47,6 @@ def load_groups_file(path: Path) -> dict[str, list[str]]:
         raise DataError(f"{path}: cannot read task groups file: {e.strerror}") from None
     try:
         if str(path).endswith((".yaml", ".yml")):
-            import yaml
-
             data = yaml.safe_load(text)
         else:
             data = json.loads(text)

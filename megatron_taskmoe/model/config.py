@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_taskmoe.compat.moe import use_megatron_permute_fusion
+from megatron_taskmoe.config_io import from_dict
 from megatron_taskmoe.model.moe_config import MoEConfig
 
 ACTIVATIONS = ("relu", "gelu", "swiglu")
@@ -176,8 +177,6 @@ class ModelConfig:
     def from_record(cls, record: dict, prefix: str = "model_config.") -> "ModelConfig":
         """The model a saved record (`to_dict` of a ModelConfig, in checkpoint.json or an export) describes; fields
         the record lacks take `RECORD_DEFAULTS`, the values such models were built with."""
-        from megatron_taskmoe.config_io import from_dict
-
         return from_dict(cls, {**RECORD_DEFAULTS, **record}, prefix=prefix)
 
 
@@ -310,6 +309,8 @@ def to_transformer_config(model: ModelConfig, parallel: Optional[ParallelConfig]
     `MoEConfig.permute_backend="auto"` finds Transformer Engine's on a GPU): megatron's fusions need CUDA or
     Apex/TE, and CPU initialization builds the full weight on every rank before slicing it, so every layout starts
     from the same numbers for the same seed. `overrides` go to `TransformerConfig` last (for experiments)."""
+    # megatron-core only when called: model.config (imported by the configs, the checkpoint record and serving)
+    # imports without it
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     parallel = parallel or ParallelConfig()

@@ -31,6 +31,7 @@ import torch.distributed as dist
 from megatron.core.transformer.mlp import MLPSubmodules
 from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
+from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_taskmoe.model.adapters import TaskAdapters
@@ -84,8 +85,6 @@ class TaskMoEMLP(MoELayer):
 
     @staticmethod
     def _pg_collection_fallback():
-        from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
-
         return get_default_pg_collection()
 
     def forward(self, hidden_states: torch.Tensor, intermediate_tensors=None, padding_mask=None):

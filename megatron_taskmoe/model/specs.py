@@ -34,8 +34,10 @@ from megatron_taskmoe.compat.moe import use_megatron_permute_fusion
 from megatron_taskmoe.model.attention import DecoderCrossAttention, DecoderSelfAttention, SDPAttention
 from megatron_taskmoe.model.config import ModelConfig
 from megatron_taskmoe.model.linear import ColumnParallelLinear, RowParallelLinear
+from megatron_taskmoe.model.moe import get_moe_mlp_spec
 from megatron_taskmoe.model.norm import SequenceParallelNorm
 from megatron_taskmoe.model.task_context import TaskContext
+from megatron_taskmoe.ops.dispatcher import token_dispatcher_builder
 
 SIDES = ("encoder", "decoder")
 
@@ -59,9 +61,6 @@ def moe_mlp_spec(model: ModelConfig, side: str, task_context: TaskContext) -> Mo
     choice); "torch" keeps megatron-core's own dispatcher unchanged. On a GPU with Transformer Engine's fused
     permutation, "auto" takes megatron's dispatcher with that fusion instead (`compat.moe.
     use_megatron_permute_fusion`; `to_transformer_config` sets `moe_permute_fusion` to match)."""
-    from megatron_taskmoe.model.moe import get_moe_mlp_spec
-    from megatron_taskmoe.ops.dispatcher import token_dispatcher_builder
-
     if model.moe is None:
         raise ValueError("moe_mlp_spec: ModelConfig.moe is None (a dense model has no MoE layers)")
     backend = model.moe.permute_backend

@@ -37,6 +37,12 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
 import torch
+from megatron.core.enums import ModelType
+from megatron.core.pipeline_parallel.schedules import (
+    forward_backward_no_pipelining,
+    forward_backward_pipelining_without_interleaving,
+)
+from megatron.core.process_groups_config import ProcessGroupCollection
 
 from megatron_taskmoe.compat import aux_losses
 from megatron_taskmoe.model.config import ModelConfig, ParallelConfig, to_transformer_config
@@ -312,9 +318,6 @@ def build_stage(model: ModelConfig, parallel: ParallelConfig, *, pg_collection=N
 
     `transformer_config` defaults to `to_transformer_config(model, parallel)` with the pipeline's p2p dtype;
     `init_seed` as `EncoderDecoderModel`'s."""
-    from megatron.core.enums import ModelType
-    from megatron.core.process_groups_config import ProcessGroupCollection
-
     if pg_collection is None:
         pg_collection = ProcessGroupCollection.use_mpu_process_groups()
     if transformer_config is None:
@@ -369,11 +372,6 @@ def forward_backward(*, forward_step_func: Callable, data_iterator: Iterator[dic
     `model` is this rank's stage, wrapped (DDP) or not. With `config.variable_seq_lengths` the sizes are
     optional (shapes travel with the tensors); otherwise every micro-batch must be [micro_batch_size, src_len]
     / [micro_batch_size, tgt_len]."""
-    from megatron.core.pipeline_parallel.schedules import (
-        forward_backward_no_pipelining,
-        forward_backward_pipelining_without_interleaving,
-    )
-
     stage = unwrap(model)
     config = stage.config
     if stage.layout.num_stages == 1:

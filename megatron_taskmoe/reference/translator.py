@@ -17,7 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
+import sentencepiece as spm
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from megatron_taskmoe.data.tokenizer import language_tag_ids
 from megatron_taskmoe.generation import SearchConfig, beam_search
@@ -52,9 +55,6 @@ def _sha256(path: Path) -> str:
 
 def load_weights(model: ReferenceModel, path: Path, dtype: torch.dtype) -> None:
     """Strict load: a missing, unexpected or misshapen tensor is an error naming the file and the tensors."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     if not path.is_file():
         raise ExportFormatError(f"{path}: no such file")
     try:
@@ -75,8 +75,6 @@ def load(directory: str | Path, *, dtype: torch.dtype = torch.float32, device: s
          ) -> Exported:
     """An export directory -> `Exported`. Weights are cast to `dtype` (computation in fp32 by default, also for
     a bf16/fp16 export, whose weights are then exactly the stored ones)."""
-    import sentencepiece as spm
-
     directory = Path(directory)
     config = read_config(directory)
     model = ReferenceModel(config.model)

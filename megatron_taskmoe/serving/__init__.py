@@ -17,11 +17,11 @@ __all__ = ["NotDenseError", "densify", "refusals", "Ct2Translator", "export_ctra
 
 def __getattr__(name):
     if name == "Ct2Translator":
-        from megatron_taskmoe.serving.ctranslate2_translator import Ct2Translator
+        from megatron_taskmoe.serving.ctranslate2_translator import Ct2Translator  # optional dependency: ctranslate2
 
         return Ct2Translator
     if name in ("export_ctranslate2", "ExportVerificationError"):
-        from megatron_taskmoe.serving import export
+        from megatron_taskmoe.serving import export  # optional dependency: ctranslate2
 
         return getattr(export, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

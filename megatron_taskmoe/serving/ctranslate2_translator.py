@@ -32,9 +32,11 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import ctranslate2
+import sentencepiece as spm
 import torch
 
 from megatron_taskmoe.checkpoint_tools.full import CheckpointToolError
+from megatron_taskmoe.data.bitext import DataError, discover_bitexts, read_bitext
 from megatron_taskmoe.generation import SearchConfig, beam_search
 from megatron_taskmoe.reference.model import ReferenceDecoder
 from megatron_taskmoe.serving.ctranslate2_export import FORMAT, SERVING_FILE, TOKENIZER_FILE, check_directory
@@ -50,8 +52,6 @@ class Ct2Translator:
     def __init__(self, directory: str | os.PathLike, *, beam_size: int = 4, length_penalty: float = 1.0,
                  max_len_a: float = 1.2, max_len_b: int = 10, batch_size: int = 32, device: str = "cpu",
                  compute_type: str = "default", intra_threads: int = 0, inter_threads: int = 1):
-        import sentencepiece as spm
-
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.directory = check_directory(directory)
@@ -162,10 +162,6 @@ def bitext_test_sets(source: ReferenceSource, directions: Sequence[str], data: P
                      sentences: Optional[int]) -> list[TestSet]:
     """The first `sentences` pairs of each served direction in a raw bitext directory (as tools/evaluate.py
     reads it); CheckpointToolError naming the directory when a direction has none."""
-    import sentencepiece as spm
-
-    from megatron_taskmoe.data.bitext import DataError, discover_bitexts, read_bitext
-
     try:
         bitexts = discover_bitexts(data, splits=[split])
     except DataError as e:

@@ -16,11 +16,13 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import sentencepiece as spm
 import torch
 
 from megatron_taskmoe.checkpoint_tools.full import CheckpointToolError
 from megatron_taskmoe.reference import config as rc
 from megatron_taskmoe.reference.model import ReferenceModel
+from megatron_taskmoe.reference.translator import load
 
 
 @dataclass(kw_only=True)
@@ -44,8 +46,6 @@ class ReferenceSource:
 
     def pieces(self) -> list[str]:
         """The tokenizer's pieces in id order (the model's real vocabulary, no padding rows)."""
-        import sentencepiece as spm
-
         sp = spm.SentencePieceProcessor(model_proto=self.tokenizer)
         return [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
 
@@ -55,8 +55,6 @@ def is_export_dir(path: Path) -> bool:
 
 
 def read_export_dir(path: Path) -> ReferenceSource:
-    from megatron_taskmoe.reference.translator import load
-
     try:
         exported = load(path)
     except rc.ExportFormatError as e:
@@ -67,6 +65,7 @@ def read_export_dir(path: Path) -> ReferenceSource:
 
 
 def read_trainer(path: Path) -> ReferenceSource:
+    # megatron-core only for a trainer checkpoint: serving an export needs torch alone
     from megatron_taskmoe.checkpoint_tools.export import (check_against_model, export_config, language_tags,
                                                           reference_state)
     from megatron_taskmoe.checkpoint_tools.reading import read_checkpoint

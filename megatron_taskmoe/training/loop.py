@@ -21,6 +21,8 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from tqdm import tqdm
 
 from megatron_taskmoe.checkpoint import state as ckpt_state
 from megatron_taskmoe.checkpoint.format import CHECKPOINTS_DIR
@@ -33,7 +35,7 @@ from megatron_taskmoe.config_io import ConfigError, dump_yaml, to_dict
 from megatron_taskmoe.data.batching import BatchingConfig, BatchIterator, to_device
 from megatron_taskmoe.data.dataset import MultilingualDataset
 from megatron_taskmoe.model.config import RECORD_DEFAULTS, ModelConfig
-from megatron_taskmoe.parallel import groups
+from megatron_taskmoe.parallel import groups, pipeline
 from megatron_taskmoe.training.config import RunConfig
 from megatron_taskmoe.training.forward import make_forward_step
 from megatron_taskmoe.training.metrics import MetricsWriter
@@ -229,10 +231,6 @@ class Trainer:
         return bool(flag.item())
 
     def train_step(self) -> dict[str, Any]:
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-
-        from megatron_taskmoe.parallel import pipeline
-
         b = self.built
         b.model.zero_grad_buffer()
         b.optimizer.zero_grad()
@@ -306,8 +304,6 @@ class Trainer:
                          metrics=self.metrics, logging_rank=self.rank == 0)
 
     def train(self) -> TrainState:
-        from tqdm import tqdm
-
         cfg = self.cfg
         self._install_signal_handler()
         validator = self.build_validator() if cfg.eval.interval > 0 else None

@@ -36,7 +36,7 @@ class MetricsWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "a", encoding="utf-8")
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # tensorboard only when enabled: its import is slow
 
             self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
 

@@ -12,6 +12,8 @@ import sys
 import warnings
 
 from megatron_taskmoe.config_io import ConfigError, load_config
+from megatron_taskmoe.training.config import RunConfig
+from megatron_taskmoe.training.setup import load_corpus, resolve_model_config, world_size_from_env
 
 log = logging.getLogger("pretrain_mt")
 
@@ -22,9 +24,6 @@ def _say(message: str) -> None:
 
 
 def run(config_path: str, overrides: list[str]) -> int:
-    from megatron_taskmoe.training.config import RunConfig
-    from megatron_taskmoe.training.setup import load_corpus, resolve_model_config, world_size_from_env
-
     try:
         cfg = load_config(RunConfig, config_path, overrides)
         corpus = load_corpus(cfg)
@@ -35,6 +34,7 @@ def run(config_path: str, overrides: list[str]) -> int:
 
     warnings.filterwarnings("ignore", module="megatron")
     logging.getLogger("megatron").setLevel(logging.WARNING)  # its INFO lines list every parameter
+    # imported once megatron's warnings are silenced (above): the trainer's imports warn about missing Apex/TE
     from megatron_taskmoe import compat
     from megatron_taskmoe.parallel import groups
     from megatron_taskmoe.training.loop import NonFiniteLossError, Trainer

@@ -13,12 +13,18 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.enums import ModelType
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.transformer.module import Float16Module
 
 from megatron_taskmoe.config_io import ConfigError
 from megatron_taskmoe.data.bitext import DataError
 from megatron_taskmoe.data.manifest import load_manifest
 from megatron_taskmoe.model.config import ModelConfig, ParallelConfig, to_transformer_config
-from megatron_taskmoe.parallel import groups
+from megatron_taskmoe.model.encdec import EncoderDecoderModel
+from megatron_taskmoe.parallel import groups, pipeline
 from megatron_taskmoe.training.config import RunConfig
 
 log = logging.getLogger(__name__)
@@ -159,14 +165,6 @@ class Built:
 
 def build(cfg: RunConfig, model_cfg: ModelConfig) -> Built:
     """Process groups, model, DDP wrapper, distributed optimizer and LR scheduler (collective on all ranks)."""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-    from megatron.core.enums import ModelType
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
-    from megatron_taskmoe.model.encdec import EncoderDecoderModel
-    from megatron_taskmoe.parallel import pipeline
-
     p: ParallelConfig = cfg.parallel
     # With pipelining the embedding groups hold every stage with a copy of the shared embedding (parallel/groups.py).
     pg = groups.initialize_model_parallel(p)
@@ -194,8 +192,6 @@ def build(cfg: RunConfig, model_cfg: ModelConfig) -> Built:
     # Before DDP and the optimizer read the marks: one optimizer structure under every expert-parallel size.
     mark_expert_parameters(module)
     if bf16:
-        from megatron.core.transformer.module import Float16Module
-
         module_for_ddp = Float16Module(tconfig, module)
     else:
         module_for_ddp = module

@@ -23,6 +23,9 @@ import logging
 import sys
 from pathlib import Path
 
+# This package's imports sit inside the functions, where they are used: they import megatron-core, which is
+# slow, so the options are checked first.
+
 log = logging.getLogger("convert")
 
 

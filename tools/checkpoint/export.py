@@ -22,6 +22,9 @@ import argparse
 import json
 import sys
 
+# This package's imports sit inside the functions, where they are used: they import megatron-core, which is
+# slow, so the options are checked first.
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -39,6 +39,9 @@ import json
 import sys
 from pathlib import Path
 
+# This package's imports sit inside the functions, where they are used: they import megatron-core, which is
+# slow, so the options are checked first.
+
 QUANTIZATIONS = ("float32", "int8", "int8_float32", "int16", "float16", "bfloat16")  # CTranslate2's weight types
 
 

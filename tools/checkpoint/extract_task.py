@@ -30,6 +30,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+# This package's imports sit inside the functions, where they are used: they import megatron-core, which is
+# slow, so the options are checked first.
+
 log = logging.getLogger("extract_task")
 
 
