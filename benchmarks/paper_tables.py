@@ -336,6 +336,16 @@ def routing_markdown(check: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ main
+def signatures(out: Path, records: list[dict]) -> dict[str, list[str]]:
+    """sacrebleu's signatures of the scores behind the tables, per metric (from every run's scores.json)."""
+    found: dict[str, set] = {"bleu": set(), "chrf": set()}
+    for r in records:
+        scores = json.loads((out / "runs" / r["name"] / "scores.json").read_text())
+        for metric, by_signature in scores.get("signatures", {}).items():
+            found.setdefault(metric, set()).update(by_signature)
+    return {metric: sorted(sigs) for metric, sigs in found.items()}
+
+
 def plan(args) -> list[Run]:
     runs = []
     main = set(args.main_systems)
@@ -406,6 +416,9 @@ def main(argv=None) -> int:
               f"{scale.test_sentences or 'all'} pairs per direction, beam {scale.beam}. Cells: mean ± sample std "
               f"over seeds where there are several. Low-resource (1/{round(1 / scale.low_resource_fraction)} of "
               f"the training pairs): {', '.join(LOW_RESOURCE)}.")
+    doc["signatures"] = signatures(out, records)
+    md.append("sacrebleu signatures: " + "; ".join(f"{m.upper()} `{sig}`" for m, sigs in doc["signatures"].items()
+                                                   for sig in sigs) + ".")
     for metric in ("bleu", "chrf"):
         cols, table = aggregate(t2, metric)
         doc[f"table2_{metric}"] = table
