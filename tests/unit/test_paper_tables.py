@@ -1,7 +1,7 @@
 """The paper-table benchmark's bookkeeping: which runs it plans, and how per-seed scores become table cells."""
 
-import json
 import importlib.util
+import json
 import statistics
 import sys
 from pathlib import Path
