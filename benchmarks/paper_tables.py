@@ -35,6 +35,7 @@ import shutil
 import statistics
 import sys
 import time
+from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -338,11 +339,11 @@ def routing_markdown(check: dict) -> str:
 # ------------------------------------------------------------------------------------------------ main
 def signatures(out: Path, records: list[dict]) -> dict[str, list[str]]:
     """sacrebleu's signatures of the scores behind the tables, per metric (from every run's scores.json)."""
-    found: dict[str, set] = {"bleu": set(), "chrf": set()}
+    found: dict[str, set] = defaultdict(set)
     for r in records:
         scores = json.loads((out / "runs" / r["name"] / "scores.json").read_text())
         for metric, by_signature in scores.get("signatures", {}).items():
-            found.setdefault(metric, set()).update(by_signature)
+            found[metric].update(by_signature)
     return {metric: sorted(sigs) for metric, sigs in found.items()}
 
 
@@ -417,8 +418,9 @@ def main(argv=None) -> int:
               f"over seeds where there are several. Low-resource (1/{round(1 / scale.low_resource_fraction)} of "
               f"the training pairs): {', '.join(LOW_RESOURCE)}.")
     doc["signatures"] = signatures(out, records)
-    md.append("sacrebleu signatures: " + "; ".join(f"{m.upper()} `{sig}`" for m, sigs in doc["signatures"].items()
-                                                   for sig in sigs) + ".")
+    if doc["signatures"]:
+        md.append("sacrebleu signatures: " + "; ".join(f"{m.upper()} `{sig}`" for m, sigs in doc["signatures"].items()
+                                                       for sig in sigs) + ".")
     for metric in ("bleu", "chrf"):
         cols, table = aggregate(t2, metric)
         doc[f"table2_{metric}"] = table
