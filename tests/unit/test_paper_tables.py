@@ -1,6 +1,7 @@
 """The paper-table benchmark's bookkeeping: which runs it plans, and how per-seed scores become table cells."""
 
 import importlib.util
+import json
 import statistics
 import sys
 from pathlib import Path
@@ -55,3 +56,12 @@ def test_aggregate_averages_per_seed_then_reports_mean_and_std(pt):
     assert pt.cell(table["Y"]["avg"]) == "6.0"
     md = pt.markdown(cols, table, ["X", "Y", "absent"])
     assert md.count("\n") == 3 and "| Y | 4.0 | 10.0 |" in md
+
+
+def test_signatures_collects_every_runs_sacrebleu_signatures(pt, tmp_path):
+    for name, sig in (("a", "tok:13a"), ("b", "tok:zh")):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        (tmp_path / "runs" / name / "scores.json").write_text(json.dumps(
+            {"signatures": {"bleu": {sig: ["de-en"]}, "chrf": {"nc:6": ["de-en"]}}}))
+    got = pt.signatures(tmp_path, [{"name": "a"}, {"name": "b"}])
+    assert got == {"bleu": ["tok:13a", "tok:zh"], "chrf": ["nc:6"]}
