@@ -117,6 +117,18 @@ def vocab_parallel_label_smoothed_ce(
     return nll_TB + eps * (target_logit_TB - mean_logit_TB)
 
 
+def _bias_add_residual(layer, bda, out: tuple, residual: torch.Tensor) -> torch.Tensor:
+    """megatron's bias-dropout-add of a layer in eval mode (dropout off): (output + bias) + residual, the arithmetic
+    of its in-place inference path, without the call through its fusion wrapper; megatron's own where the residual
+    and the output differ in dtype (its releases cast them differently)."""
+    x, bias = out
+    if x.dtype != residual.dtype:
+        return bda(False, layer.config.bias_dropout_fusion)(out, residual, layer.hidden_dropout)
+    if bias is not None:
+        x = x + bias
+    return x + residual
+
+
 def _gather_index(x: Optional[torch.Tensor], index_N: torch.Tensor, dim: int = 0) -> Optional[torch.Tensor]:
     return None if x is None else x.index_select(dim, index_N)
 
@@ -529,16 +541,14 @@ class EncoderDecoderModel(LanguageModule):
         for layer in block.layers:
             residual = hidden_QND
             out = layer.self_attention(layer.input_layernorm(hidden_QND), None, inference_context=cache)
-            hidden_QND = layer.self_attn_bda(False, layer.config.bias_dropout_fusion)(out, residual,
-                                                                                       layer.hidden_dropout)
+            hidden_QND = _bias_add_residual(layer, layer.self_attn_bda, out, residual)
             residual = hidden_QND
             out = layer.cross_attention(layer.pre_cross_attn_layernorm(hidden_QND), None,
                                         key_value_states=encoder_SBD, inference_context=cache)
-            hidden_QND = layer.cross_attn_bda(False, layer.config.bias_dropout_fusion)(out, residual,
-                                                                                        layer.hidden_dropout)
+            hidden_QND = _bias_add_residual(layer, layer.cross_attn_bda, out, residual)
             residual = hidden_QND
             out = layer.mlp(layer.pre_mlp_layernorm(hidden_QND), padding_mask=padding_mask_NQ)
-            hidden_QND = layer.mlp_bda(False, layer.config.bias_dropout_fusion)(out, residual, layer.hidden_dropout)
+            hidden_QND = _bias_add_residual(layer, layer.mlp_bda, out, residual)
         if block.final_layernorm is not None:
             hidden_QND = block.final_layernorm(hidden_QND)
         return hidden_QND

@@ -14,9 +14,10 @@ hand to their attention modules; our decoder attention modules (`attention.Decod
 * cross-attention: per layer, the keys/values of the encoder output [L, Hkv, S, Dh], computed once per batch at
   the first step, and the source padding mask [L, S]. The K hypotheses of a sentence are consecutive rows, so a
   step attends with the K queries of a sentence against its one copy of the encoder keys (no copy per hypothesis);
-* `reorder(parent_N, sentences_L)`: beam reordering (row n continues former row parent_N[n]) copies the
-  self-attention buffers into spare ones (one copy per layer, no allocation while the size holds); dropping the
-  finished sentences also selects their rows of the cross-attention keys/values and of the source mask.
+* `reorder(parent_N, sentences_L)`: beam reordering (row n continues former row parent_N[n]) copies the cached
+  positions of the self-attention buffers into spare ones (one gather per tensor and layer, no allocation while the
+  size holds); dropping the finished sentences also selects their rows of the cross-attention keys/values and of
+  the source mask.
 
 Legend: B batch (source sentences), L live sentences, K hypotheses per sentence, N = L*K rows, S source length,
 T_max cache capacity (positions), Hkv key/value heads on this tensor-parallel rank, Dh head dim.
@@ -133,8 +134,10 @@ class DecoderCache(BaseInferenceContext):
             spare = self._spare.get(layer)
             if spare is None or spare[0].shape[0] != rows:
                 spare = (k.new_empty((rows, *k.shape[1:])), v.new_empty((rows, *v.shape[1:])))
-            # Only the cached positions matter; copying whole rows keeps it one contiguous gather per tensor.
-            torch.index_select(k, 0, parent_N, out=spare[0])
-            torch.index_select(v, 0, parent_N, out=spare[1])
+            # Only the cached positions are copied (a gather into the spare buffers' first `length` positions):
+            # copying whole rows would cost the capacity at every step.
+            t = self.length
+            torch.index_select(k[:, :, :t], 0, parent_N, out=spare[0][:, :, :t])
+            torch.index_select(v[:, :, :t], 0, parent_N, out=spare[1][:, :, :t])
             self._self_kv[layer], self._spare[layer] = spare, (k, v)
         self.rows = rows

@@ -1,5 +1,6 @@
 """Our spec modules against references: SDPA core attention vs megatron's DotProductAttention, the
-sequence-parallel norm vs torch's norms, and the tensor-parallel-safe label-smoothed cross-entropy vs torch."""
+sequence-parallel norm vs torch's norms, the embedding's inference path vs megatron's forward, and the
+tensor-parallel-safe label-smoothed cross-entropy vs torch."""
 
 import pytest
 import torch
@@ -7,6 +8,7 @@ import torch.nn.functional as F
 
 from megatron_taskmoe.model import presets
 from megatron_taskmoe.model.config import to_transformer_config
+from megatron_taskmoe.model.embedding import ScaledEmbedding
 from megatron_taskmoe.parallel import groups
 
 
@@ -101,3 +103,25 @@ def test_label_smoothed_ce_matches_torch(megatron_world1, smoothing, real_vocab)
     logits.grad = None
     expected.sum().backward()
     torch.testing.assert_close(grad_ours, logits.grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("scale", [1.0, 128 ** 0.5])
+def test_embedding_inference_path_equals_megatron_forward(megatron_world1, scale):
+    """Without gradients in eval mode the embedding skips megatron's forward; the numbers are its, bit for bit."""
+    cfg = to_transformer_config(presets.tiny())
+    emb = ScaledEmbedding(config=cfg, vocab_size=64, max_sequence_length=16,
+                          position_embedding_type="learned_absolute", scale=scale).eval()
+    g = torch.Generator().manual_seed(0)
+    tokens_BX = torch.randint(0, 64, (3, 5), generator=g)
+    positions_BX = torch.randint(0, 16, (3, 5), generator=g)
+    with torch.enable_grad():  # megatron's forward
+        expected_XBD = emb(tokens_BX, positions_BX).detach()
+    assert not emb._plain_inference(None)
+    with torch.no_grad():
+        assert emb._plain_inference(None)
+        got_XBD = emb(tokens_BX, positions_BX)
+    assert got_XBD.shape == (5, 3, cfg.hidden_size) and got_XBD.is_contiguous()
+    assert torch.equal(got_XBD, expected_XBD)
+    emb.train()  # dropout on: megatron's forward
+    with torch.no_grad():
+        assert not emb._plain_inference(None)
