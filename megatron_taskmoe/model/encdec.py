@@ -486,11 +486,15 @@ class EncoderDecoderModel(LanguageModule):
             cache.source_mean_BD = self._source_mean(state.output_SBD, state.src_padding_mask_BS)
         return cache
 
-    @torch.no_grad()
     def decode_next(self, state: EncoderState, cache: DecoderCache, tokens_N: torch.Tensor) -> torch.Tensor:
         """Append `tokens_N` to the cached hypotheses (bos at the first step); log-probabilities [N, V] of the
-        next token, computed for the last position only."""
-        self._require_whole_model("decode_next")
+        next token, computed for the last position only. Runs without gradients (the search calls it so; the
+        layout is checked at the first step: a step costs little more than these checks at small widths)."""
+        if torch.is_grad_enabled():
+            with torch.no_grad():
+                return self.decode_next(state, cache, tokens_N)
+        if cache.length == 0:
+            self._require_whole_model("decode_next")
         return self._last_position_logprobs(self._decoder_layers_next(state, cache, tokens_N))
 
     def _decoder_layers_next(self, state: EncoderState, cache: DecoderCache, tokens_N: torch.Tensor) -> torch.Tensor:
