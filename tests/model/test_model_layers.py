@@ -1,6 +1,6 @@
 """Our spec modules against references: SDPA core attention vs megatron's DotProductAttention, the
-sequence-parallel norm vs torch's norms, the embedding's inference path vs megatron's forward, and the
-tensor-parallel-safe label-smoothed cross-entropy vs torch."""
+sequence-parallel norm vs torch's norms, the inference paths of the embedding and the parallel linears vs
+megatron's forward, and the tensor-parallel-safe label-smoothed cross-entropy vs torch."""
 
 import pytest
 import torch
@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from megatron_taskmoe.model import presets
 from megatron_taskmoe.model.config import to_transformer_config
 from megatron_taskmoe.model.embedding import ScaledEmbedding
+from megatron_taskmoe.model.linear import ColumnParallelLinear, RowParallelLinear
 from megatron_taskmoe.parallel import groups
 
 
@@ -125,3 +126,26 @@ def test_embedding_inference_path_equals_megatron_forward(megatron_world1, scale
     emb.train()  # dropout on: megatron's forward
     with torch.no_grad():
         assert not emb._plain_inference(None)
+
+
+@pytest.mark.parametrize("bias,skip_bias_add", [(False, False), (True, False), (True, True)])
+def test_parallel_linears_inference_path_equals_megatron_forward(megatron_world1, bias, skip_bias_add):
+    """Without gradients the linears skip megatron's autograd wrappers; the numbers are its, bit for bit."""
+    cfg = to_transformer_config(presets.tiny())
+    init = torch.nn.init.normal_
+    column = ColumnParallelLinear(32, 48, config=cfg, init_method=init, bias=bias, skip_bias_add=skip_bias_add)
+    row = RowParallelLinear(48, 32, config=cfg, init_method=init, bias=bias, input_is_parallel=True,
+                            skip_bias_add=skip_bias_add)
+    for layer in (column, row):
+        if bias:
+            torch.nn.init.normal_(layer.bias)
+    x_QND = torch.randn(2, 3, 32, generator=torch.Generator().manual_seed(0))
+    with torch.enable_grad():  # megatron's forward
+        h_expected, hb_expected = column(x_QND)
+        y_expected, yb_expected = row(h_expected)
+    with torch.no_grad():
+        h, hb = column(x_QND)
+        y, yb = row(h)
+    assert torch.equal(h, h_expected.detach()) and torch.equal(y, y_expected.detach())
+    for got, expected in ((hb, hb_expected), (yb, yb_expected)):
+        assert (got is None) == (expected is None) and (got is None or torch.equal(got, expected))
