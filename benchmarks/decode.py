@@ -19,8 +19,9 @@ length), so that every path does the same number of steps on the same shapes:
 
 It prints source sentences/s and target tokens/s per path, the speed-up over the recompute (goal >= 5x at 64
 target tokens) and our time over the peer's (goal <= 1.3; for MoE systems the peer is the dense model of the same
-sizes, so the ratio includes the experts' and adapters' extra work). Each figure is the best of `--repeats` runs
-(the recompute: `--recompute-repeats`), interleaved so that machine noise hits every path alike. Sizes: `demo` is
+sizes, so the ratio includes the experts' and adapters' extra work). Each batch is translated `--repeats` times by
+each path (the recompute: `--recompute-repeats`), the paths taking turns batch by batch so that machine noise hits
+every path alike; a path's time is the sum over the batches of its best time on each. Sizes: `demo` is
 examples/configs/demo_bible.yaml's model (d 128, FFN 256, 4 heads, 2+2 layers, 4 experts, vocabulary 4000);
 `paper_width` the paper's layer width (d 1024, FFN 4096, 16 heads, 8 experts, vocabulary 32000) with 2+2 layers.
 Weights are random (speed does not depend on them). CPU fp32, or the GPU in bf16 when there is one.
@@ -210,14 +211,34 @@ def run_peer(peer: PeerModel, batch, search, device) -> list[list[int]]:
     return beam_search(decoder, **search_kwargs(batch, search, device))
 
 
-def timed(fn, data, clock) -> tuple[float, list]:
+def timed(fn, batch, clock) -> tuple[float, list]:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     start = clock()
-    out = [hyp for batch in data for hyp in fn(batch)]
+    out = fn(batch)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return clock() - start, out
+
+
+def interleaved(paths: dict, data: list, repeats: dict, clock) -> tuple[dict, dict]:
+    """Each path's summed best time over the batches and its outputs (first repeat). `paths[name]` is (translate
+    one batch, how many of the first batches that path runs); the paths take turns on every batch, `repeats[name]`
+    times each (0: the path is skipped)."""
+    total = {name: 0.0 for name in paths}
+    outs = {name: [] for name in paths}
+    for i, batch in enumerate(data):
+        best = {}
+        for r in range(max(repeats.values())):
+            for name, (fn, limit) in paths.items():
+                if r < repeats[name] and i < limit:
+                    t, out = timed(fn, batch, clock)
+                    best[name] = min(best.get(name, math.inf), t)
+                    if r == 0:
+                        outs[name].extend(out)
+        for name, t in best.items():
+            total[name] += t
+    return total, outs
 
 
 @torch.no_grad()
@@ -275,21 +296,16 @@ def main() -> None:
                     rec_data = batches(sentences[:n_rec], bsz, device)
                     run_ours(model, data[0], search, device, True)  # warm-up
                     run_peer(peer, data[0], search, device)
-                    best = {"ours": math.inf, "recompute": math.inf, "peer": math.inf}
-                    outs = {}
-                    for r in range(max(args.repeats, args.recompute_repeats)):
-                        if r < args.repeats:
-                            t, outs["ours"] = timed(lambda b: run_ours(model, b, search, device, True), data,
-                                                    clock)
-                            best["ours"] = min(best["ours"], t)
-                            t, _ = timed(lambda b: run_peer(peer, b, search, device), data, clock)
-                            best["peer"] = min(best["peer"], t)
-                        if r < args.recompute_repeats:
-                            t, outs["recompute"] = timed(lambda b: run_ours(model, b, search, device, False),
-                                                         rec_data, clock)
-                            best["recompute"] = min(best["recompute"], t)
-                    sent = {"ours": args.sentences / best["ours"], "peer": args.sentences / best["peer"],
-                            "recompute": n_rec / best["recompute"]}
+                    paths = {"ours": (lambda b: run_ours(model, b, search, device, True), len(data)),
+                             "peer": (lambda b: run_peer(peer, b, search, device), len(data)),
+                             "recompute": (lambda b: run_ours(model, b, search, device, False), len(rec_data))}
+                    best, outs = interleaved(paths, data, {"ours": args.repeats, "peer": args.repeats,
+                                                           "recompute": args.recompute_repeats}, clock)
+                    sent = {"ours": args.sentences / best["ours"], "peer": args.sentences / best["peer"]}
+                    if args.recompute_repeats:
+                        sent["recompute"] = n_rec / best["recompute"]
+                    else:
+                        outs.pop("recompute")
                     if "recompute" in outs:
                         recompute = (f"{sent['recompute']:9.2f} {sent['recompute'] * args.tokens:9.0f}",
                                      f"{sent['ours'] / sent['recompute']:7.1f}x",
