@@ -3,6 +3,7 @@
 
     python benchmarks/serving.py --out runs/serving                                  # paper width, 32 experts
     python benchmarks/serving.py --out runs/serving_small --size small --experts 16 --steps 600
+    python benchmarks/serving.py --out runs/serving_untrained --untrained                 # throughput only
 
 Their claim: a task-level MoE's sub-network for one task (here: one target language) is a small dense model that
 serves at 1.9x (32 experts) to 2.6x (128 experts) the throughput of a token-level MoE of the same quality, which must
@@ -11,7 +12,11 @@ be served whole. In order (each step is skipped when its output exists, so an in
               sentencepiece tokenizer and megatron indexed datasets;
   2. train    two models with the same sizes, experts, data order, token budget and seed: the presets
               `kudugunta_token` (every token routed by its representation, top-2) and `kudugunta_target` (both sides
-              routed by target language, top-2), `--steps` steps of pretrain_mt.py each;
+              routed by target language, top-2), `--steps` steps of pretrain_mt.py each. With `--untrained` each
+              model is only initialised as pretrain_mt.py would at step 0 for the same config (training/initial.py:
+              no optimizer, no DDP buffers, so the paper width fits a machine that cannot train it) and written to
+              OUT/<system>/model.safetensors, and the steps below run on those files: throughput does not depend
+              on training, but untrained models translate nothing (their BLEU/chrF mean nothing, outputs run long);
   3. serve    the task-MoE's sub-network for `--target-lang` (tools/checkpoint/extract_task.py --verify), and that
               sub-network as a dense CTranslate2 model in float32 and int8 (tools/checkpoint/export_ctranslate2.py,
               --verify on the float32 conversion);
@@ -59,11 +64,12 @@ from megatron_taskmoe.training.config import RunConfig  # noqa: E402
 PY = sys.executable
 
 # Widths beside the presets: "paper_width" is Kudugunta et al.'s / Pham et al.'s layer width (d 1024, FFN 4096, 16
-# heads) with 2+2 layers so that it fits a CPU; "small" is a quick CPU variant.
+# heads) with 2+2 layers so that it fits a CPU; "small" is a quick CPU variant; "tiny" is for the tests.
 SIZES = {
     "paper_width": dict(hidden_size=1024, ffn_hidden_size=4096, num_attention_heads=16, encoder_layers=2,
                         decoder_layers=2),
     "small": dict(hidden_size=256, ffn_hidden_size=1024, num_attention_heads=4, encoder_layers=2, decoder_layers=2),
+    "tiny": dict(hidden_size=64, ffn_hidden_size=128, num_attention_heads=2, encoder_layers=2, decoder_layers=2),
 }
 SYSTEMS = ("token", "task")
 
@@ -117,13 +123,31 @@ def run_config(args, system: str, out: Path) -> dict:
     }
 
 
+MODEL_FILE = "model.safetensors"
+"""`--untrained`: each system's initial model, a single-file checkpoint in OUT/<system>/."""
+
+
+def model_path(args, out: Path, system: str) -> Path:
+    """What the serving steps read: the trainer's run directory, or with --untrained the initial model's file."""
+    return out / system / (MODEL_FILE if args.untrained else "run")
+
+
+def _done(record_path: Path, cfg: dict, untrained: bool) -> dict | None:
+    """The record of `train`/`initialise` when it was written for `cfg` in the same mode, None otherwise."""
+    if not record_path.exists():
+        return None
+    record = json.loads(record_path.read_text())
+    same = same_config(RunConfig, record.get("config") or {}, cfg) and bool(record.get("untrained")) == untrained
+    return record if same else None
+
+
 def train(args, system: str, out: Path) -> dict:
     d = out / system
     d.mkdir(parents=True, exist_ok=True)
     cfg = run_config(args, system, out)
     record_path = d / "trained.json"
-    if record_path.exists() and same_config(RunConfig, json.loads(record_path.read_text()).get("config") or {}, cfg):
-        return json.loads(record_path.read_text())
+    if (record := _done(record_path, cfg, untrained=False)) is not None:
+        return record
     shutil.rmtree(d / "run", ignore_errors=True)
     (d / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     seconds = sh([PY, "pretrain_mt.py", "--config", str(d / "config.yaml")], d / "train.log", args.threads)
@@ -135,15 +159,42 @@ def train(args, system: str, out: Path) -> dict:
     return record
 
 
+def initialise(args, system: str, out: Path) -> dict:
+    """`--untrained`: the model `train` would start from (`training.initial.initial_checkpoint` on the same config),
+    written atomically to OUT/<system>/model.safetensors in this process (call `compat.apply()` first)."""
+    # megatron-core is imported only when a model is built: --help and the data step answer without it
+    from megatron_taskmoe.checkpoint_tools.single_file import write_single_file
+    from megatron_taskmoe.config_io import from_dict
+    from megatron_taskmoe.training.initial import initial_checkpoint
+
+    d = out / system
+    d.mkdir(parents=True, exist_ok=True)
+    cfg = run_config(args, system, out)
+    record_path, path = d / "trained.json", model_path(args, out, system)
+    if path.exists() and (record := _done(record_path, cfg, untrained=True)) is not None:
+        return record
+    (d / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    start = time.perf_counter()
+    ckpt = initial_checkpoint(from_dict(RunConfig, cfg))
+    write_single_file(ckpt, path, overwrite=True)
+    seconds = time.perf_counter() - start
+    record = {"config": cfg, "untrained": True, "init_s": round(seconds, 1), "parameters": ckpt.num_parameters(),
+              "model": str(path)}
+    del ckpt
+    write_text_atomic(record_path, json.dumps(record, indent=2))
+    print(f"  initialised {system}: {record['parameters']:,} parameters in {seconds:.0f}s -> {path}", flush=True)
+    return record
+
+
 # ------------------------------------------------------------------------------------------------ 3. serving forms
 def serving_forms(args, out: Path) -> dict:
     """The extracted task sub-network, its CTranslate2 models, and (reference decoder) export directories."""
     logs = out / "logs"
     logs.mkdir(exist_ok=True)
-    sub = out / "task" / f"extracted_{args.target_lang}"
+    sub = out / "task" / f"extracted_{args.target_lang}{'.safetensors' if args.untrained else ''}"
     paths = {"extracted": sub}
     if not sub.exists():
-        sh([PY, "tools/checkpoint/extract_task.py", str(out / "task" / "run"), str(sub), "--target-lang",
+        sh([PY, "tools/checkpoint/extract_task.py", str(model_path(args, out, "task")), str(sub), "--target-lang",
             args.target_lang, "--verify"], logs / "extract.log", args.threads)
     for quantization in ("float32", "int8"):
         ct2 = out / "task" / f"ct2_{args.target_lang}_{quantization}"
@@ -154,7 +205,8 @@ def serving_forms(args, out: Path) -> dict:
                 cmd += ["--verify", "--verify-data", str(out / "bible"), "--verify-sentences", "8"]
             sh(cmd, logs / f"export_ctranslate2_{quantization}.log", args.threads)
     if args.decoder == "reference":
-        for name, src in (("token", out / "token" / "run"), ("task", out / "task" / "run"), ("extracted", sub)):
+        for name, src in (("token", model_path(args, out, "token")), ("task", model_path(args, out, "task")),
+                          ("extracted", sub)):
             exported = out / "exports" / name
             paths[f"export_{name}"] = exported
             if not exported.exists():
@@ -191,7 +243,8 @@ def translators(args, paths: dict, out: Path) -> tuple[dict[str, Callable], dict
 
         compat.apply()
         config = TranslatorConfig(beam_size=args.beam, batch_size=args.batch)
-        for name, path in (("token-MoE (whole)", out / "token" / "run"), ("task-MoE (whole)", out / "task" / "run"),
+        for name, path in (("token-MoE (whole)", model_path(args, out, "token")),
+                           ("task-MoE (whole)", model_path(args, out, "task")),
                            ("task-MoE (extracted)", paths["extracted"])):
             loaded = load_checkpoint(path, device="cpu")
             fns[name], params[name] = Translator(loaded, config).translate_ids, _count(loaded.model)
@@ -262,10 +315,19 @@ def measure(args, fns: dict[str, Callable], tests: dict, detokenize: Callable[[l
     return results
 
 
+UNTRAINED_NOTE = ("UNTRAINED models (initialised as pretrain_mt.py at step 0, not trained): throughput only; BLEU "
+                  "and chrF are not meaningful and the outputs run to the length limit")
+"""What results.md and results.json say of an `--untrained` run."""
+
+
 def markdown(args, results: dict, params: dict, decoder: str, load: str, directions: list[str]) -> str:
-    lines = [f"# Serving a token-MoE and a task-MoE (Kudugunta et al. 2021), size `{args.size}`", "",
-             f"{SIZES[args.size]}, {args.experts} experts top-2 every {args.layer_freq} layer(s); {args.steps} "
-             f"training steps of <= {args.max_tokens} tokens; test sources: the first {args.sentences} of "
+    title = f"# Serving a token-MoE and a task-MoE (Kudugunta et al. 2021), size `{args.size}`"
+    training = (f"{args.steps} training steps of <= {args.max_tokens} tokens" if not args.untrained else
+                "untrained: BLEU/chrF below are not meaningful")
+    lines = [title + (", UNTRAINED models (throughput only)" if args.untrained else ""), "",
+             *([f"**{UNTRAINED_NOTE}.**", ""] if args.untrained else []),
+             f"{SIZES[args.size]}, {args.experts} experts top-2 every {args.layer_freq} layer(s); {training}; "
+             f"test sources: the first {args.sentences} of "
              f"{', '.join(directions)}; beam {args.beam}, batches of {args.batch}, {args.threads} thread(s); "
              f"{args.repeats} interleaved repeats. Our decoder: `{decoder}`. Load at start: {load}.", "",
              "| system | parameters served | target tokens/s | sentences/s | x token-MoE | BLEU | chrF |",
@@ -291,10 +353,12 @@ def parse_args(argv=None):
     p.add_argument("--size", choices=sorted(SIZES), default="paper_width")
     p.add_argument("--experts", type=int, default=32, help="experts per MoE layer (Kudugunta et al.: 32 -> 1.9x)")
     p.add_argument("--layer-freq", type=int, default=2, help="an MoE FFN every this many layers (GShard: 2)")
-    p.add_argument("--steps", type=int, default=400, help="training steps of each model")
-    p.add_argument("--max-tokens", type=int, default=2048, help="tokens per training batch")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup-steps", type=int, default=100)
+    p.add_argument("--untrained", action="store_true", help="do not train: serve each model as pretrain_mt.py "
+                   "initialises it (throughput only; BLEU/chrF not meaningful; needs no training memory)")
+    p.add_argument("--steps", type=int, default=400, help="training steps of each model (unused with --untrained)")
+    p.add_argument("--max-tokens", type=int, default=2048, help="tokens per training batch (unused with --untrained)")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (unused with --untrained)")
+    p.add_argument("--warmup-steps", type=int, default=100, help="learning-rate warmup steps (unused with --untrained)")
     p.add_argument("--languages", nargs="+", default=["fr", "de"], help="languages paired with English")
     p.add_argument("--vocab-size", type=int, default=4000)
     p.add_argument("--target-lang", default="en", help="the served target language (its directions are measured)")
@@ -303,7 +367,7 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--threads", type=int, default=2, help="intra-op threads of every system and of each training")
     p.add_argument("--jobs", type=int, default=1, help="models trained at a time (2: both at once, each with "
-                   "--threads threads)")
+                   "--threads threads; unused with --untrained)")
     p.add_argument("--repeats", type=int, default=2, help="interleaved timing repeats")
     p.add_argument("--decoder", choices=("trainer", "reference"), default="trainer",
                    help="our decoder: inference.Translator on checkpoints or ReferenceTranslator on exports")
@@ -313,6 +377,12 @@ def parse_args(argv=None):
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.target_lang != "en" and args.target_lang not in args.languages:
         p.error(f"--target-lang {args.target_lang} is not English nor one of --languages {args.languages}")
+    for system in SYSTEMS:  # one --out per mode: the serving forms of one mode would be reused by the other
+        record = args.out / system / "trained.json"
+        if record.is_file() and bool(json.loads(record.read_text()).get("untrained")) != args.untrained:
+            held = "untrained" if not args.untrained else "trained"
+            p.error(f"--out {args.out} holds {held} models ({record}); use another --out "
+                    f"{'with' if args.untrained else 'without'} --untrained")
     return args
 
 
@@ -323,9 +393,22 @@ def main(argv=None) -> int:
     load = f"{os.getloadavg()[0]:.1f} (1-min loadavg, {os.cpu_count()} CPUs, {host_platform.processor() or 'cpu'})"
     print(f"== data ({', '.join(args.languages)} <-> en)", flush=True)
     data = prepare(args, out)
-    print(f"== train token-MoE and task-MoE ({args.size}, {args.experts} experts, {args.steps} steps)", flush=True)
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        trained = dict(zip(SYSTEMS, pool.map(lambda s: train(args, s, out), SYSTEMS)))
+    if args.untrained:
+        import torch
+
+        from megatron_taskmoe import compat
+
+        torch.set_num_threads(args.threads)
+        print(f"== initialise token-MoE and task-MoE ({args.size}, {args.experts} experts; untrained)", flush=True)
+        warnings.filterwarnings("ignore")
+        logging.getLogger("megatron").setLevel(logging.ERROR)
+        compat.apply()
+        trained = {s: initialise(args, s, out) for s in SYSTEMS}
+    else:
+        print(f"== train token-MoE and task-MoE ({args.size}, {args.experts} experts, {args.steps} steps)",
+              flush=True)
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            trained = dict(zip(SYSTEMS, pool.map(lambda s: train(args, s, out), SYSTEMS)))
     print(f"== extract the task-MoE's sub-network into {args.target_lang}; CTranslate2 float32 / int8", flush=True)
     paths = serving_forms(args, out)
 
@@ -341,7 +424,8 @@ def main(argv=None) -> int:
     print(f"== measure ({decoder}; load {load})", flush=True)
     results = measure(args, fns, tests, sp.decode)
     md = markdown(args, results, params, decoder, load, sorted(tests))
-    doc = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "data": data,
+    doc = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+           "untrained": args.untrained, **({"note": UNTRAINED_NOTE} if args.untrained else {}), "data": data,
            "trained": trained, "parameters": params, "decoder": decoder, "load_at_start": load,
            "load_at_end": os.getloadavg()[0], "results": results}
     write_text_atomic(out / "results.json", json.dumps(doc, indent=2))

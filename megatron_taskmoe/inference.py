@@ -6,7 +6,9 @@ the `model_config` recorded in `checkpoint.json` with TP = PP = EP = 1, and read
 distributed checkpoint into it. Sharded tensors carry their global offsets, so `dist_checkpointing.load` reshards
 from whatever layout the run was saved with (expert-parallel ranks' local experts, tensor-parallel slices); the
 optimizer part is never read. The tokenizer copied beside the checkpoint must hash to the recorded sha256: the
-model's embedding rows mean nothing with another sentencepiece model.
+model's embedding rows mean nothing with another sentencepiece model. It also takes a single `.safetensors` file
+(`load_single_file`: `tools/checkpoint/convert.py --single-file`, `extract_task.py` outputs), which carries the
+whole model, its record and its tokenizer.
 
 `Translator` turns raw sentences into exactly the source the trainer saw (`data/dataset.py`: `<2tgt>` + pieces +
 eos, truncated to the model's positions) with the direction's task id and language ids, decodes incrementally with
@@ -31,6 +33,8 @@ import torch
 
 from megatron_taskmoe.checkpoint.format import CHECKPOINTS_DIR, MARKER, TOKENIZER_FILE
 from megatron_taskmoe.checkpoint.manager import CheckpointInfo, resolve_checkpoint
+from megatron_taskmoe.checkpoint_tools.full import CheckpointToolError
+from megatron_taskmoe.checkpoint_tools.single_file import is_single_file, read_meta, read_single_file
 from megatron_taskmoe.config_io import ConfigError
 from megatron_taskmoe.data.bitext import DataError
 from megatron_taskmoe.data.batching import collate
@@ -113,41 +117,69 @@ def find_checkpoint(path: str | Path) -> CheckpointInfo:
     raise CheckpointError(errors[0] + " (nor under checkpoints/)")
 
 
-def _check_tokenizer(path: Path, want: Optional[str], checkpoint: Path) -> Tokenizer:
-    if not path.is_file():
+def checkpoint_record(path: str | Path) -> tuple[Path, dict]:
+    """(what `load_checkpoint(path)` reads: a checkpoint directory or a single file, its record), without reading
+    the model, so that a wrong path or direction fails before the slow load; CheckpointError else."""
+    if is_single_file(path):
+        try:
+            return Path(path), read_meta(path)
+        except CheckpointToolError as e:
+            raise CheckpointError(str(e)) from None
+    info = find_checkpoint(path)
+    return info.path, info.meta
+
+
+def _check_tokenizer(path: Path, want: Optional[str], record: str, proto: Optional[bytes] = None) -> Tokenizer:
+    """The tokenizer at `path` (or of bytes `proto`, read from `path`) if it hashes to `want` (recorded in
+    `record`); CheckpointError otherwise."""
+    if proto is None and not path.is_file():
         raise CheckpointError(f"{path}: tokenizer not found (the trainer copies {TOKENIZER_FILE} beside "
-                              f"{checkpoint}/{MARKER}; pass tokenizer= to use another copy)")
+                              f"{record}; pass tokenizer= to use another copy)")
     try:
-        tokenizer = Tokenizer(path)
+        tokenizer = Tokenizer(path, model_proto=proto)
     except DataError as e:
         raise CheckpointError(str(e)) from None
     got = tokenizer.sha256()
     if want is not None and got != want:
         raise CheckpointError(f"{path}: sha256 {got[:12]}... differs from the tokenizer the model was trained with "
-                              f"({want[:12]}..., recorded in {checkpoint}/{MARKER})")
+                              f"({want[:12]}..., recorded in {record})")
     return tokenizer
+
+
+def _model_config(meta: dict, record: str) -> ModelConfig:
+    """The model config of a checkpoint record that has what inference needs; CheckpointError naming `record`."""
+    for key in ("model_config", "task_map", "languages"):
+        if key not in meta:
+            raise CheckpointError(f"{record} has no {key!r}: not written by pretrain_mt.py")
+    try:
+        return ModelConfig.from_record(meta["model_config"])
+    except ConfigError as e:
+        raise CheckpointError(f"{record}: {e}") from None
+
+
+def _device(device: str | torch.device | None) -> torch.device:
+    device = torch.device(device) if device is not None else groups.device()
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InferenceError(f"device {device} requested but CUDA is not available here (use cpu)")
+    return device
 
 
 def load_checkpoint(path: str | Path, *, device: str | torch.device | None = None,
                     tokenizer: str | Path | None = None) -> LoadedModel:
-    """Load a trainer checkpoint into one process; see the module docstring for what `path` may be."""
+    """Load a trainer checkpoint or a single `.safetensors` file (`load_single_file`) into one process; see the
+    module docstring for what `path` may be. `tokenizer` replaces the checkpoint's copy (its sha256 is checked)."""
+    if is_single_file(path):
+        return load_single_file(path, device=device, tokenizer=tokenizer)
     info = find_checkpoint(path)
     meta = info.meta
-    for key in ("model_config", "task_map", "languages"):
-        if key not in meta:
-            raise CheckpointError(f"{info.path}/{MARKER} has no {key!r}: not written by pretrain_mt.py")
-    try:
-        model_cfg = ModelConfig.from_record(meta["model_config"])
-    except ConfigError as e:
-        raise CheckpointError(f"{info.path}/{MARKER}: {e}") from None
+    record = f"{info.path}/{MARKER}"
+    model_cfg = _model_config(meta, record)
     tok = _check_tokenizer(Path(tokenizer) if tokenizer else info.path / TOKENIZER_FILE,
-                           meta.get("tokenizer_sha256"), info.path)
+                           meta.get("tokenizer_sha256"), record)
     if tok.vocab_size != model_cfg.vocab_size:
         raise CheckpointError(f"{tok.path}: {tok.vocab_size} pieces but the model has {model_cfg.vocab_size}")
 
-    device = torch.device(device) if device is not None else groups.device()
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InferenceError(f"device {device} requested but CUDA is not available here (use cpu)")
+    device = _device(device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # megatron warns about missing Apex/TE on import
         # megatron-core is imported on the first load, so that `find_checkpoint` and the tools' argument checks
@@ -173,6 +205,48 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device | None = Non
     return LoadedModel(model=model, tokenizer=tok, model_config=model_cfg, task_map=meta["task_map"],
                        languages=list(meta["languages"]), checkpoint=info.path, step=info.step, device=device,
                        meta=meta)
+
+
+def load_single_file(path: str | Path, *, device: str | torch.device | None = None,
+                     tokenizer: str | Path | None = None) -> LoadedModel:
+    """Load a single-file checkpoint (`checkpoint_tools/single_file.py`: the whole model, its record and its
+    tokenizer in one safetensors file, as `tools/checkpoint/convert.py --single-file` writes) into one process.
+    `tokenizer` replaces the copy the file carries (its sha256 is checked alike)."""
+    path = Path(path)
+    try:
+        meta = read_meta(path)
+    except CheckpointToolError as e:
+        raise CheckpointError(str(e)) from None
+    model_cfg = _model_config(meta, str(path))
+    device = _device(device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # megatron warns about missing Apex/TE on import
+        from megatron_taskmoe.checkpoint.process_groups import MultiProcessError, one_process_groups
+        from megatron_taskmoe.checkpoint_tools.models import model_from_full
+
+        try:
+            one_process_groups(device)  # the groups `model_from_full` then uses (NCCL on a CUDA device)
+        except MultiProcessError as e:
+            raise CheckpointError(f"load_single_file: {e}") from None
+        try:
+            ckpt = read_single_file(path)
+            if tokenizer is None and ckpt.tokenizer is None:
+                raise CheckpointError(f"{path}: the file carries no tokenizer; pass tokenizer= (the sentencepiece "
+                                      "model the run trained with)")
+            tok = _check_tokenizer(Path(tokenizer) if tokenizer else path, meta.get("tokenizer_sha256"), str(path),
+                                   proto=None if tokenizer else ckpt.tokenizer)
+            if tok.vocab_size != model_cfg.vocab_size:
+                raise CheckpointError(f"{tok.path}: {tok.vocab_size} pieces but the model has "
+                                      f"{model_cfg.vocab_size}")
+            model = model_from_full(ckpt)
+        except CheckpointToolError as e:
+            raise CheckpointError(str(e)) from None
+    del ckpt
+    model.to(device).eval()
+    step = int(meta.get("step") or 0)
+    log.info("loaded %s (step %d) on %s", path, step, device)
+    return LoadedModel(model=model, tokenizer=tok, model_config=model_cfg, task_map=meta["task_map"],
+                       languages=list(meta["languages"]), checkpoint=path, step=step, device=device, meta=meta)
 
 
 # ------------------------------------------------------------------------------------------------ translating

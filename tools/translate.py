@@ -4,9 +4,10 @@
   python tools/translate.py --checkpoint RUN/checkpoints --source-lang de --target-lang en < input.de > output.en
   python tools/translate.py --checkpoint RUN --source-lang en --target-lang fr --input test.en --beam 5
 
---checkpoint takes a checkpoint directory (step_XXXXXXXX), a checkpoint root (its latest complete checkpoint) or a
-run directory. The model is loaded into this one process whatever parallel layout it was trained with. Output is in
-input order on stdout; messages go to stderr. Exit status 2: bad option, checkpoint or input (one line on stderr).
+--checkpoint takes a checkpoint directory (step_XXXXXXXX), a checkpoint root (its latest complete checkpoint), a
+run directory or a single .safetensors file (convert.py --single-file, extract_task.py). The model is loaded into
+this one process whatever parallel layout it was trained with. Output is in input order on stdout; messages go to
+stderr. Exit status 2: bad option, checkpoint or input (one line on stderr).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", required=True, type=Path, help="checkpoint directory, checkpoint root or run dir")
+    p.add_argument("--checkpoint", required=True, type=Path, help="checkpoint directory, checkpoint root, run dir or .safetensors file")
     p.add_argument("--source-lang", required=True)
     p.add_argument("--target-lang", required=True)
     p.add_argument("--input", type=Path, default=None, help="UTF-8 text, one sentence per line (default: stdin)")
@@ -36,7 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32, help="sentences per decoding batch")
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
     p.add_argument("--tokenizer", type=Path, default=None,
-                   help="sentencepiece model (default: the copy beside the checkpoint; its sha256 is checked)")
+                   help="sentencepiece model (default: the checkpoint's copy; its sha256 is checked)")
     p.add_argument("--verbose", action="store_true", help="log loading details to stderr")
     return p.parse_args(argv)
 
@@ -66,7 +67,7 @@ def main(argv=None) -> int:
     from megatron_taskmoe import compat
     from megatron_taskmoe.data.bitext import DataError
     from megatron_taskmoe.inference import (InferenceError, Translator, TranslatorConfig, check_direction,
-                                            find_checkpoint, load_checkpoint)
+                                            checkpoint_record, load_checkpoint)
 
     compat.apply()
 
@@ -78,10 +79,10 @@ def main(argv=None) -> int:
         print(f"translate.py: error: {e}", file=sys.stderr)
         return 2
     try:
-        info = find_checkpoint(args.checkpoint)  # fail on a wrong path or direction before the slow load
-        check_direction(info.meta, args.source_lang, args.target_lang, where=info.path)
+        where, meta = checkpoint_record(args.checkpoint)  # fail on a wrong path or direction before the slow load
+        check_direction(meta, args.source_lang, args.target_lang, where=where)
         lines = read_input(args.input)
-        loaded = load_checkpoint(info.path, device=args.device, tokenizer=args.tokenizer)
+        loaded = load_checkpoint(where, device=args.device, tokenizer=args.tokenizer)
         outputs = Translator(loaded, config).translate(lines, args.source_lang, args.target_lang)
     except (InferenceError, DataError) as e:
         print(f"translate.py: error: {e}", file=sys.stderr)

@@ -29,7 +29,7 @@ def read_trainer_checkpoint(path: str | os.PathLike) -> FullCheckpoint:
         raise CheckpointToolError(f"{path}: cannot load the model from this checkpoint: {_first_failure(e)}") from None
     state = {k: v.detach().clone().contiguous() for k, v in loaded.model.state_dict().items()
              if isinstance(v, torch.Tensor)}
-    tokenizer = Path(loaded.tokenizer.path).read_bytes() if getattr(loaded.tokenizer, "path", None) else None
+    tokenizer = loaded.tokenizer.model_bytes()
     return FullCheckpoint(state=state, meta=copy.deepcopy(loaded.meta), tokenizer=tokenizer,
                           source=str(loaded.checkpoint))
 

@@ -22,21 +22,36 @@ TOKENIZER_KEY = "__tokenizer_model__"
 SINGLE_FILE_SUFFIX = ".safetensors"
 
 
-def read_single_file(path: str | os.PathLike) -> FullCheckpoint:
-    """A file written by `write_single_file`; CheckpointToolError naming the file otherwise."""
+def is_single_file(path: str | os.PathLike) -> bool:
+    """Whether `path` names a single-file checkpoint (by its suffix; whether it is one, reading tells)."""
+    return Path(path).suffix == SINGLE_FILE_SUFFIX
+
+
+def read_meta(path: str | os.PathLike) -> dict:
+    """The checkpoint record of a file written by `write_single_file`, from its header alone (the tensors are not
+    read); CheckpointToolError naming the file otherwise."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointToolError(f"{path}: no such file")
     try:
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}
-        tensors = load_file(str(path))
     except Exception as e:  # safetensors raises its own error types for truncated or foreign files
         raise CheckpointToolError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
     if header.get("format") != FORMAT:
         raise CheckpointToolError(f"{path}: format {header.get('format')!r}, expected {FORMAT!r} "
                                   "(written by tools/checkpoint/convert.py --single-file)")
-    meta = json.loads(header["meta"])
+    return json.loads(header["meta"])
+
+
+def read_single_file(path: str | os.PathLike) -> FullCheckpoint:
+    """A file written by `write_single_file`; CheckpointToolError naming the file otherwise."""
+    path = Path(path)
+    meta = read_meta(path)
+    try:
+        tensors = load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for truncated or foreign files
+        raise CheckpointToolError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
     token = tensors.pop(TOKENIZER_KEY, None)
     tokenizer = bytes(token.numpy().tobytes()) if token is not None else None
     return FullCheckpoint(state=tensors, meta=meta, tokenizer=tokenizer, source=str(path))

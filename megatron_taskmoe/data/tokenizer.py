@@ -54,13 +54,20 @@ def temperature_probabilities(sizes, temperature: float) -> np.ndarray:
 class Tokenizer:
     """sentencepiece with the project's special ids checked at load time."""
 
-    def __init__(self, model_path: str | Path):
+    def __init__(self, model_path: str | Path, *, model_proto: bytes | None = None):
+        """The sentencepiece model at `model_path`; or, given `model_proto` (a model's bytes, e.g. the copy inside a
+        single-file checkpoint), that model, with `model_path` naming where the bytes came from in messages."""
         self.path = Path(model_path)
-        if not self.path.is_file():
+        self.model_proto = model_proto
+        """The model's bytes when it was given as bytes (None when it was read from `path`)."""
+        if model_proto is None and not self.path.is_file():
             raise DataError(f"{self.path}: tokenizer model not found")
         self.sp = spm.SentencePieceProcessor()
         try:
-            self.sp.Load(str(self.path))
+            if model_proto is None:
+                self.sp.Load(str(self.path))
+            else:
+                self.sp.LoadFromSerializedProto(model_proto)
         except (OSError, RuntimeError) as e:
             raise DataError(f"{self.path}: not a sentencepiece model ({e})") from None
         got = (self.sp.pad_id(), self.sp.unk_id(), self.sp.bos_id(), self.sp.eos_id())
@@ -102,7 +109,11 @@ class Tokenizer:
         return self.sp.decode([int(i) for i in ids])
 
     def sha256(self) -> str:
-        return file_sha256(self.path)
+        return file_sha256(self.path) if self.model_proto is None else hashlib.sha256(self.model_proto).hexdigest()
+
+    def model_bytes(self) -> bytes:
+        """The sentencepiece model's bytes (what a checkpoint carries)."""
+        return self.path.read_bytes() if self.model_proto is None else self.model_proto
 
     def banned_ids(self) -> list[int]:
         """Ids a translation never contains: pad, bos, unk and every `<2xx>` tag."""

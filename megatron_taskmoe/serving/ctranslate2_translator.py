@@ -2,17 +2,21 @@
 
 `Ct2Translator` prepares sources exactly as `inference.Translator` and `reference.ReferenceTranslator` do (the
 `<2tgt>` tag, the sentencepiece pieces truncated to the model's positions; CTranslate2 appends eos itself), batches
-them in length order and decodes with CTranslate2's beam search. The output length limit is
-`max_len_a * source length + max_len_b` capped by the learned positions, as ours; CTranslate2 takes one limit per
-call, so a batch runs to its longest sentence's limit (per-sentence limits would split the batches) and greedy
-outputs are then cut at each sentence's own limit, which makes them exactly what a per-sentence limit gives; beam
-outputs keep the batch's limit.
+them in length order and decodes with CTranslate2's beam search under our decoders' rule: pad, bos, unk and every
+`<2xx>` tag are never produced (`banned_ids`, as `Tokenizer.banned_ids`; CTranslate2 is asked with `disable_unk` and
+one-piece `suppress_sequences`). CTranslate2 removes them from the logits before its softmax where ours sets their
+log-probabilities to -inf after it: greedy choices are the same, beam scores are renormalised over the allowed
+pieces. The output length limit is `max_len_a * source length + max_len_b` capped by the learned positions, as
+ours; CTranslate2 takes one limit per call, so a batch runs to its longest sentence's limit (per-sentence limits
+would split the batches) and greedy outputs are then cut at each sentence's own limit, which makes them exactly what
+a per-sentence limit gives; beam outputs keep the batch's limit.
 
 `verify` runs the reference model (`reference/model.py`, the MoE model itself, whose outputs equal the trained
 model's) and a float32 CTranslate2 model on the same sources:
-  * greedy outputs, with each sentence's own length limit (sentences are grouped by limit on the CTranslate2 side),
-    must be identical; a difference is accepted only as a tie: at the first differing position the two tokens'
-    log-probabilities under the reference model differ by at most `tolerance` (fp32 rounding can then pick either);
+  * greedy outputs, with each sentence's own length limit (sentences are grouped by limit on the CTranslate2 side)
+    and the same banned pieces on both sides, must be identical; a difference is accepted only as a tie: at the
+    first differing position the two tokens' log-probabilities under the reference model differ by at most
+    `tolerance` (fp32 rounding can then pick either);
   * teacher-forced token log-probabilities (CTranslate2's `score_batch` against the reference's log-softmax) of the
     references (or of the greedy outputs when there are none) must differ by at most `tolerance`;
   * optionally a quantized model is compared the same way and reported (agreement, not judged: int8 changes the
@@ -37,6 +41,7 @@ import torch
 
 from megatron_taskmoe.checkpoint_tools.full import CheckpointToolError
 from megatron_taskmoe.data.bitext import DataError, discover_bitexts, read_bitext
+from megatron_taskmoe.data.tokenizer import language_tag_ids
 from megatron_taskmoe.generation import SearchConfig, beam_search
 from megatron_taskmoe.reference.model import ReferenceDecoder
 from megatron_taskmoe.serving.ctranslate2_export import FORMAT, SERVING_FILE, TOKENIZER_FILE, check_directory
@@ -46,6 +51,11 @@ log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------------ translator
+def banned_ids(sp: spm.SentencePieceProcessor, special_ids: dict) -> list[int]:
+    """Ids a translation never contains, as `Tokenizer.banned_ids`: pad, bos, unk and every `<2xx>` tag."""
+    return sorted({special_ids["pad"], special_ids["bos"], special_ids["unk"], *language_tag_ids(sp)})
+
+
 class Ct2Translator:
     """Batched translation of raw sentences with a model written by `tools/checkpoint/export_ctranslate2.py`."""
 
@@ -62,6 +72,10 @@ class Ct2Translator:
         self.sp = spm.SentencePieceProcessor(model_file=str(self.directory / TOKENIZER_FILE))
         self.pieces = [self.sp.id_to_piece(i) for i in range(self.sp.get_piece_size())]
         self.piece_id = {p: i for i, p in enumerate(self.pieces)}
+        special = self.record["special_ids"]
+        self.banned = banned_ids(self.sp, special)
+        # CTranslate2's vocabulary is these pieces in id order: unk by its own switch, the others as sequences
+        self.suppressed = [[self.pieces[i]] for i in self.banned if i != special["unk"]]
         self.search = SearchConfig(beam_size=beam_size, length_penalty=length_penalty, max_len_a=max_len_a,
                                    max_len_b=max_len_b)
         self.batch_size = batch_size
@@ -95,11 +109,13 @@ class Ct2Translator:
 
     def translate_tokens(self, tokens: Sequence[Sequence[str]], *, beam_size: Optional[int] = None,
                          max_length: Optional[int] = None, return_scores: bool = False):
-        """One CTranslate2 call over prepared sources (max_length: the batch's limit, default the longest)."""
+        """One CTranslate2 call over prepared sources (max_length: the batch's limit, default the longest); the
+        banned pieces are never produced."""
         max_length = max_length or max(self.limits(tokens))
         return self.translator.translate_batch(
             [list(t) for t in tokens], beam_size=beam_size or self.search.beam_size,
             length_penalty=self.search.length_penalty, max_decoding_length=max_length, return_scores=return_scores,
+            disable_unk=True, suppress_sequences=self.suppressed,
             min_decoding_length=0, max_batch_size=0)  # ours may end at once (CTranslate2's default minimum is 1)
 
     def translate_piece_ids(self, piece_ids: Sequence[Sequence[int]], src_lang: str, tgt_lang: str
@@ -190,12 +206,14 @@ def bitext_test_sets(source: ReferenceSource, directions: Sequence[str], data: P
 
 # ------------------------------------------------------------------------------------------------ reference side
 class ReferenceRunner:
-    """The reference model's greedy outputs and teacher-forced log-probabilities, with our source preparation."""
+    """The reference model's greedy outputs (pad, bos, unk and the tags banned) and teacher-forced log-probabilities,
+    with our source preparation."""
 
     def __init__(self, source: ReferenceSource, batch_size: int = 32):
         self.model = source.model()
         self.config = source.config
         self.batch_size = batch_size
+        self.banned = banned_ids(spm.SentencePieceProcessor(model_proto=source.tokenizer), source.config.special_ids)
         arch = source.config.model
         self.max_src_pieces, self.max_tgt_pieces = arch.max_source_positions - 2, arch.max_target_positions - 1
 
@@ -226,7 +244,7 @@ class ReferenceRunner:
             hyps = beam_search(ReferenceDecoder(self.model, self._encode(batch, ids), 1), batch_size=len(batch),
                                bos=special["bos"], eos=special["eos"],
                                max_lengths=search.max_lengths([len(r) for r in batch], self.max_tgt_pieces),
-                               beam_size=1)
+                               beam_size=1, banned=self.banned)
             for pos, hyp in zip(chunk, hyps):
                 out[pos] = hyp
         return out
@@ -348,5 +366,5 @@ def verify(source: ReferenceSource, fp32_dir: Path, tests: Sequence[TestSet], *,
     return result
 
 
-__all__ = ["Ct2Translator", "TestSet", "synthetic_test_sets", "bitext_test_sets", "ReferenceRunner", "compare",
-           "verify"]
+__all__ = ["banned_ids", "Ct2Translator", "TestSet", "synthetic_test_sets", "bitext_test_sets", "ReferenceRunner",
+           "compare", "verify"]

@@ -187,6 +187,35 @@ def test_ctranslate2_reproduces_the_reference_model(tokenizer, tmp_path, kind, d
                                          for i in source.config.model.moe_layers(s)}
 
 
+def test_ctranslate2_never_produces_pad_bos_unk_or_a_tag(tokenizer, tmp_path):
+    import sentencepiece as spm
+
+    from megatron_taskmoe.reference.translator import Exported, ReferenceTranslator
+    from megatron_taskmoe.serving import Ct2Translator
+    from megatron_taskmoe.serving.export import export_source
+
+    source = random_source(tokenizer, "dense_gelu_bias")
+    out = tmp_path / "ct2"
+    export_source(source, out, tasks=["en-de"])
+    greedy = Ct2Translator(out, beam_size=1, max_len_b=5)
+    banned = {0, 1, 2, *source.config.language_tags.values()}
+    assert set(greedy.banned) == banned and len(banned) == 6
+    # this random model prefers <s> at many steps: CTranslate2 on its own produces it
+    plain = greedy.translator.translate_batch(greedy.source_tokens(greedy.sp.encode(SENTENCES), "en", "de"),
+                                              beam_size=1, max_decoding_length=20, min_decoding_length=0)
+    assert sum("<s>" in r.hypotheses[0] for r in plain) >= 2
+    got = greedy.translate_ids(SENTENCES, "en", "de")
+    beam = Ct2Translator(out, beam_size=4, max_len_b=5).translate_ids(SENTENCES, "en", "de")
+    for ids in got + beam:
+        assert ids and not set(ids) & banned, ids
+    assert all(greedy.translate(SENTENCES, "en", "de"))
+    # like for like with our decoder (the same rule): the same greedy outputs
+    sp = spm.SentencePieceProcessor(model_proto=source.tokenizer)
+    ours = ReferenceTranslator(Exported(model=source.model(), config=source.config, tokenizer=sp, directory=out),
+                               beam_size=1, max_len_b=5)
+    assert got == ours.translate_ids(SENTENCES, "en", "de")
+
+
 def test_directions_whose_gates_differ_are_refused(tokenizer, tmp_path):
     from megatron_taskmoe.checkpoint_tools.full import CheckpointToolError
     from megatron_taskmoe.serving.dense import NotDenseError

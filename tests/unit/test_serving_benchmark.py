@@ -1,7 +1,9 @@
-"""benchmarks/serving.py's bookkeeping: the two training configs differ only in routing, and the figures (tokens/s,
-sentences/s, medians of per-repeat ratios, BLEU of the outputs) are computed from what the systems returned."""
+"""benchmarks/serving.py's bookkeeping: the two training configs differ only in routing, the figures (tokens/s,
+sentences/s, medians of per-repeat ratios, BLEU of the outputs) are computed from what the systems returned, and an
+--untrained run says so and keeps its own output directory."""
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -76,3 +78,28 @@ def test_measure_computes_rates_ratios_and_scores_from_the_outputs(bench):
     md = bench.markdown(args, results, {}, "fake.Decoder", "0.0", sorted(tests))
     assert "| task-MoE (extracted) | 0 | 12.0 | 3.00 | 1.60 | 100.0 | 100.0 |" in md
     assert "2.00x task-MoE (whole) (the same translations" in md
+
+
+def test_untrained_runs_say_so_and_keep_their_own_out(bench, tmp_path):
+    args = bench.parse_args(["--out", str(tmp_path), "--untrained", "--size", "tiny"])
+    assert bench.model_path(args, tmp_path, "task") == tmp_path / "task" / "model.safetensors"
+    assert bench.model_path(bench.parse_args(["--out", str(tmp_path)]), tmp_path, "task") == tmp_path / "task" / "run"
+    results = {name: {"median_tokens_per_s": 10.0, "median_sentences_per_s": 1.0, "ratio_to_token_moe": 1.0,
+                      "bleu": 0.0, "chrf": 1.0} for name in ("token-MoE (whole)", "task-MoE (whole)")}
+    md = bench.markdown(args, results, {}, "fake.Decoder", "0.0", ["de-en"])
+    assert md.splitlines()[0].endswith("size `tiny`, UNTRAINED models (throughput only)")
+    assert "BLEU and chrF are not meaningful" in md and "training steps" not in md
+    trained = bench.markdown(bench.parse_args(["--out", "x", "--size", "tiny"]), results, {}, "fake.Decoder", "0.0",
+                             ["de-en"])
+    assert "UNTRAINED" not in trained and "400 training steps" in trained
+
+    # a trained.json of the other mode in --out: refused (the serving forms would be reused)
+    (tmp_path / "task").mkdir()
+    cfg = bench.run_config(args, "task", tmp_path)
+    (tmp_path / "task" / "trained.json").write_text(json.dumps({"config": cfg, "untrained": True}))
+    assert bench._done(tmp_path / "task" / "trained.json", cfg, untrained=True) is not None
+    assert bench._done(tmp_path / "task" / "trained.json", cfg, untrained=False) is None
+    assert bench._done(tmp_path / "task" / "trained.json", {**cfg, "train": {}}, untrained=True) is None
+    bench.parse_args(["--out", str(tmp_path), "--untrained"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--out", str(tmp_path)])

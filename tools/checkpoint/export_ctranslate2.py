@@ -19,17 +19,19 @@ token, sentence or token+task, task adapters, token dropping (capacity_factor), 
 
 The output directory holds CTranslate2's model (model.bin, config.json, shared_vocabulary.json), the sentencepiece
 tokenizer.model and taskmoe_serving.json (served directions and their <2xx> source prefix, gates per layer). Serve it
-with megatron_taskmoe.serving.Ct2Translator, or with CTranslate2 directly:
+with megatron_taskmoe.serving.Ct2Translator, or with CTranslate2 directly, keeping pad, bos, unk and the <2xx> tags
+out of the outputs as our decoders do (Ct2Translator does):
 
     translator = ctranslate2.Translator("ct2_de")
-    translator.translate_batch([["<2de>", *sp.encode("Hello", out_type=str)]])  # eos is appended by CTranslate2
+    translator.translate_batch([["<2de>", *sp.encode("Hello", out_type=str)]],  # eos is appended by CTranslate2
+                               disable_unk=True, suppress_sequences=[["<pad>"], ["<s>"], ["<2de>"], ["<2en>"]])
 
 --verify runs the reference model (the MoE model itself) and a float32 CTranslate2 model on a test set (random
-piece sequences, or --verify-data's sentences): greedy outputs must be identical (a difference only at a
-near-tie, log-probability gap <= --tolerance, is reported as a tie) and teacher-forced token log-probabilities within
---tolerance; a quantized export is compared too and its agreement reported. A failed check exits 1 and writes
-nothing. Output is written to a .partial. sibling and renamed when complete; bad input exits 2 naming the file or
-option, writing nothing.
+piece sequences, or --verify-data's sentences): greedy outputs, with pad, bos, unk and the <2xx> tags banned on both
+sides, must be identical (a difference only at a near-tie, log-probability gap <= --tolerance, is reported as a
+tie) and teacher-forced token log-probabilities within --tolerance; a quantized export is compared too and its
+agreement reported. A failed check exits 1 and writes nothing. Output is written to a .partial. sibling and renamed
+when complete; bad input exits 2 naming the file or option, writing nothing.
 """
 
 from __future__ import annotations
