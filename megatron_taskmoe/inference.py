@@ -41,7 +41,6 @@ from megatron_taskmoe.data.batching import collate
 from megatron_taskmoe.data.tokenizer import BOS_ID, EOS_ID, Tokenizer
 from megatron_taskmoe.generation import SearchConfig
 from megatron_taskmoe.model.config import ModelConfig, ParallelConfig, to_transformer_config
-from megatron_taskmoe.parallel import groups
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +157,12 @@ def _model_config(meta: dict, record: str) -> ModelConfig:
 
 
 def _device(device: str | torch.device | None) -> torch.device:
-    device = torch.device(device) if device is not None else groups.device()
+    if device is None:
+        # parallel.groups imports megatron-core: only when a model is loaded (see load_checkpoint)
+        from megatron_taskmoe.parallel import groups
+
+        return groups.device()
+    device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InferenceError(f"device {device} requested but CUDA is not available here (use cpu)")
     return device

@@ -69,8 +69,6 @@ def main(argv=None) -> int:
     from megatron_taskmoe.inference import (InferenceError, Translator, TranslatorConfig, check_direction,
                                             checkpoint_record, load_checkpoint)
 
-    compat.apply()
-
     try:
         config = TranslatorConfig(beam_size=args.beam, length_penalty=args.length_penalty, max_len_a=args.max_len_a,
                                   max_len_b=args.max_len_b, min_len=args.min_len,
@@ -82,6 +80,7 @@ def main(argv=None) -> int:
         where, meta = checkpoint_record(args.checkpoint)  # fail on a wrong path or direction before the slow load
         check_direction(meta, args.source_lang, args.target_lang, where=where)
         lines = read_input(args.input)
+        compat.apply()  # megatron-core is imported here, once the options, checkpoint and input have been checked
         loaded = load_checkpoint(where, device=args.device, tokenizer=args.tokenizer)
         outputs = Translator(loaded, config).translate(lines, args.source_lang, args.target_lang)
     except (InferenceError, DataError) as e:
