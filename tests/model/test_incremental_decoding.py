@@ -21,14 +21,6 @@ BANNED = [0, 1, BOS, 250, 251]  # pad, unk, bos and two ids standing for <2xx> t
 KEYS = ("task_ids", "src_lang_ids", "tgt_lang_ids")
 
 
-@pytest.fixture(scope="module")
-def megatron_world1():
-    groups.init_distributed(rank=0, world_size=1)
-    groups.initialize_model_parallel()
-    yield
-    groups.destroy()
-
-
 def tiny(system: str):
     cfg = presets.get(system, "tiny", num_tasks=3, num_languages=4)
     if cfg.moe is not None:  # every FFN an MoE layer: every decoder layer routes

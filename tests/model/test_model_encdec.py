@@ -15,14 +15,6 @@ from megatron_taskmoe.parallel import groups
 V = 250  # the tiny table is padded to 256 rows: the loss must ignore the padded ones
 
 
-@pytest.fixture(scope="module")
-def megatron_world1():
-    groups.init_distributed(rank=0, world_size=1)
-    groups.initialize_model_parallel()
-    yield
-    groups.destroy()
-
-
 def build(cfg, seed=0):
     groups.model_parallel_manual_seed(seed)
     return EncoderDecoderModel(cfg)

@@ -10,16 +10,6 @@ from megatron_taskmoe.model import presets
 from megatron_taskmoe.model.config import to_transformer_config
 from megatron_taskmoe.model.embedding import ScaledEmbedding
 from megatron_taskmoe.model.linear import ColumnParallelLinear, RowParallelLinear
-from megatron_taskmoe.parallel import groups
-
-
-@pytest.fixture(scope="module")
-def megatron_world1():
-    groups.init_distributed(rank=0, world_size=1)
-    groups.initialize_model_parallel()
-    groups.model_parallel_manual_seed(0)
-    yield
-    groups.destroy()
 
 
 @pytest.mark.parametrize("causal", [False, True])
