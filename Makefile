@@ -61,9 +61,14 @@ $(VENV312)/.installed: setup.py $(wildcard megatron_taskmoe/ops/csrc/*)
 
 install-py312: $(VENV312)/.installed
 
-# Same suite, same order, same exit-code convention as `make test`.
+# Same suite, same order, same exit-code convention as `make test`, except that the learning tier trains four
+# systems (megatron's router and dispatcher, our task routers and adapters, the dense baseline) instead of all 15:
+# every system is trained under 0.16.1 by `make test`, and CI runs both within its time. LEARNING_SYSTEMS_PY312=
+# (empty) trains all of them here too.
+LEARNING_SYSTEMS_PY312 ?= dense,moe_token,moe_task_shared_dynamic,kudugunta_target
 test-py312: install-py312
-	$(PY312) -m pytest $(TIERS:%=tests/%) $(PYTEST_ARGS); rc=$$?; exit $$rc
+	MEGATRON_TASKMOE_LEARNING_SYSTEMS=$(LEARNING_SYSTEMS_PY312) $(PY312) -m pytest $(TIERS:%=tests/%) $(PYTEST_ARGS); \
+	rc=$$?; exit $$rc
 
 demo: install
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash examples/demo.sh $(DEMO_DIR)
