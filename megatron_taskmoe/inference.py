@@ -8,7 +8,9 @@ from whatever layout the run was saved with (expert-parallel ranks' local expert
 optimizer part is never read. The tokenizer copied beside the checkpoint must hash to the recorded sha256: the
 model's embedding rows mean nothing with another sentencepiece model. It also takes a single `.safetensors` file
 (`load_single_file`: `tools/checkpoint/convert.py --single-file`, `extract_task.py` outputs), which carries the
-whole model, its record and its tokenizer.
+whole model, its record and its tokenizer. `dtype="bf16"` (or `"fp16"`) casts the loaded weights for decoding in that
+precision (attention caches and activations follow; the beam search scores in fp32). Weights and activations keep 8
+significant bits in bf16, so a translation can differ from fp32 decoding wherever two hypotheses score close.
 
 `Translator` turns raw sentences into exactly the source the trainer saw (`data/dataset.py`: `<2tgt>` + pieces +
 eos, truncated to the model's positions) with the direction's task id and language ids, decodes incrementally with
@@ -49,6 +51,17 @@ class InferenceError(ValueError):
     """Inference cannot run as asked; the message names the path, direction or option at fault."""
 
 
+INFERENCE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+"""The precisions a loaded model can decode in (`load_checkpoint(dtype=...)`, `tools/translate.py --dtype`)."""
+
+
+def inference_dtype(name: str) -> torch.dtype:
+    """The torch dtype of an `INFERENCE_DTYPES` name; InferenceError naming the choices for any other."""
+    if name not in INFERENCE_DTYPES:
+        raise InferenceError(f"dtype {name!r} is not one of {', '.join(INFERENCE_DTYPES)}")
+    return INFERENCE_DTYPES[name]
+
+
 class CheckpointError(InferenceError):
     """A checkpoint that cannot be used as asked (missing, wrong tokenizer, unknown direction); names the path."""
 
@@ -74,6 +87,8 @@ class LoadedModel:
     """The training step of the checkpoint."""
     device: torch.device
     """Where the model's parameters are."""
+    dtype: str = "fp32"
+    """The precision the model decodes in (an `INFERENCE_DTYPES` name; checkpoints hold fp32 weights)."""
     meta: dict = field(default_factory=dict)
     """The whole `checkpoint.json`."""
 
@@ -169,11 +184,13 @@ def _device(device: str | torch.device | None) -> torch.device:
 
 
 def load_checkpoint(path: str | Path, *, device: str | torch.device | None = None,
-                    tokenizer: str | Path | None = None) -> LoadedModel:
+                    tokenizer: str | Path | None = None, dtype: str = "fp32") -> LoadedModel:
     """Load a trainer checkpoint or a single `.safetensors` file (`load_single_file`) into one process; see the
-    module docstring for what `path` may be. `tokenizer` replaces the checkpoint's copy (its sha256 is checked)."""
+    module docstring for what `path` may be. `tokenizer` replaces the checkpoint's copy (its sha256 is checked);
+    `dtype` is the precision to decode in (`INFERENCE_DTYPES`)."""
+    torch_dtype = inference_dtype(dtype)
     if is_single_file(path):
-        return load_single_file(path, device=device, tokenizer=tokenizer)
+        return load_single_file(path, device=device, tokenizer=tokenizer, dtype=dtype)
     info = find_checkpoint(path)
     meta = info.meta
     record = f"{info.path}/{MARKER}"
@@ -204,18 +221,20 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device | None = Non
             raise CheckpointError(f"{info.path}: cannot load the model from this checkpoint "
                                   f"({type(e).__name__}: {e})") from e
     model.load_state_dict(loaded["model"], strict=True)
-    model.to(device).eval()
-    log.info("loaded %s (step %d, saved with %s) on %s", info.path, info.step, meta.get("parallel"), device)
+    model.to(device=device, dtype=torch_dtype).eval()
+    log.info("loaded %s (step %d, saved with %s) on %s in %s", info.path, info.step, meta.get("parallel"), device,
+             dtype)
     return LoadedModel(model=model, tokenizer=tok, model_config=model_cfg, task_map=meta["task_map"],
                        languages=list(meta["languages"]), checkpoint=info.path, step=info.step, device=device,
-                       meta=meta)
+                       dtype=dtype, meta=meta)
 
 
 def load_single_file(path: str | Path, *, device: str | torch.device | None = None,
-                     tokenizer: str | Path | None = None) -> LoadedModel:
+                     tokenizer: str | Path | None = None, dtype: str = "fp32") -> LoadedModel:
     """Load a single-file checkpoint (`checkpoint_tools/single_file.py`: the whole model, its record and its
     tokenizer in one safetensors file, as `tools/checkpoint/convert.py --single-file` writes) into one process.
-    `tokenizer` replaces the copy the file carries (its sha256 is checked alike)."""
+    `tokenizer` replaces the copy the file carries (its sha256 is checked alike); `dtype` as `load_checkpoint`."""
+    torch_dtype = inference_dtype(dtype)
     path = Path(path)
     try:
         meta = read_meta(path)
@@ -246,11 +265,12 @@ def load_single_file(path: str | Path, *, device: str | torch.device | None = No
         except CheckpointToolError as e:
             raise CheckpointError(str(e)) from None
     del ckpt
-    model.to(device).eval()
+    model.to(device=device, dtype=torch_dtype).eval()
     step = int(meta.get("step") or 0)
-    log.info("loaded %s (step %d) on %s", path, step, device)
+    log.info("loaded %s (step %d) on %s in %s", path, step, device, dtype)
     return LoadedModel(model=model, tokenizer=tok, model_config=model_cfg, task_map=meta["task_map"],
-                       languages=list(meta["languages"]), checkpoint=path, step=step, device=device, meta=meta)
+                       languages=list(meta["languages"]), checkpoint=path, step=step, device=device, dtype=dtype,
+                       meta=meta)
 
 
 # ------------------------------------------------------------------------------------------------ translating

@@ -65,6 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--min-len", type=int, default=0, help="minimum output length in tokens (before eos)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="precision to decode in (as tools/translate.py --dtype)")
     p.add_argument("--verbose", action="store_true")
     return p.parse_args(argv)
 
@@ -177,7 +179,7 @@ def main(argv=None) -> int:
             trained = sorted(info.meta.get("task_map", {}).get("direction_to_task", {}))
             plans.append(choose_directions(args.directions, pairs, trained, str(info.path)))
         for info, name, directions in zip(infos, names, plans):
-            loaded = load_checkpoint(info.path, device=args.device)
+            loaded = load_checkpoint(info.path, device=args.device, dtype=args.dtype)
             translator = Translator(loaded, config)
             scores = {}
             for d in directions:
@@ -197,7 +199,7 @@ def main(argv=None) -> int:
                                  "".join(h.replace("\n", " ") + "\n" for h in hyps))
             for table in tables.values():
                 table.add(name, scores)
-            details[name] = {"checkpoint": str(info.path), "step": info.step,
+            details[name] = {"checkpoint": str(info.path), "step": info.step, "dtype": args.dtype,
                              **{d: {"bleu": s.bleu, "chrf": s.chrf, "sentences": s.sentences,
                                     "signature": s.signature, "chrf_signature": s.chrf_signature}
                                 for d, s in scores.items()}}

@@ -11,7 +11,8 @@ import torch
 from megatron_taskmoe.data.batching import collate
 from megatron_taskmoe.data.dataset import MultilingualDataset
 from megatron_taskmoe.data.tokenizer import BOS_ID, EOS_ID
-from megatron_taskmoe.inference import CheckpointError, Translator, TranslatorConfig, find_checkpoint, load_checkpoint
+from megatron_taskmoe.inference import (CheckpointError, InferenceError, Translator, TranslatorConfig, find_checkpoint,
+                                        load_checkpoint)
 from megatron_taskmoe.parallel import groups
 
 from tests.helpers import tiny_run
@@ -113,6 +114,28 @@ def test_beam_one_equals_greedy_decoding(run, loaded, direction):
     got = translator.translate(sentences, src, tgt)
     assert got == greedy_reference(loaded, translator, sentences, src, tgt)
     assert any(got), "the tiny model should produce some words"
+
+
+def test_bf16_decoding_runs_the_same_model_rounded(run, loaded):
+    """`load_checkpoint(dtype="bf16")`: the same weights rounded to bf16, the same function to bf16 precision (the
+    validation loss within 1 %), and its incremental decoding is the bf16 model's own step-by-step greedy decode."""
+    root, run_dir = run
+    half = load_checkpoint(run_dir, device="cpu", dtype="bf16")
+    assert (loaded.dtype, half.dtype) == ("fp32", "bf16")
+    full, rounded = dict(loaded.model.named_parameters()), dict(half.model.named_parameters())
+    assert full.keys() == rounded.keys()
+    for name, param in rounded.items():
+        assert param.dtype == torch.bfloat16 and torch.equal(param, full[name].to(torch.bfloat16)), name
+    want = tiny_run.validation_losses(loaded.model, root / "bin", max_sentences=8, model_config=loaded.model_config)
+    got = tiny_run.validation_losses(half.model, root / "bin", max_sentences=8, model_config=half.model_config)
+    for direction in want:
+        assert abs(got[direction] - want[direction]) <= 0.01 * want[direction], (direction, got, want)
+    sentences = (root / "raw" / "test.en-de.en").read_text().splitlines()[:10]
+    translator = Translator(half, TranslatorConfig(beam_size=1, batch_size=5))
+    bf16 = translator.translate(sentences, "en", "de")
+    assert bf16 == greedy_reference(half, translator, sentences, "en", "de")
+    with pytest.raises(InferenceError, match="dtype 'fp8' is not one of fp32, bf16, fp16"):
+        load_checkpoint(run_dir, device="cpu", dtype="fp8")
 
 
 def test_output_order_does_not_depend_on_batching(run, loaded):

@@ -151,6 +151,33 @@ def test_evaluate_csv_markdown_and_direction_choice(run, tmp_path, capsys):
     assert "| system | de-en | en-de | avg xx-en | avg en-xx | avg |" in text and f"| {run_dir.name}@30 |" in text
 
 
+def test_dtype_option_decodes_in_bf16(run, tmp_path, capsys):
+    """translate.py --dtype bf16 prints what `Translator` gives on the bf16-loaded model; evaluate.py --dtype bf16
+    writes those hypotheses and records the precision in its JSON details."""
+    root, run_dir = run
+    sentences = (root / "raw" / "test.en-de.en").read_text().splitlines()[:6]
+    src = tmp_path / "in.en"
+    src.write_text("\n".join(sentences) + "\n", encoding="utf-8")
+    code, out, err = in_process(translate.main, ["--checkpoint", run_dir, "--source-lang", "en", "--target-lang",
+                                                 "de", "--input", src, "--beam", "2", "--device", "cpu", "--dtype",
+                                                 "bf16"], capsys)
+    assert code == 0, err
+    half = load_checkpoint(run_dir, device="cpu", dtype="bf16")
+    want = Translator(half, TranslatorConfig(beam_size=2)).translate(sentences, "en", "de")
+    assert out.split("\n")[:-1] == want
+    hyps, table = tmp_path / "hyps", tmp_path / "table.json"
+    code, out, err = in_process(evaluate.main, ["--checkpoint", run_dir, "--system", "half", "--data", root / "raw",
+                                                "--directions", "en-de", "--max-sentences", "6", "--beam", "2",
+                                                "--device", "cpu", "--dtype", "bf16", "--hypotheses-dir", hyps,
+                                                "--format", "json", "--output", table], capsys)
+    assert code == 0, err
+    assert (hyps / "half.test.en-de.txt").read_text().split("\n")[:-1] == want
+    assert json.loads(table.read_text())["details"]["half"]["dtype"] == "bf16"
+    with pytest.raises(SystemExit) as bad:
+        translate.main(["--checkpoint", str(run_dir), "--source-lang", "en", "--target-lang", "de", "--dtype", "fp8"])
+    assert bad.value.code == 2 and "--dtype: invalid choice: 'fp8'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--directions", "de-fr"], "--directions de-fr: no test text for it"),
     (["--directions", "deen"], "expected src-tgt"),
