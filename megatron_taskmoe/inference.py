@@ -8,8 +8,8 @@ from whatever layout the run was saved with (expert-parallel ranks' local expert
 optimizer part is never read. The tokenizer copied beside the checkpoint must hash to the recorded sha256: the
 model's embedding rows mean nothing with another sentencepiece model. It also takes a single `.safetensors` file
 (`load_single_file`: `tools/checkpoint/convert.py --single-file`, `extract_task.py` outputs), which carries the
-whole model, its record and its tokenizer. `dtype="bf16"` (or `"fp16"`) casts the loaded weights for decoding in that
-precision (attention caches and activations follow; the beam search scores in fp32). Weights and activations keep 8
+whole model, its record and its tokenizer. A model decodes in the precision it was trained in (`model.params_dtype`,
+fp32 by default); `dtype="bf16"` (or `"fp16"`, `"fp32"`) casts the loaded weights for decoding in that precision (attention caches and activations follow; the beam search scores in fp32). Weights and activations keep 8
 significant bits in bf16, so a translation can differ from fp32 decoding wherever two hypotheses score close.
 
 `Translator` turns raw sentences into exactly the source the trainer saw (`data/dataset.py`: `<2tgt>` + pieces +
@@ -88,7 +88,8 @@ class LoadedModel:
     device: torch.device
     """Where the model's parameters are."""
     dtype: str = "fp32"
-    """The precision the model decodes in (an `INFERENCE_DTYPES` name; checkpoints hold fp32 weights)."""
+    """The precision the model decodes in (an `INFERENCE_DTYPES` name): the run's `model.params_dtype` unless
+    `load_checkpoint(dtype=...)` cast it."""
     meta: dict = field(default_factory=dict)
     """The whole `checkpoint.json`."""
 
@@ -184,11 +185,11 @@ def _device(device: str | torch.device | None) -> torch.device:
 
 
 def load_checkpoint(path: str | Path, *, device: str | torch.device | None = None,
-                    tokenizer: str | Path | None = None, dtype: str = "fp32") -> LoadedModel:
+                    tokenizer: str | Path | None = None, dtype: Optional[str] = None) -> LoadedModel:
     """Load a trainer checkpoint or a single `.safetensors` file (`load_single_file`) into one process; see the
     module docstring for what `path` may be. `tokenizer` replaces the checkpoint's copy (its sha256 is checked);
-    `dtype` is the precision to decode in (`INFERENCE_DTYPES`)."""
-    torch_dtype = inference_dtype(dtype)
+    `dtype` is the precision to decode in (`INFERENCE_DTYPES`; default: the run's `model.params_dtype`)."""
+    torch_dtype = None if dtype is None else inference_dtype(dtype)
     if is_single_file(path):
         return load_single_file(path, device=device, tokenizer=tokenizer, dtype=dtype)
     info = find_checkpoint(path)
@@ -222,6 +223,7 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device | None = Non
                                   f"({type(e).__name__}: {e})") from e
     model.load_state_dict(loaded["model"], strict=True)
     model.to(device=device, dtype=torch_dtype).eval()
+    dtype = dtype or model_cfg.params_dtype
     log.info("loaded %s (step %d, saved with %s) on %s in %s", info.path, info.step, meta.get("parallel"), device,
              dtype)
     return LoadedModel(model=model, tokenizer=tok, model_config=model_cfg, task_map=meta["task_map"],
@@ -230,11 +232,11 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device | None = Non
 
 
 def load_single_file(path: str | Path, *, device: str | torch.device | None = None,
-                     tokenizer: str | Path | None = None, dtype: str = "fp32") -> LoadedModel:
+                     tokenizer: str | Path | None = None, dtype: Optional[str] = None) -> LoadedModel:
     """Load a single-file checkpoint (`checkpoint_tools/single_file.py`: the whole model, its record and its
     tokenizer in one safetensors file, as `tools/checkpoint/convert.py --single-file` writes) into one process.
     `tokenizer` replaces the copy the file carries (its sha256 is checked alike); `dtype` as `load_checkpoint`."""
-    torch_dtype = inference_dtype(dtype)
+    torch_dtype = None if dtype is None else inference_dtype(dtype)
     path = Path(path)
     try:
         meta = read_meta(path)
@@ -266,6 +268,7 @@ def load_single_file(path: str | Path, *, device: str | torch.device | None = No
             raise CheckpointError(str(e)) from None
     del ckpt
     model.to(device=device, dtype=torch_dtype).eval()
+    dtype = dtype or model_cfg.params_dtype
     step = int(meta.get("step") or 0)
     log.info("loaded %s (step %d) on %s in %s", path, step, device, dtype)
     return LoadedModel(model=model, tokenizer=tok, model_config=model_cfg, task_map=meta["task_map"],

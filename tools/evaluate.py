@@ -65,8 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--min-len", type=int, default=0, help="minimum output length in tokens (before eos)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
-    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
-                   help="precision to decode in (as tools/translate.py --dtype)")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
+                   help="precision to decode in (as tools/translate.py --dtype; default: the run's model.params_dtype)")
     p.add_argument("--verbose", action="store_true")
     return p.parse_args(argv)
 
@@ -199,7 +199,7 @@ def main(argv=None) -> int:
                                  "".join(h.replace("\n", " ") + "\n" for h in hyps))
             for table in tables.values():
                 table.add(name, scores)
-            details[name] = {"checkpoint": str(info.path), "step": info.step, "dtype": args.dtype,
+            details[name] = {"checkpoint": str(info.path), "step": info.step, "dtype": loaded.dtype,
                              **{d: {"bleu": s.bleu, "chrf": s.chrf, "sentences": s.sentences,
                                     "signature": s.signature, "chrf_signature": s.chrf_signature}
                                 for d, s in scores.items()}}

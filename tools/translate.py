@@ -36,9 +36,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--min-len", type=int, default=0, help="minimum output length in tokens (before eos)")
     p.add_argument("--batch-size", type=int, default=32, help="sentences per decoding batch")
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
-    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
-                   help="precision to decode in (the checkpoint's fp32 weights are cast; bf16 is faster on GPUs and "
-                        "on CPUs with AMX/AVX512-BF16, and may change a few translations)")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
+                   help="precision to decode in, the weights cast to it (default: the run's model.params_dtype, fp32 "
+                        "unless set); bf16 is faster on GPUs and on CPUs with AMX/AVX512-BF16, and may change a few "
+                        "translations")
     p.add_argument("--tokenizer", type=Path, default=None,
                    help="sentencepiece model (default: the checkpoint's copy; its sha256 is checked)")
     p.add_argument("--verbose", action="store_true", help="log loading details to stderr")
