@@ -318,8 +318,6 @@ def measure(args, fns: dict[str, Callable], tests: dict, detokenize: Callable[[l
         r["best_seconds"] = sum(min(times) for times in per_direction[name].values())
         r["best_tokens_per_s"] = r["tokens"] / r["best_seconds"]
         r["best_sentences_per_s"] = sentences / r["best_seconds"]
-        r["median_tokens_per_s"] = statistics.median(r["tokens_per_s"])
-        r["median_sentences_per_s"] = statistics.median(r["sentences_per_s"])
         r["ratio_to_token_moe"] = r["best_tokens_per_s"] / results[PEER]["best_tokens_per_s"]
         r["median_ratio_to_token_moe"] = _median_ratio(r["tokens_per_s"], results[PEER]["tokens_per_s"])
         r["bleu"] = statistics.mean(s["bleu"] for s in r["scores"].values())

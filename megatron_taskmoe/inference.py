@@ -9,7 +9,8 @@ optimizer part is never read. The tokenizer copied beside the checkpoint must ha
 model's embedding rows mean nothing with another sentencepiece model. It also takes a single `.safetensors` file
 (`load_single_file`: `tools/checkpoint/convert.py --single-file`, `extract_task.py` outputs), which carries the
 whole model, its record and its tokenizer. A model decodes in the precision it was trained in (`model.params_dtype`,
-fp32 by default); `dtype="bf16"` (or `"fp16"`, `"fp32"`) casts the loaded weights for decoding in that precision (attention caches and activations follow; the beam search scores in fp32). Weights and activations keep 8
+fp32 by default); `dtype="bf16"` (or `"fp16"`, `"fp32"`) casts the loaded weights for decoding in that precision
+(attention caches and activations follow; the beam search scores in fp32). Weights and activations keep 8
 significant bits in bf16, so a translation can differ from fp32 decoding wherever two hypotheses score close.
 
 `Translator` turns raw sentences into exactly the source the trainer saw (`data/dataset.py`: `<2tgt>` + pieces +
@@ -42,7 +43,7 @@ from megatron_taskmoe.data.bitext import DataError
 from megatron_taskmoe.data.batching import collate
 from megatron_taskmoe.data.tokenizer import BOS_ID, EOS_ID, Tokenizer
 from megatron_taskmoe.generation import SearchConfig
-from megatron_taskmoe.model.config import ModelConfig, ParallelConfig, to_transformer_config
+from megatron_taskmoe.model.config import TORCH_DTYPES, ModelConfig, ParallelConfig, to_transformer_config
 
 log = logging.getLogger(__name__)
 
@@ -51,15 +52,12 @@ class InferenceError(ValueError):
     """Inference cannot run as asked; the message names the path, direction or option at fault."""
 
 
-INFERENCE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-"""The precisions a loaded model can decode in (`load_checkpoint(dtype=...)`, `tools/translate.py --dtype`)."""
-
-
 def inference_dtype(name: str) -> torch.dtype:
-    """The torch dtype of an `INFERENCE_DTYPES` name; InferenceError naming the choices for any other."""
-    if name not in INFERENCE_DTYPES:
-        raise InferenceError(f"dtype {name!r} is not one of {', '.join(INFERENCE_DTYPES)}")
-    return INFERENCE_DTYPES[name]
+    """The torch dtype of a precision name (`model.config.TORCH_DTYPES`); InferenceError naming the choices for any
+    other."""
+    if name not in TORCH_DTYPES:
+        raise InferenceError(f"dtype {name!r} is not one of {', '.join(TORCH_DTYPES)}")
+    return TORCH_DTYPES[name]
 
 
 class CheckpointError(InferenceError):
@@ -88,7 +86,7 @@ class LoadedModel:
     device: torch.device
     """Where the model's parameters are."""
     dtype: str = "fp32"
-    """The precision the model decodes in (an `INFERENCE_DTYPES` name): the run's `model.params_dtype` unless
+    """The precision the model decodes in (a `model.config.TORCH_DTYPES` name): the run's `model.params_dtype` unless
     `load_checkpoint(dtype=...)` cast it."""
     meta: dict = field(default_factory=dict)
     """The whole `checkpoint.json`."""
@@ -188,7 +186,7 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device | None = Non
                     tokenizer: str | Path | None = None, dtype: Optional[str] = None) -> LoadedModel:
     """Load a trainer checkpoint or a single `.safetensors` file (`load_single_file`) into one process; see the
     module docstring for what `path` may be. `tokenizer` replaces the checkpoint's copy (its sha256 is checked);
-    `dtype` is the precision to decode in (`INFERENCE_DTYPES`; default: the run's `model.params_dtype`)."""
+    `dtype` is the precision to decode in (`inference_dtype`; default: the run's `model.params_dtype`)."""
     torch_dtype = None if dtype is None else inference_dtype(dtype)
     if is_single_file(path):
         return load_single_file(path, device=device, tokenizer=tokenizer, dtype=dtype)

@@ -43,7 +43,7 @@ from megatron_taskmoe.checkpoint_tools.reading import read_checkpoint
 from megatron_taskmoe.checkpoint_tools.verify import fixed_batch, model_logits
 from megatron_taskmoe.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, lang_tag
 from megatron_taskmoe.generation import beam_search
-from megatron_taskmoe.model.config import ModelConfig
+from megatron_taskmoe.model.config import TORCH_DTYPES, ModelConfig
 from megatron_taskmoe.model.decoding import ModelDecoder
 from megatron_taskmoe.reference import config as rc
 from megatron_taskmoe.reference.model import ReferenceDecoder, ReferenceModel
@@ -51,7 +51,6 @@ from megatron_taskmoe.reference.translator import load
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class ExportVerificationError(RuntimeError):
@@ -248,8 +247,8 @@ def export_checkpoint(ckpt: FullCheckpoint, output: str | os.PathLike, *, dtype:
                       overwrite: bool = False, verify: bool = False, tolerance: float = 1e-4) -> dict:
     """Write the export directory of `ckpt`; with `verify`, check it reproduces the checkpoint before the
     directory appears (`ExportVerificationError` otherwise, nothing written). Returns a summary dict."""
-    if dtype not in DTYPES:
-        raise CheckpointToolError(f"--dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    if dtype not in TORCH_DTYPES:
+        raise CheckpointToolError(f"--dtype {dtype!r} is not one of {sorted(TORCH_DTYPES)}")
     output = check_output(output, overwrite)
     if ckpt.tokenizer is None:
         raise CheckpointToolError(f"{ckpt.source}: the checkpoint carries no tokenizer ({TOKENIZER_FILE} beside "
@@ -268,7 +267,7 @@ def export_checkpoint(ckpt: FullCheckpoint, output: str | os.PathLike, *, dtype:
         config = export_config(ckpt, tags, dtype, sha)
         check_against_model(state, config.model, str(ckpt.source))
         (partial / rc.CONFIG_FILE).write_text(config.to_json() + "\n", encoding="utf-8")
-        save_file({k: v.detach().to(DTYPES[dtype]).contiguous() for k, v in state.items()},
+        save_file({k: v.detach().to(TORCH_DTYPES[dtype]).contiguous() for k, v in state.items()},
                   str(partial / rc.WEIGHTS_FILE), metadata={"format": rc.FORMAT,
                                                             "format_version": str(rc.FORMAT_VERSION)})
         if verify:
@@ -301,7 +300,7 @@ def verify_export(ckpt: FullCheckpoint, directory: str | os.PathLike, *, dtype: 
     the largest absolute logit difference at real target positions, and whether greedy and beam-4 searches over
     the batch's sources give the same token ids."""
     if dtype != "fp32":
-        ckpt = FullCheckpoint(state={k: v.to(DTYPES[dtype]).to(v.dtype) for k, v in ckpt.state.items()},
+        ckpt = FullCheckpoint(state={k: v.to(TORCH_DTYPES[dtype]).to(v.dtype) for k, v in ckpt.state.items()},
                               meta=ckpt.meta, tokenizer=ckpt.tokenizer, source=ckpt.source)
     megatron_model = model_from_full(ckpt)
     reference = load(directory).model

@@ -26,7 +26,9 @@ from megatron_taskmoe.model.moe_config import MoEConfig
 
 ACTIVATIONS = ("relu", "gelu", "swiglu")
 NORMALIZATIONS = ("LayerNorm", "RMSNorm")
-DTYPES = ("fp32", "bf16", "fp16")
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+"""Precision names (`ModelConfig.params_dtype`, `--dtype` of the inference and export tools) -> torch dtypes."""
+DTYPES = tuple(TORCH_DTYPES)
 INIT_METHODS = ("xavier_uniform", "normal")
 
 # Values of fields that records (checkpoint.json, exports) may lack: models saved without them were built this way.
@@ -166,7 +168,7 @@ class ModelConfig:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.params_dtype]
+        return TORCH_DTYPES[self.params_dtype]
 
     @property
     def embedding_scale(self) -> float:
