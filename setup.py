@@ -37,7 +37,8 @@ EXTRAS_REQUIRE = {
 
 
 def permute_extension_kwargs() -> dict:
-    """Token-permutation kernels (megatron_taskmoe/ops/csrc), built against the torch in the environment.
+    """The C++/CUDA operators (megatron_taskmoe/ops/csrc: token permutation, beam decoding attention), built against
+    the torch in the environment.
 
     The CPU kernels are always built; the CUDA kernels too when that torch has CUDA and nvcc is found
     (TASKMOE_BUILD_CUDA=0 skips them). TASKMOE_BUILD_EXT=0 skips the extension: the ops then fall back to pure
@@ -53,7 +54,7 @@ def permute_extension_kwargs() -> dict:
         return {}
     csrc = os.path.join("megatron_taskmoe", "ops", "csrc")
     name = "megatron_taskmoe.ops._permute_ext"
-    sources = [os.path.join(csrc, "permute_cpu.cpp")]
+    sources = [os.path.join(csrc, "permute_cpu.cpp"), os.path.join(csrc, "beam_attention_cpu.cpp")]
     # at::parallel_for is an inline `#pragma omp parallel` under torch's OpenMP backend: without -fopenmp it runs
     # serially. The runtime is torch's own libgomp.so.1 (same soname, loaded once). -ffp-contract=off: no fused
     # multiply-adds, so a weighted merge rounds the product and the sum apart, as torch's mul + scatter_add does

@@ -13,7 +13,8 @@ row that is all padding) are unmasked instead of producing NaN; their outputs be
 The decoder's attention modules, `DecoderSelfAttention` and `DecoderCrossAttention`, are megatron's `SelfAttention`
 and `CrossAttention` (same submodules and weights, same forward when no cache is given) with an incremental path
 for decoding: given a `kv_cache.DecoderCache` as megatron's `inference_context`, self-attention appends the step's
-keys/values to the cache and attends over all cached positions; cross-attention projects the encoder output to
+keys/values to the cache and attends over all cached positions (through the beam ancestry: the cache is never
+reordered, `ops.beam_attention`); cross-attention projects the encoder output to
 keys/values once per batch (first step) and attends the K hypotheses of a sentence, as K queries, to its one copy.
 Under sequence parallelism a step holds one real position and TP - 1 padding positions (so that it splits over
 the ranks); only the real one is cached.
@@ -133,12 +134,6 @@ class SDPAttention(MegatronModule):
 
 
 # ---------------------------------------------------------------------------------------------- decoding
-def _expand_groups(x_NHTD: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """Key/value heads repeated to the query heads (grouped-query attention), as `SDPAttention` does."""
-    groups = x_NHTD.shape[1]
-    return x_NHTD if groups == num_heads else x_NHTD.repeat_interleave(num_heads // groups, dim=1)
-
-
 def _cache_of(inference_context, module: str, training: bool) -> Optional[DecoderCache]:
     if inference_context is None:
         return None
@@ -160,12 +155,10 @@ class DecoderSelfAttention(SelfAttention):
             return super().forward(hidden_states, attention_mask, key_value_states=key_value_states, **kwargs)
         query_NHQD, key_NHQD, value_NHQD = self._step_qkv(hidden_states)
         new = cache.new_positions
-        key_NHTD, value_NHTD = cache.append_self(self.layer_number, key_NHQD[:, :, :new], value_NHQD[:, :, :new])
         core = self.core_attention
+        ctx_NHQD = cache.attend_self(self.layer_number, query_NHQD, key_NHQD[:, :, :new], value_NHQD[:, :, :new],
+                                     scale=core.softmax_scale)
         n, _, q, _ = query_NHQD.shape
-        ctx_NHQD = F.scaled_dot_product_attention(
-            query_NHQD, _expand_groups(key_NHTD, core.num_heads), _expand_groups(value_NHTD, core.num_heads),
-            scale=core.softmax_scale)
         return self.linear_proj(ctx_NHQD.permute(2, 0, 1, 3).reshape(q, n, core.hidden_size_per_partition))
 
     def _step_qkv(self, hidden_QND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

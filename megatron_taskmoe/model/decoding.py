@@ -18,11 +18,14 @@ from megatron_taskmoe.model.encdec import EncoderState
 
 
 class ModelDecoder:
-    """`generation.IncrementalDecoder` over a whole `EncoderDecoderModel` and an encoded batch."""
+    """`generation.IncrementalDecoder` over a whole `EncoderDecoderModel` and an encoded batch
+    (`attention_backend`: the self-attention steps' `ops.beam_attention` backend)."""
 
-    def __init__(self, model, state: EncoderState, *, beam_size: int, max_length: int):
+    def __init__(self, model, state: EncoderState, *, beam_size: int, max_length: int,
+                 attention_backend: str = "auto"):
         self.model, self.state = model, state
-        self.cache = model.start_decoding(state, beam_size=beam_size, max_length=max_length)
+        self.cache = model.start_decoding(state, beam_size=beam_size, max_length=max_length,
+                                          attention_backend=attention_backend)
 
     def step(self, tokens_N: torch.Tensor) -> torch.Tensor:
         return self.model.decode_next(self.state, self.cache, tokens_N)

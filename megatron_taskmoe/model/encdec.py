@@ -475,13 +475,16 @@ class EncoderDecoderModel(LanguageModule):
     # ---------------------------------------------------------------------------------- incremental decoding
     # Used by `model/decoding.py` (whole model) and `parallel/pipeline_decoding.py` (stages): one step appends one
     # token per hypothesis row; the attention layers keep their keys/values in a `DecoderCache`.
-    def start_decoding(self, state: EncoderState, *, beam_size: int, max_length: int) -> DecoderCache:
-        """A cache for decoding `state`'s sentences with `beam_size` rows each, up to `max_length` positions. The
+    def start_decoding(self, state: EncoderState, *, beam_size: int, max_length: int,
+                       attention_backend: str = "auto") -> DecoderCache:
+        """A cache for decoding `state`'s sentences with `beam_size` rows each, up to `max_length` positions
+        (`attention_backend`: `ops.beam_attention`'s, for the self-attention steps). The
         batch's ids are range-checked here, once for every step, and decoder layers that route by sentence get
         their per-sentence routing state here: the source's mean encoder output, gathered per hypothesis."""
         self.task_context.check_ranges(task_ids_B=state.task_ids_B, tgt_lang_ids_B=state.tgt_lang_ids_B,
                                        src_lang_ids_B=state.src_lang_ids_B)
-        cache = DecoderCache(beam_size=beam_size, max_length=max_length, src_padding_mask_BS=state.src_padding_mask_BS)
+        cache = DecoderCache(beam_size=beam_size, max_length=max_length, src_padding_mask_BS=state.src_padding_mask_BS,
+                             attention_backend=attention_backend)
         if self.add_decoder and self.decoder_routes_by_source:
             cache.source_mean_BD = self._source_mean(state.output_SBD, state.src_padding_mask_BS)
         return cache

@@ -9,17 +9,19 @@ cache is passed the same way, as the `inference_context` that megatron's `Transf
 hand to their attention modules; our decoder attention modules (`attention.DecoderSelfAttention`,
 `attention.DecoderCrossAttention`) use it:
 
-* self-attention: per layer, preallocated key and value buffers [N, Hkv, T_max, Dh] (this rank's heads); a step
-  writes the new position's keys/values at `length` and attends over the first `length + 1`;
+* self-attention: per layer, preallocated key and value buffers [B, Hkv, T_max, K, Dh] (this rank's heads), laid
+  out for `ops.beam_attention`: a step writes hypothesis k's new position at [its sentence's slot, :, length, k]
+  and nothing is moved afterwards. `ancestry_NT` (shared by the layers) says which beam index holds each row's
+  earlier positions, and attention reads them through it (`ops.beam_attention.beam_decode_attention`, a C++
+  kernel on CPU);
 * cross-attention: per layer, the keys/values of the encoder output [L, Hkv, S, Dh], computed once per batch at
   the first step, and the source padding mask [L, S]. The K hypotheses of a sentence are consecutive rows, so a
   step attends with the K queries of a sentence against its one copy of the encoder keys (no copy per hypothesis);
-* `reorder(parent_N, sentences_L)`: beam reordering (row n continues former row parent_N[n]) copies the cached
-  positions of the self-attention buffers into spare ones (one gather per tensor and layer, no allocation while the
-  size holds); dropping the finished sentences also selects their rows of the cross-attention keys/values and of
-  the source mask.
+* `reorder(parent_N, sentences_L)`: beam reordering (row n continues former row parent_N[n], a row of the same
+  sentence) gathers the rows of the [N, length] ancestry table, not the keys and values; dropping the finished
+  sentences also selects their slots, their rows of the cross-attention keys/values and of the source mask.
 
-Legend: B batch (source sentences), L live sentences, K hypotheses per sentence, N = L*K rows, S source length,
+Legend: B batch (source sentences; the cache slots), L live sentences, K hypotheses per sentence, N = L*K rows, S source length,
 T_max cache capacity (positions), Hkv key/value heads on this tensor-parallel rank, Dh head dim.
 """
 
@@ -31,33 +33,43 @@ import torch
 from megatron.core.inference.contexts.base_context import BaseInferenceContext
 
 from megatron_taskmoe.compat.inference_context import init_inference_context
+from megatron_taskmoe.ops.beam_attention import BACKENDS, beam_decode_attention
 
 
 class DecoderCache(BaseInferenceContext):
     """One batch's decoding state in the attention layers of one model or pipeline stage (see the module
     docstring). `max_length` is the number of positions to hold (bos + the longest output)."""
 
-    def __init__(self, *, beam_size: int, max_length: int, src_padding_mask_BS: torch.Tensor) -> None:
+    def __init__(self, *, beam_size: int, max_length: int, src_padding_mask_BS: torch.Tensor,
+                 attention_backend: str = "auto") -> None:
         init_inference_context(self, materialize_only_last_token_logits=True)
         if beam_size < 1 or max_length < 1:
             raise ValueError(f"DecoderCache: beam_size={beam_size} and max_length={max_length} must be >= 1")
+        if attention_backend not in BACKENDS:
+            raise ValueError(f"DecoderCache: attention_backend must be one of {BACKENDS}, got {attention_backend!r}")
         self.beam_size = beam_size
         self.max_length = max_length
         self.length = 0
         """Positions cached per row (the next token's position)."""
         self.new_positions = 1
         """Real positions a step appends (a step may carry padding positions after them: sequence parallelism)."""
-        self.sources_L = torch.arange(src_padding_mask_BS.shape[0], device=src_padding_mask_BS.device)
-        """Batch index of each live sentence."""
+        self.slots = src_padding_mask_BS.shape[0]
+        """Sentences the self-attention caches hold (the batch; finished sentences keep their slots)."""
+        self.sources_L = torch.arange(self.slots, device=src_padding_mask_BS.device)
+        """Batch index of each live sentence (its slot in the self-attention caches)."""
         self.source_mean_BD: Optional[torch.Tensor] = None
         """Per-sentence routing state of decoder layers that route by sentence (set by the model)."""
         self.src_padding_mask_LS = src_padding_mask_BS.bool()
+        self.attention_backend = attention_backend
+        """`ops.beam_attention` backend of the self-attention steps ("auto", "extension", "torch")."""
         self._self_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._spare: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._cross_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._cross_allowed_L11S: Optional[torch.Tensor] = None
         self._per_row: dict[str, torch.Tensor] = {}
         self.rows = src_padding_mask_BS.shape[0] * beam_size
+        self._beam_N = torch.arange(self.rows, device=src_padding_mask_BS.device) % beam_size
+        self.ancestry_NT = self._beam_N.unsqueeze(1).repeat(1, max_length)
+        """Beam index of the slot holding each row's position p (columns from `length` on: the row's own)."""
 
     def row_sources(self) -> torch.Tensor:
         """Batch index of the source sentence of each row [N]."""
@@ -84,23 +96,28 @@ class DecoderCache(BaseInferenceContext):
         """Called by the model after every layer has appended a step's positions."""
         self.length += self.new_positions
 
-    def append_self(self, layer: int, key_NHQD: torch.Tensor, value_NHQD: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write a step's keys/values [N, Hkv, q, Dh] at positions length.. of `layer`; the keys and values of
-        every cached position so far, views [N, Hkv, length + q, Dh]."""
-        n, heads, q, dh = key_NHQD.shape
+    def attend_self(self, layer: int, query_NHQD: torch.Tensor, key_NHqD: torch.Tensor, value_NHqD: torch.Tensor,
+                    scale: float) -> torch.Tensor:
+        """Write a step's keys/values [N, Hkv, q, Dh] (q = `new_positions`) at positions length.. of `layer`, and
+        attend the step's queries [N, H, Q, Dh] over every cached position so far -> [N, H, Q, Dh]."""
+        n, heads, q, dh = key_NHqD.shape
         if n != self.rows:
             raise ValueError(f"DecoderCache: a step of {n} rows, the cache holds {self.rows}")
         end = self.length + q
         if end > self.max_length:
             raise ValueError(f"DecoderCache: position {end} exceeds the {self.max_length} positions allocated")
+        k = self.beam_size
         if layer not in self._self_kv:
-            shape = (n, heads, self.max_length, dh)
-            self._self_kv[layer] = (key_NHQD.new_empty(shape), value_NHQD.new_empty(shape))
-        key_buf, value_buf = self._self_kv[layer]
-        key_buf[:, :, self.length : end] = key_NHQD
-        value_buf[:, :, self.length : end] = value_NHQD
-        return key_buf[:, :, :end], value_buf[:, :, :end]
+            shape = (self.slots, heads, self.max_length, k, dh)
+            self._self_kv[layer] = (key_NHqD.new_empty(shape), value_NHqD.new_empty(shape))
+        key_cache, value_cache = self._self_kv[layer]
+        for j in range(q):
+            # [N, Hkv, Dh] -> [L, Hkv, K, Dh], into this position's beam slots of the live sentences
+            for cache, new_NHqD in ((key_cache, key_NHqD), (value_cache, value_NHqD)):
+                new_LHKD = new_NHqD[:, :, j].reshape(n // k, k, heads, dh).transpose(1, 2)
+                cache[:, :, self.length + j].index_copy_(0, self.sources_L, new_LHKD)
+        return beam_decode_attention(query_NHQD, key_cache, value_cache, self.sources_L, self.ancestry_NT, end,
+                                     scale, backend=self.attention_backend)
 
     def cross(self, layer: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
         """The encoder keys/values [L, Hkv, S, Dh] of `layer`, or None before its first step."""
@@ -130,14 +147,16 @@ class DecoderCache(BaseInferenceContext):
             for layer, (k, v) in self._cross_kv.items():
                 self._cross_kv[layer] = (k.index_select(0, sentences_L), v.index_select(0, sentences_L))
         rows = parent_N.shape[0]
-        for layer, (k, v) in self._self_kv.items():
-            spare = self._spare.get(layer)
-            if spare is None or spare[0].shape[0] != rows:
-                spare = (k.new_empty((rows, *k.shape[1:])), v.new_empty((rows, *v.shape[1:])))
-            # Only the cached positions are copied (a gather into the spare buffers' first `length` positions):
-            # copying whole rows would cost the capacity at every step.
-            t = self.length
-            torch.index_select(k[:, :, :t], 0, parent_N, out=spare[0][:, :, :t])
-            torch.index_select(v[:, :, :t], 0, parent_N, out=spare[1][:, :, :t])
-            self._self_kv[layer], self._spare[layer] = spare, (k, v)
+        # Beam search moves a hypothesis only within its sentence (the cache relies on it: a sentence's beams
+        # share its slot).
+        k = self.beam_size
+        former_L = torch.arange(rows // k, device=parent_N.device) if sentences_L is None else sentences_L
+        if rows % k or not torch.equal(parent_N.div(k, rounding_mode="floor"), former_L.repeat_interleave(k)):
+            raise ValueError("DecoderCache.reorder: every row must continue a row of its own sentence (former "
+                             f"sentence of each new row: {former_L.tolist()}, parents: {parent_N.tolist()})")
+        t = self.length
+        ancestry_NT = self.ancestry_NT.new_empty((rows, self.max_length))
+        ancestry_NT[:, :t] = self.ancestry_NT[:, :t].index_select(0, parent_N)
+        ancestry_NT[:, t:] = self._beam_N[:rows].unsqueeze(1)
+        self.ancestry_NT = ancestry_NT
         self.rows = rows

@@ -156,3 +156,19 @@ def test_reference_model_decodes_incrementally_as_the_megatron_model(megatron_wo
         kw = dict(batch_size=B, bos=BOS, eos=EOS, max_lengths=max_lengths, beam_size=beam, banned=BANNED)
         ours = beam_search(ModelDecoder(model, state, beam_size=beam, max_length=13), **kw)
         assert beam_search(ReferenceDecoder(reference, r_enc, beam), **kw) == ours
+
+
+def test_both_self_attention_backends_decode_alike(megatron_world1):
+    """The beam-attention kernel and its pure-torch path (ops.beam_attention) give the same log-probabilities
+    (to rounding) and the same beam search outputs."""
+    model = build(tiny("moe_task_shared_dynamic"))
+    state = encode(model, sources())
+    max_lengths = [1, 5, 9, 12, 12]
+    rec = Recorder(*(ModelDecoder(model, state, beam_size=3, max_length=13, attention_backend=backend)
+                     for backend in ("extension", "torch")))
+    kernel_out = beam_search(rec, batch_size=5, bos=BOS, eos=EOS, max_lengths=max_lengths, beam_size=3,
+                             banned=BANNED, min_length=3)
+    assert max(rec.diffs) < 1e-4, rec.diffs
+    torch_decoder = ModelDecoder(model, state, beam_size=3, max_length=13, attention_backend="torch")
+    assert beam_search(torch_decoder, batch_size=5, bos=BOS, eos=EOS, max_lengths=max_lengths, beam_size=3,
+                       banned=BANNED, min_length=3) == kernel_out

@@ -25,6 +25,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "multiversion.h"
 #include "output_cache_cpu.h"
 
 #include <algorithm>
@@ -46,19 +47,9 @@ constexpr int64_t kRowGrain = 8;
 constexpr int64_t kTokenChunk = 2048;
 
 // ---------------------------------------------------------------------------------------------------------------
-// Row kernels: the hot loops over one row of H elements, as plain functions per dtype. On x86-64 each is built
-// twice (target_clones: an x86-64-v3 (AVX2/FMA/F16C) version and the baseline) and the loader picks one per
-// machine, so bf16/fp16 conversions vectorize where the CPU allows while the extension still runs everywhere.
-// Only these bodies (and what the compiler inlines into them) get AVX2 code; anything they call out of line
-// keeps the baseline ISA.
+// Row kernels: the hot loops over one row of H elements, as plain functions per dtype, each built for AVX2 and
+// the baseline (TASKMOE_MULTIVERSION, multiversion.h).
 // ---------------------------------------------------------------------------------------------------------------
-// GCC >= 12 dispatches "arch=x86-64-v3" clones on the CPU's features (AVX2, FMA, F16C, ...), not its model.
-#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
-#define TASKMOE_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
-#endif
-#ifndef TASKMOE_MULTIVERSION
-#define TASKMOE_MULTIVERSION
-#endif
 
 constexpr int64_t kLanes = 8;  // fixed accumulation lanes of row_dot (vectorizable, fixed order)
 
