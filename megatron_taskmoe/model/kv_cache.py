@@ -21,8 +21,8 @@ hand to their attention modules; our decoder attention modules (`attention.Decod
   sentence) gathers the rows of the [N, length] ancestry table, not the keys and values; dropping the finished
   sentences also selects their slots, their rows of the cross-attention keys/values and of the source mask.
 
-Legend: B batch (source sentences; the cache slots), L live sentences, K hypotheses per sentence, N = L*K rows, S source length,
-T_max cache capacity (positions), Hkv key/value heads on this tensor-parallel rank, Dh head dim.
+Legend: B batch (source sentences; the cache slots), L live sentences, K hypotheses per sentence, N = L*K rows,
+S source length, T_max cache capacity (positions), Hkv key/value heads on this tensor-parallel rank, Dh head dim.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ class DecoderCache(BaseInferenceContext):
         self._cross_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._cross_allowed_L11S: Optional[torch.Tensor] = None
         self._per_row: dict[str, torch.Tensor] = {}
-        self.rows = src_padding_mask_BS.shape[0] * beam_size
+        self.rows = self.slots * beam_size
         self._beam_N = torch.arange(self.rows, device=src_padding_mask_BS.device) % beam_size
         self.ancestry_NT = self._beam_N.unsqueeze(1).repeat(1, max_length)
         """Beam index of the slot holding each row's position p (columns from `length` on: the row's own)."""
