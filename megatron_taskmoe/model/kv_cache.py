@@ -154,9 +154,6 @@ class DecoderCache(BaseInferenceContext):
         if rows % k or not torch.equal(parent_N.div(k, rounding_mode="floor"), former_L.repeat_interleave(k)):
             raise ValueError("DecoderCache.reorder: every row must continue a row of its own sentence (former "
                              f"sentence of each new row: {former_L.tolist()}, parents: {parent_N.tolist()})")
-        t = self.length
-        ancestry_NT = self.ancestry_NT.new_empty((rows, self.max_length))
-        ancestry_NT[:, :t] = self.ancestry_NT[:, :t].index_select(0, parent_N)
-        ancestry_NT[:, t:] = self._beam_N[:rows].unsqueeze(1)
-        self.ancestry_NT = ancestry_NT
+        self.ancestry_NT = self.ancestry_NT.index_select(0, parent_N)
+        self.ancestry_NT[:, self.length :] = self._beam_N[:rows].unsqueeze(1)  # positions to come: the row's own
         self.rows = rows
