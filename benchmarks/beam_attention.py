@@ -1,4 +1,5 @@
-"""Beam decoding attention: our never-reordered cache (kernel and pure-torch path) against a reordered cache.
+"""Beam decoding attention: our never-reordered cache (kernel and pure-torch path) against a reordered cache, and
+the cross-attention kernel against torch's attention.
 
     python benchmarks/beam_attention.py [--dtypes fp32 bf16] [--lengths 16 48 80] [--batch 32] [--beam 4]
                                         [--system moe_task_shared_dynamic] [--tokens 64] [--repeats 5]
@@ -14,13 +15,19 @@
      once, nothing copied.
    It prints the best time per step of each (over `--repeats`, the paths taking turns) and the reordered path's time
    over the kernel's.
-2. Whole beam search (benchmarks/decode.py's paper-width model, random weights, `--batch` sentences of 10-40 source
-   tokens, beam `--beam`, every output forced to `--tokens` tokens) with the kernel and with the torch path, taking
-   turns; the outputs must be the same. It prints target tokens/s of each and their ratio.
+2. One cross-attention step of one layer (same width): the K hypotheses of each sentence against its encoder
+   keys/values over S = the --lengths source positions (a quarter of them padding), by torch's
+   `scaled_dot_product_attention` with the source mask (the peer; `ops.beam_attention`'s torch path) and by
+   `torch.ops.taskmoe.beam_cross_attention`; torch's time over the kernel's.
+3. Whole beam search (benchmarks/decode.py's paper-width model, random weights, `--batch` sentences of 10-40 source
+   tokens, beam `--beam`, every output forced to `--tokens` tokens) with both kernels and with both torch paths
+   (`attention_backend`), taking turns; in fp32 the outputs must be the same (in bf16 the two round differently,
+   the kernels from one fp32 accumulation, and hypotheses that score close can swap). It prints target tokens/s of
+   each and their ratio.
 
-CPU only (the kernel is a CPU kernel; on a GPU both layouts run the torch path).
+CPU only (the kernels are CPU kernels; on a GPU every path is torch's).
 
-Legend: B batch, K beam, N = B*K rows, H heads, T capacity, t cached positions, Dh head dim.
+Legend: B batch, K beam, N = B*K rows, H heads, T capacity, t cached positions, S source positions, Dh head dim.
 """
 
 from __future__ import annotations
@@ -39,7 +46,11 @@ import decode  # noqa: E402  (benchmarks/decode.py: the paper-width model and te
 
 from megatron_taskmoe.generation import SearchConfig, beam_search  # noqa: E402
 from megatron_taskmoe.model.decoding import ModelDecoder, encode_batch  # noqa: E402
-from megatron_taskmoe.ops.beam_attention import beam_decode_attention, kernel_available  # noqa: E402
+from megatron_taskmoe.ops.beam_attention import (  # noqa: E402
+    beam_cross_attention,
+    beam_decode_attention,
+    kernel_available,
+)
 from megatron_taskmoe.parallel import groups  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -83,6 +94,17 @@ def step_paths(B: int, K: int, t: int, dtype: torch.dtype) -> dict:
     return {"reordered": reordered, "torch": ours["torch"], "kernel": ours["extension"]}
 
 
+def cross_paths(B: int, K: int, S: int, dtype: torch.dtype) -> dict:
+    """The two paths of one cross-attention step (module docstring), on random keys/values of S source positions."""
+    g = torch.Generator().manual_seed(S)
+    query = torch.randn(B, HEADS, K, HEAD_DIM, generator=g).to(dtype)
+    key, value = (torch.randn(B, HEADS, S, HEAD_DIM, generator=g).to(dtype) for _ in range(2))
+    allowed = torch.arange(S).unsqueeze(0) < torch.randint(S - S // 4, S + 1, (B, 1), generator=g)
+    return {backend: (lambda backend=backend: beam_cross_attention(query, key, value, allowed, HEAD_DIM ** -0.5,
+                                                                   backend=backend))
+            for backend in ("torch", "extension")}
+
+
 def whole_search(args, dtype: torch.dtype) -> None:
     model, _ = decode.build_ours("paper_width", args.system, args.tokens + 2, torch.device("cpu"), dtype)
     batch = decode.batches(decode.test_set(args.batch, decode.SIZES["paper_width"]["vocab_size"]), args.batch,
@@ -108,7 +130,8 @@ def whole_search(args, dtype: torch.dtype) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"])
-    parser.add_argument("--lengths", nargs="+", type=int, default=[16, 48, 80], help="cached positions t")
+    parser.add_argument("--lengths", nargs="+", type=int, default=[16, 48, 80],
+                        help="cached positions t (self-attention) and source positions S (cross-attention)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--beam", type=int, default=4)
     parser.add_argument("--system", default="moe_task_shared_dynamic", help="whole-search model (a preset)")
@@ -134,6 +157,11 @@ def main() -> None:
             best = best_of(step_paths(args.batch, args.beam, t, dtype), args.repeats * 4)
             print(f"{'':31s} {t:4d} {best['reordered'] * 1e3:10.2f} {best['torch'] * 1e3:8.2f} "
                   f"{best['kernel'] * 1e3:8.2f} {best['reordered'] / best['kernel']:16.2f}x", flush=True)
+        print(f"{name}: cross-attention, ms per step  {'S':>4s} {'torch':>8s} {'kernel':>8s} {'torch/kernel':>13s}")
+        for S in args.lengths:
+            best = best_of(cross_paths(args.batch, args.beam, S, dtype), args.repeats * 4)
+            print(f"{'':31s} {S:4d} {best['torch'] * 1e3:8.2f} {best['extension'] * 1e3:8.2f} "
+                  f"{best['torch'] / best['extension']:12.2f}x", flush=True)
         if not args.no_search:
             whole_search(args, dtype)
     groups.destroy()

@@ -15,7 +15,8 @@ and `CrossAttention` (same submodules and weights, same forward when no cache is
 for decoding: given a `kv_cache.DecoderCache` as megatron's `inference_context`, self-attention appends the step's
 keys/values to the cache and attends over all cached positions (through the beam ancestry: the cache is never
 reordered, `ops.beam_attention`); cross-attention projects the encoder output to
-keys/values once per batch (first step) and attends the K hypotheses of a sentence, as K queries, to its one copy.
+keys/values once per batch (first step) and attends the K hypotheses of a sentence, as K queries, to its one copy
+(`ops.beam_attention.beam_cross_attention`).
 Under sequence parallelism a step holds one real position and TP - 1 padding positions (so that it splits over
 the ranks); only the real one is cached.
 
@@ -197,20 +198,16 @@ class DecoderCrossAttention(CrossAttention):
         cache = _cache_of(inference_context, "DecoderCrossAttention", self.training)
         if cache is None:
             return super().forward(hidden_states, attention_mask, key_value_states=key_value_states, **kwargs)
-        kv = cache.cross(self.layer_number)
-        if kv is None:
+        if cache.cross(self.layer_number) is None:
             if key_value_states is None:
                 raise ValueError("DecoderCrossAttention: the first decoding step needs the encoder output")
-            kv = self._encoder_keys_values(key_value_states)
-            cache.set_cross(self.layer_number, *kv)
-        key_LHSD, value_LHSD = kv
+            cache.set_cross(self.layer_number, *self._encoder_keys_values(key_value_states))
         query, _ = self.linear_q(hidden_states)  # [q, N, H*Dh]
         q, n = query.shape[:2]
         heads, dh, k = self.num_attention_heads_per_partition, self.hidden_size_per_attention_head, cache.beam_size
         rows = n // k
         # The K hypotheses of a sentence attend to its keys together: [L, H, K*q, Dh].
         q_LHXD = query.view(q, rows, k, heads, dh).permute(1, 3, 2, 0, 4).reshape(rows, heads, k * q, dh)
-        ctx_LHXD = F.scaled_dot_product_attention(q_LHXD, key_LHSD, value_LHSD, attn_mask=cache.cross_allowed(),
-                                                  scale=self.core_attention.softmax_scale)
+        ctx_LHXD = cache.attend_cross(self.layer_number, q_LHXD, self.core_attention.softmax_scale)
         ctx_QND = ctx_LHXD.view(rows, heads, k, q, dh).permute(3, 0, 2, 1, 4).reshape(q, n, heads * dh)
         return self.linear_proj(ctx_QND)

@@ -19,7 +19,7 @@ from megatron_taskmoe.model.encdec import EncoderState
 
 class ModelDecoder:
     """`generation.IncrementalDecoder` over a whole `EncoderDecoderModel` and an encoded batch
-    (`attention_backend`: the self-attention steps' `ops.beam_attention` backend)."""
+    (`attention_backend`: the `ops.beam_attention` backend of the attention steps)."""
 
     def __init__(self, model, state: EncoderState, *, beam_size: int, max_length: int,
                  attention_backend: str = "auto"):

@@ -478,7 +478,7 @@ class EncoderDecoderModel(LanguageModule):
     def start_decoding(self, state: EncoderState, *, beam_size: int, max_length: int,
                        attention_backend: str = "auto") -> DecoderCache:
         """A cache for decoding `state`'s sentences with `beam_size` rows each, up to `max_length` positions
-        (`attention_backend`: `ops.beam_attention`'s, for the self-attention steps). The
+        (`attention_backend`: `ops.beam_attention`'s, for the self- and cross-attention steps). The
         batch's ids are range-checked here, once for every step, and decoder layers that route by sentence get
         their per-sentence routing state here: the source's mean encoder output, gathered per hypothesis."""
         self.task_context.check_ranges(task_ids_B=state.task_ids_B, tgt_lang_ids_B=state.tgt_lang_ids_B,

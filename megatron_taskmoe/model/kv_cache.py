@@ -33,7 +33,7 @@ import torch
 from megatron.core.inference.contexts.base_context import BaseInferenceContext
 
 from megatron_taskmoe.compat.inference_context import init_inference_context
-from megatron_taskmoe.ops.beam_attention import BACKENDS, beam_decode_attention
+from megatron_taskmoe.ops.beam_attention import BACKENDS, beam_cross_attention, beam_decode_attention
 
 
 class DecoderCache(BaseInferenceContext):
@@ -61,10 +61,10 @@ class DecoderCache(BaseInferenceContext):
         """Per-sentence routing state of decoder layers that route by sentence (set by the model)."""
         self.src_padding_mask_LS = src_padding_mask_BS.bool()
         self.attention_backend = attention_backend
-        """`ops.beam_attention` backend of the self-attention steps ("auto", "extension", "torch")."""
+        """`ops.beam_attention` backend of the self- and cross-attention steps ("auto", "extension", "torch")."""
         self._self_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._cross_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._cross_allowed_L11S: Optional[torch.Tensor] = None
+        self._cross_allowed_LS: Optional[torch.Tensor] = None
         self._per_row: dict[str, torch.Tensor] = {}
         self.rows = self.slots * beam_size
         self._beam_N = torch.arange(self.rows, device=src_padding_mask_BS.device) % beam_size
@@ -127,13 +127,19 @@ class DecoderCache(BaseInferenceContext):
         self._cross_kv[layer] = (key_LHSD, value_LHSD)
 
     def cross_allowed(self) -> torch.Tensor:
-        """Where cross-attention may look [L, 1, 1, S] (True at real source tokens; a source with none, which only
+        """Where cross-attention may look [L, S] (True at real source tokens; a source with none, which only
         padding rows have, is opened entirely, as `attention.allowed_mask` does)."""
-        if self._cross_allowed_L11S is None:
+        if self._cross_allowed_LS is None:
             allowed_LS = ~self.src_padding_mask_LS
-            allowed_LS = allowed_LS | ~allowed_LS.any(dim=-1, keepdim=True)
-            self._cross_allowed_L11S = allowed_LS[:, None, None, :]
-        return self._cross_allowed_L11S
+            self._cross_allowed_LS = allowed_LS | ~allowed_LS.any(dim=-1, keepdim=True)
+        return self._cross_allowed_LS
+
+    def attend_cross(self, layer: int, query_LHXD: torch.Tensor, scale: float) -> torch.Tensor:
+        """Attention of each live sentence's query rows [L, H, X, Dh] (its K hypotheses' step positions) over
+        `layer`'s encoder keys/values at the sentence's real source positions -> [L, H, X, Dh]."""
+        key_LHSD, value_LHSD = self._cross_kv[layer]
+        return beam_cross_attention(query_LHXD, key_LHSD, value_LHSD, self.cross_allowed(), scale,
+                                    backend=self.attention_backend)
 
     # ------------------------------------------------------------------------------------------------ beams
     def reorder(self, parent_N: torch.Tensor, sentences_L: Optional[torch.Tensor] = None) -> None:
@@ -142,7 +148,7 @@ class DecoderCache(BaseInferenceContext):
         if sentences_L is not None:
             self.sources_L = self.sources_L.index_select(0, sentences_L)
             self.src_padding_mask_LS = self.src_padding_mask_LS.index_select(0, sentences_L)
-            self._cross_allowed_L11S = None
+            self._cross_allowed_LS = None
             self._per_row = {}
             for layer, (k, v) in self._cross_kv.items():
                 self._cross_kv[layer] = (k.index_select(0, sentences_L), v.index_select(0, sentences_L))

@@ -1,4 +1,5 @@
-"""Beam-search decoding attention over a key/value cache that beam reordering never moves.
+"""Beam-search decoding attention: self-attention over a key/value cache that beam reordering never moves, and
+cross-attention of a sentence's hypotheses to its one copy of the encoder keys/values.
 
 A reordered cache (row n continues former row parent[n]: copy every cached key/value to its new row) reads and
 writes the whole cache at every step of a beam search, and attention then reads it again. Here the cache keeps
@@ -11,11 +12,17 @@ each hypothesis' positions where they were written and an ancestry table says wh
 * slots [L]: the cache slot of each live sentence (rows l*K .. l*K + K - 1 are its hypotheses), so that finished
   sentences leave without moving the others.
 
-`beam_decode_attention` runs the C++ kernel (csrc/beam_attention_cpu.cpp: each cached key/value read once, from
-cache memory by the K hypotheses of a sentence in turn) on CPU tensors of float32/float16/bfloat16, and the
+`beam_decode_attention` runs the C++ kernel (csrc/beam_attention_cpu.cpp: each cached key/value read once, by
+the K hypotheses of a sentence together, position by position) on CPU tensors of float32/float16/bfloat16, and the
 pure-torch path otherwise (other devices or dtypes, an extension built before this operator, `backend="torch"`):
 gather each row's keys/values (one `index_select` per tensor) and call `scaled_dot_product_attention`. Both
 compute softmax(q k^T * scale) v over positions 0..t-1 in fp32 accumulation; they agree to rounding.
+
+`beam_cross_attention` is the decoding step's cross-attention: the X = K*Q query rows of a sentence against its
+encoder keys/values [L, Hkv, S, Dh] at its real source positions. A decoding step's few queries per sentence make
+it a batch of tiny products, where torch's CPU attention and batched matmuls spend more on dispatch and blocking
+than on arithmetic; the kernel (same file) does each (sentence, head) in one pass. The torch path is SDPA with the
+source mask.
 
 Legend: B cache slots, L live sentences, K beam, N = L*K rows, H query heads, Hkv key/value heads, Q query
 positions of a step, T cache capacity, t attended positions, Dh head dim.
@@ -33,20 +40,23 @@ _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def kernel_available() -> bool:
-    """Whether the compiled extension loads and has the beam attention operator (an older build has not)."""
-    return _backend.extension_available() and hasattr(torch.ops.taskmoe, "beam_decode_attention")
+    """Whether the compiled extension loads and has the beam attention operators (an older build has not)."""
+    return (_backend.extension_available() and hasattr(torch.ops.taskmoe, "beam_decode_attention")
+            and hasattr(torch.ops.taskmoe, "beam_cross_attention"))
 
 
 def resolved_backend(backend: str, query: torch.Tensor) -> str:
-    """'extension' or 'torch': what `beam_decode_attention(..., backend=backend)` runs for `query`."""
+    """'extension' or 'torch': what `beam_decode_attention` / `beam_cross_attention(..., backend=backend)` run for
+    `query`."""
     if backend not in BACKENDS:
         raise ValueError(f"beam attention backend must be one of {BACKENDS}, got {backend!r}")
     supported = query.device.type == "cpu" and query.dtype in _KERNEL_DTYPES
     if backend == "extension":
         if not kernel_available():
-            raise RuntimeError("beam attention backend 'extension' requested but the compiled operator "
-                               "torch.ops.taskmoe.beam_decode_attention is not loadable; rebuild the extension with "
-                               "`pip install --no-build-isolation -e .` or use backend='auto'/'torch'")
+            raise RuntimeError("beam attention backend 'extension' requested but the compiled operators "
+                               "torch.ops.taskmoe.beam_decode_attention / beam_cross_attention are not loadable; "
+                               "rebuild the extension with `pip install --no-build-isolation -e .` or use "
+                               "backend='auto'/'torch'")
         if not supported:
             raise RuntimeError(f"beam attention backend 'extension' has no kernel for {query.device.type} tensors "
                                f"of {query.dtype} (CPU float32/float16/bfloat16)")
@@ -93,3 +103,25 @@ def beam_decode_attention(query_NHQD: torch.Tensor, key_cache: torch.Tensor, val
         return torch.ops.taskmoe.beam_decode_attention(query_NHQD, key_cache, value_cache, slots_L, ancestry_NT,
                                                        int(length), float(scale))
     return beam_decode_attention_torch(query_NHQD, key_cache, value_cache, slots_L, ancestry_NT, length, scale)
+
+
+def beam_cross_attention_torch(query_LHXD: torch.Tensor, key_LHSD: torch.Tensor, value_LHSD: torch.Tensor,
+                               allowed_LS: torch.Tensor, scale: float) -> torch.Tensor:
+    """The pure-torch path of `beam_cross_attention`."""
+    heads, kv_heads = query_LHXD.shape[1], key_LHSD.shape[1]
+    if heads != kv_heads:
+        key_LHSD = key_LHSD.repeat_interleave(heads // kv_heads, dim=1)
+        value_LHSD = value_LHSD.repeat_interleave(heads // kv_heads, dim=1)
+    return F.scaled_dot_product_attention(query_LHXD, key_LHSD, value_LHSD, attn_mask=allowed_LS[:, None, None, :],
+                                          scale=scale)
+
+
+def beam_cross_attention(query_LHXD: torch.Tensor, key_LHSD: torch.Tensor, value_LHSD: torch.Tensor,
+                         allowed_LS: torch.Tensor, scale: float, *, backend: str = "auto") -> torch.Tensor:
+    """Attention of each sentence's X query rows [L, H, X, Dh] over its encoder keys/values [L, Hkv, S, Dh] at the
+    source positions `allowed_LS` [L, S] (bool, at least one per sentence) -> [L, H, X, Dh].
+
+    backend: "auto" (the kernel where it has one, else torch), "extension" (the kernel or an error), "torch"."""
+    if resolved_backend(backend, query_LHXD) == "extension":
+        return torch.ops.taskmoe.beam_cross_attention(query_LHXD, key_LHSD, value_LHSD, allowed_LS, float(scale))
+    return beam_cross_attention_torch(query_LHXD, key_LHSD, value_LHSD, allowed_LS, scale)

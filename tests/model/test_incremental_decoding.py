@@ -158,9 +158,9 @@ def test_reference_model_decodes_incrementally_as_the_megatron_model(megatron_wo
         assert beam_search(ReferenceDecoder(reference, r_enc, beam), **kw) == ours
 
 
-def test_both_self_attention_backends_decode_alike(megatron_world1):
-    """The beam-attention kernel and its pure-torch path (ops.beam_attention) give the same log-probabilities
-    (to rounding) and the same beam search outputs."""
+def test_both_attention_backends_decode_alike(megatron_world1):
+    """The beam-attention kernels (self- and cross-attention, ops.beam_attention) and their pure-torch paths give
+    the same log-probabilities (to rounding) and the same beam search outputs."""
     model = build(tiny("moe_task_shared_dynamic"))
     state = encode(model, sources())
     max_lengths = [1, 5, 9, 12, 12]
@@ -172,3 +172,24 @@ def test_both_self_attention_backends_decode_alike(megatron_world1):
     torch_decoder = ModelDecoder(model, state, beam_size=3, max_length=13, attention_backend="torch")
     assert beam_search(torch_decoder, batch_size=5, bos=BOS, eos=EOS, max_lengths=max_lengths, beam_size=3,
                        banned=BANNED, min_length=3) == kernel_out
+
+
+@pytest.mark.parametrize("head_dim,beam", [(64, 4), (64, 5), (128, 3)])
+def test_kernels_vector_path_matches_the_full_recompute(megatron_world1, head_dim, beam):
+    """At head dims 64 and 128 the kernels take their vector path (query rows in groups of 4, then one by one):
+    incremental decoding through them equals the full recompute, and the beam search's outputs are the loop
+    search's over whole prefixes."""
+    cfg = replace(tiny("moe_task_shared_dynamic"), hidden_size=2 * head_dim, num_attention_heads=2)
+    model = build(cfg)
+    state = encode(model, sources())
+    B, max_lengths = 5, [1, 5, 9, 12, 12]
+    rec = Recorder(ModelDecoder(model, state, beam_size=beam, max_length=13, attention_backend="extension"),
+                   PrefixDecoder(model.step_fn(state), batch_size=B, beam_size=beam))
+    got = beam_search(rec, batch_size=B, bos=BOS, eos=EOS, max_lengths=max_lengths, beam_size=beam, banned=BANNED,
+                      min_length=3)
+    assert max(rec.diffs) < 1e-4, rec.diffs
+    assert rec.rows[-1] < B * beam, "some sentences must finish early"
+    want = loop_beam_search(masked(model.step_fn(state), banned=BANNED, eos=EOS, min_length=3,
+                                   max_lengths=max_lengths),
+                            batch_size=B, bos=BOS, eos=EOS, max_lengths=max_lengths, beam_size=beam)
+    assert got == want

@@ -1,5 +1,7 @@
-"""ops.beam_attention (kernel and pure-torch path) against attention over an explicitly reordered cache, and the
-decoder cache that uses it (beam reorders and finished sentences), errors included.
+"""ops.beam_attention (kernels and pure-torch paths) against attention over an explicitly reordered cache (self-
+attention) or over each sentence's real source positions (cross-attention), and the decoder cache that uses them
+(beam reorders and finished sentences), errors included. The kernels have a vector path (head dims 64 and 128, query
+rows in groups of 4 and one by one) and a scalar path (other head dims, groups of 2 or 3): the shapes cover both.
 
 Legend: B cache slots, L live sentences, K beam, N = L*K rows, H query heads, Hkv key/value heads, Q query
 positions, T capacity, t attended positions, D head dim.
@@ -13,6 +15,7 @@ import torch.nn.functional as F
 
 from megatron_taskmoe.model.kv_cache import DecoderCache
 from megatron_taskmoe.ops.beam_attention import (
+    beam_cross_attention,
     beam_decode_attention,
     gather_history,
     kernel_available,
@@ -61,7 +64,9 @@ def random_case(*, B=5, L=3, K=3, H=4, Hkv=2, Q=1, T=7, D=24, length=5, dtype=to
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", [dict(), dict(H=4, Hkv=4, Q=2), dict(K=1, L=2, H=2, Hkv=1, length=7, D=8),
-                                   dict(length=1, D=64)])
+                                   dict(length=1, D=64), dict(K=5, L=2, H=2, Hkv=1, T=40, length=37, D=64),
+                                   dict(K=4, L=2, H=2, Hkv=2, Q=2, T=20, length=19, D=128),
+                                   dict(K=2, L=2, T=20, length=18, D=32)])
 def test_matches_attention_over_each_rows_own_history(backend, dtype, shape):
     case = random_case(dtype=dtype, **shape)
     got = beam_decode_attention(*case, backend=backend)
@@ -82,6 +87,78 @@ def test_kernel_and_torch_path_agree_and_kernel_is_thread_count_independent():
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(single, kernel)
+
+
+def test_scores_far_apart_keep_their_weights():
+    """A large scale spreads the scores over hundreds of units: the kernel's exp (a polynomial, clamped below -87)
+    still matches float64 softmax."""
+    case = list(random_case(B=2, L=2, K=4, H=2, Hkv=2, T=30, D=64, length=30, seed=5))
+    case[6] = 40.0
+    got = beam_decode_attention(*case, backend="extension")
+    assert (got.double() - naive(*case)).abs().max() <= 2e-6
+
+
+def naive_cross(query_LHXD, key_LHSD, value_LHSD, allowed_LS, scale):
+    """Row by row in float64: softmax(q k^T * scale) v over the sentence's allowed source positions."""
+    L, H, X, D = query_LHXD.shape
+    Hkv = key_LHSD.shape[1]
+    out = torch.zeros(L, H, X, D, dtype=torch.float64)
+    for l in range(L):
+        positions = allowed_LS[l].nonzero().squeeze(1)
+        for h in range(H):
+            keys = key_LHSD[l, h // (H // Hkv), positions].double()
+            values = value_LHSD[l, h // (H // Hkv), positions].double()
+            out[l, h] = torch.softmax(query_LHXD[l, h].double() @ keys.T * scale, dim=-1) @ values
+    return out
+
+
+def random_cross_case(*, L=3, H=4, Hkv=2, X=4, S=9, D=24, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    query = torch.randn(L, H, X, D, generator=g).to(dtype)
+    key, value = (torch.randn(L, Hkv, S, D, generator=g).to(dtype) for _ in range(2))
+    allowed = torch.rand(L, S, generator=g) < 0.6
+    allowed[:, 0] = True  # every sentence sees something
+    allowed[-1] = True  # and one sees everything
+    return query, key, value, allowed, 1.0 / math.sqrt(D)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [dict(), dict(H=2, Hkv=2, X=5, S=37, D=64), dict(L=2, H=2, Hkv=1, X=4, S=20, D=128),
+                                   dict(X=3, S=1, D=64)])
+def test_cross_attention_matches_attention_over_the_allowed_positions(backend, dtype, shape):
+    case = random_cross_case(dtype=dtype, **shape)
+    got = beam_cross_attention(*case, backend=backend)
+    want = naive_cross(*case)
+    assert got.dtype == dtype and got.shape == want.shape
+    assert (got.double() - want).abs().max() <= TOL[dtype], (got.double() - want).abs().max()
+
+
+def test_cross_kernel_and_torch_path_agree_and_kernel_is_thread_count_independent():
+    case = random_cross_case(L=8, H=8, Hkv=8, X=4, S=45, D=64, seed=4)
+    kernel = beam_cross_attention(*case, backend="extension")
+    torch.testing.assert_close(kernel, beam_cross_attention(*case, backend="torch"), atol=2e-6, rtol=0)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = beam_cross_attention(*case, backend="extension")
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(single, kernel)
+
+
+def test_cross_attention_bad_inputs_raise_clear_errors():
+    query, key, value, allowed, scale = random_cross_case()
+    none_allowed = allowed.clone()
+    none_allowed[1] = False
+    with pytest.raises(RuntimeError, match="sentence 1 allows no source position"):
+        beam_cross_attention(query, key, value, none_allowed, scale, backend="extension")
+    with pytest.raises(RuntimeError, match="allowed must be a bool"):
+        beam_cross_attention(query, key, value, allowed.long(), scale, backend="extension")
+    with pytest.raises(RuntimeError, match="must share a dtype"):
+        beam_cross_attention(query, key.half(), value, allowed, scale, backend="extension")
+    with pytest.raises(RuntimeError, match="do not fit query"):
+        beam_cross_attention(query, key[:2], value[:2], allowed, scale, backend="extension")
 
 
 def test_gather_history_is_what_a_reordered_cache_holds():
