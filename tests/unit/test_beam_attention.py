@@ -75,15 +75,18 @@ def test_matches_attention_over_each_rows_own_history(backend, dtype, shape):
     assert (got.double() - want).abs().max() <= TOL[dtype], (got.double() - want).abs().max()
 
 
-def test_kernel_and_torch_path_agree_and_kernel_is_thread_count_independent():
-    case = random_case(B=6, L=6, K=4, H=8, Hkv=8, T=40, D=64, length=33, seed=3)
-    kernel = beam_decode_attention(*case, backend="extension")
-    torch_path = beam_decode_attention(*case, backend="torch")
-    torch.testing.assert_close(kernel, torch_path, atol=2e-6, rtol=0)
+@pytest.mark.parametrize("kind", ["self", "cross"])
+def test_kernel_and_torch_path_agree_and_kernel_is_thread_count_independent(kind):
+    if kind == "self":
+        op, case = beam_decode_attention, random_case(B=6, L=6, K=4, H=8, Hkv=8, T=40, D=64, length=33, seed=3)
+    else:
+        op, case = beam_cross_attention, random_cross_case(L=8, H=8, Hkv=8, X=4, S=45, D=64, seed=4)
+    kernel = op(*case, backend="extension")
+    torch.testing.assert_close(kernel, op(*case, backend="torch"), atol=2e-6, rtol=0)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        single = beam_decode_attention(*case, backend="extension")
+        single = op(*case, backend="extension")
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(single, kernel)
@@ -132,19 +135,6 @@ def test_cross_attention_matches_attention_over_the_allowed_positions(backend, d
     want = naive_cross(*case)
     assert got.dtype == dtype and got.shape == want.shape
     assert (got.double() - want).abs().max() <= TOL[dtype], (got.double() - want).abs().max()
-
-
-def test_cross_kernel_and_torch_path_agree_and_kernel_is_thread_count_independent():
-    case = random_cross_case(L=8, H=8, Hkv=8, X=4, S=45, D=64, seed=4)
-    kernel = beam_cross_attention(*case, backend="extension")
-    torch.testing.assert_close(kernel, beam_cross_attention(*case, backend="torch"), atol=2e-6, rtol=0)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        single = beam_cross_attention(*case, backend="extension")
-    finally:
-        torch.set_num_threads(threads)
-    assert torch.equal(single, kernel)
 
 
 def test_cross_attention_bad_inputs_raise_clear_errors():

@@ -306,6 +306,26 @@ struct Scratch {
   Scratch(int64_t R, int64_t t, int64_t D) : q_rows(R), out_rows(R), anc_rows(R), score(kGroup * t), acc(D) {}
 };
 
+// Runs body(scratch, task, block) for tasks 0..tasks-1 in parallel, each one (sentence, head) block at offset
+// block_of(task) of keys/values; a thread prefetches its next block (`bytes`) while it computes the current one.
+// Each thread has its own scratch for blocks of R query rows over t positions.
+template <typename T, typename BlockOf, typename Body>
+void for_each_block(int64_t tasks, int64_t R, int64_t t, int64_t D, const T* keys, const T* values, int64_t bytes,
+                    BlockOf block_of, Body body) {
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    Scratch<T> s(R, t, D);
+    prefetch(keys + block_of(begin), bytes);
+    prefetch(values + block_of(begin), bytes);
+    for (int64_t task = begin; task < end; ++task) {
+      if (task + 1 < end) {
+        prefetch(keys + block_of(task + 1), bytes);
+        prefetch(values + block_of(task + 1), bytes);
+      }
+      body(s, task, block_of(task));
+    }
+  });
+}
+
 // Self-attention: every (live sentence, query head) as one parallel task (file comment); q and out [N, H, Q, Dh].
 template <typename T>
 void run_self(const Tensor& q, const Tensor& key_cache, const Tensor& value_cache, const int64_t* slot,
@@ -317,33 +337,24 @@ void run_self(const Tensor& q, const Tensor& key_cache, const Tensor& value_cach
   const T* k_ptr = key_cache.data_ptr<T>();
   const T* v_ptr = value_cache.data_ptr<T>();
   T* o_ptr = out.data_ptr<T>();
-  at::parallel_for(0, L * H, 1, [&](int64_t begin, int64_t end) {
-    Scratch<T> s(K * Q, length, D);
-    auto block_of = [&](int64_t task) {  // [slot, the task's kv head, 0, 0, 0]
-      return (slot[task / H] * Hkv + (task % H) / group) * T_cap * K * D;
-    };
-    const int64_t bytes = length * K * D * static_cast<int64_t>(sizeof(T));
-    prefetch(k_ptr + block_of(begin), bytes);
-    prefetch(v_ptr + block_of(begin), bytes);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t l = task / H, h = task % H;
-      const int64_t block = block_of(task);
-      if (task + 1 < end) {
-        prefetch(k_ptr + block_of(task + 1), bytes);
-        prefetch(v_ptr + block_of(task + 1), bytes);
+  auto block_of = [&](int64_t task) {  // [slot, the task's kv head, 0, 0, 0]
+    return (slot[task / H] * Hkv + (task % H) / group) * T_cap * K * D;
+  };
+  const int64_t bytes = length * K * D * static_cast<int64_t>(sizeof(T));
+  for_each_block(L * H, K * Q, length, D, k_ptr, v_ptr, bytes, block_of, [&](Scratch<T>& s, int64_t task,
+                                                                             int64_t block) {
+    const int64_t l = task / H, h = task % H;
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t n = l * K + k;
+      for (int64_t j = 0; j < Q; ++j) {
+        const int64_t row = ((n * H + h) * Q + j) * D;
+        s.q_rows[k * Q + j] = q_ptr + row;
+        s.out_rows[k * Q + j] = o_ptr + row;
+        s.anc_rows[k * Q + j] = anc + n * anc_stride;
       }
-      for (int64_t k = 0; k < K; ++k) {
-        const int64_t n = l * K + k;
-        for (int64_t j = 0; j < Q; ++j) {
-          const int64_t row = ((n * H + h) * Q + j) * D;
-          s.q_rows[k * Q + j] = q_ptr + row;
-          s.out_rows[k * Q + j] = o_ptr + row;
-          s.anc_rows[k * Q + j] = anc + n * anc_stride;
-        }
-      }
-      self_block(K * Q, s.q_rows.data(), s.out_rows.data(), s.anc_rows.data(), k_ptr + block, v_ptr + block, K,
-                 length, D, scale, s.score.data(), s.acc.data());
     }
+    self_block(K * Q, s.q_rows.data(), s.out_rows.data(), s.anc_rows.data(), k_ptr + block, v_ptr + block, K, length,
+               D, scale, s.score.data(), s.acc.data());
   });
 }
 
@@ -358,27 +369,17 @@ void run_cross(const Tensor& q, const Tensor& key, const Tensor& value,
   const T* k_ptr = key.data_ptr<T>();
   const T* v_ptr = value.data_ptr<T>();
   T* o_ptr = out.data_ptr<T>();
-  at::parallel_for(0, L * H, 1, [&](int64_t begin, int64_t end) {
-    Scratch<T> s(X, S, D);
-    auto block_of = [&](int64_t task) { return ((task / H) * Hkv + (task % H) / group) * S * D; };  // [l, kv head]
-    const int64_t bytes = S * D * static_cast<int64_t>(sizeof(T));
-    prefetch(k_ptr + block_of(begin), bytes);
-    prefetch(v_ptr + block_of(begin), bytes);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t l = task / H, h = task % H;
-      const int64_t block = block_of(task);
-      if (task + 1 < end) {
-        prefetch(k_ptr + block_of(task + 1), bytes);
-        prefetch(v_ptr + block_of(task + 1), bytes);
-      }
-      for (int64_t x = 0; x < X; ++x) {
-        const int64_t row = ((l * H + h) * X + x) * D;
-        s.q_rows[x] = q_ptr + row;
-        s.out_rows[x] = o_ptr + row;
-      }
-      cross_block(X, s.q_rows.data(), s.out_rows.data(), index[l].data(), k_ptr + block, v_ptr + block,
-                  static_cast<int64_t>(index[l].size()), D, scale, s.score.data(), s.acc.data());
+  auto block_of = [&](int64_t task) { return ((task / H) * Hkv + (task % H) / group) * S * D; };  // [l, kv head]
+  const int64_t bytes = S * D * static_cast<int64_t>(sizeof(T));
+  for_each_block(L * H, X, S, D, k_ptr, v_ptr, bytes, block_of, [&](Scratch<T>& s, int64_t task, int64_t block) {
+    const int64_t l = task / H, h = task % H;
+    for (int64_t x = 0; x < X; ++x) {
+      const int64_t row = ((l * H + h) * X + x) * D;
+      s.q_rows[x] = q_ptr + row;
+      s.out_rows[x] = o_ptr + row;
     }
+    cross_block(X, s.q_rows.data(), s.out_rows.data(), index[l].data(), k_ptr + block, v_ptr + block,
+                static_cast<int64_t>(index[l].size()), D, scale, s.score.data(), s.acc.data());
   });
 }
 
