@@ -101,6 +101,20 @@ def test_scores_far_apart_keep_their_weights():
     assert (got.double() - naive(*case)).abs().max() <= 2e-6
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_score_of_minus_infinity_gets_no_weight(backend):
+    """A key whose score with every query is -inf (here: -inf entries against a positive query) weighs nothing,
+    as in float64 softmax, instead of turning the row into NaN."""
+    query, key_cache, value_cache, slots_L, ancestry_NT, length, scale = random_case(B=2, L=2, K=4, H=2, Hkv=2,
+                                                                                      T=20, D=64, length=20, seed=6)
+    query = query.abs() + 0.1
+    key_cache[:, :, 3] = float("-inf")  # position 3 of every beam slot
+    case = (query, key_cache, value_cache, slots_L, ancestry_NT, length, scale)
+    got = beam_decode_attention(*case, backend=backend)
+    assert torch.isfinite(got).all()
+    assert (got.double() - naive(*case)).abs().max() <= 2e-6
+
+
 def naive_cross(query_LHXD, key_LHSD, value_LHSD, allowed_LS, scale):
     """Row by row in float64: softmax(q k^T * scale) v over the sentence's allowed source positions."""
     L, H, X, D = query_LHXD.shape

@@ -104,12 +104,13 @@ TASKMOE_INLINE float hsum(f32x16 a) {
 
 // exp(x) for x <= 0 (a score minus its row's maximum): Cephes' single-precision polynomial (relative error about
 // 1e-7) in plain arithmetic, for 16 lanes (V = f32x16) or one (V = float) with the same operations, so both give
-// the same bits. (y + 1.5 * 2^23) - 1.5 * 2^23 rounds y to an integer. Below -87 it gives exp(-87) ~ 1.6e-38
-// rather than a denormal; NaN stays NaN.
+// the same bits. (y + 1.5 * 2^23) - 1.5 * 2^23 rounds y to an integer. Below -87 (-inf included) it gives
+// exp(-87) ~ 1.6e-38 rather than a denormal; NaN stays NaN.
 template <typename V>
 TASKMOE_INLINE V exp_nonpositive(V x) {
   constexpr float kRound = 12582912.0f;
-  x = x < -87.0f ? x * 0.0f - 87.0f : x;
+  const V lowest = V{} - 87.0f;  // -87 in every lane (from zero: -inf * 0 would be NaN)
+  x = x < -87.0f ? lowest : x;
   const V n = (x * 1.44269504088896341f + kRound) - kRound;  // in [-126, 0]
   const V r = (x - n * 0.693359375f) + n * 2.12194440e-4f;   // x - n ln2, ln2 in two parts
   V p = r * 1.9875691500e-4f + 1.3981999507e-3f;
