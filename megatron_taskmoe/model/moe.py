@@ -3,9 +3,17 @@
 `get_moe_mlp_spec(moe_config, side, task_context)` returns the `ModuleSpec` for a layer's `mlp` slot:
 megatron-core's `MoELayer` with our `TaskTopKRouter` (through `MoESubmodules(router=...)`) and megatron's
 `SequentialMLP` local experts (plain column/row-parallel linears, which run on CPU and shard over expert-tensor
-parallelism). With task adapters configured it is `TaskMoEMLP`, a `MoELayer` subclass that applies the adapters
-(`adapters.py`) to the MoE output, so `TransformerLayer` still sees an MoE layer (`is_moe_layer`) with the same
-call signature `(hidden_states, padding_mask=None) -> (out, bias)`.
+parallelism). With task adapters configured, or on a task-routed side, it is `TaskMoEMLP`, a `MoELayer` subclass,
+so `TransformerLayer` still sees an MoE layer (`is_moe_layer`) with the same call signature
+`(hidden_states, padding_mask=None) -> (out, bias)`. It
+  * applies the adapters (`adapters.py`) to the MoE output;
+  * runs a fixed route directly: at inference, a task-routed layer given a micro-batch of one task row (a batch of
+    one direction, as the translator and the decoding tools form them) sends every token to the same experts with
+    the same weights (`TaskTopKRouter.fixed_route`). Those experts then run on all tokens, with the arithmetic of
+    the routed path (same results), without per-token routing, permutation or dispatch. Kudugunta et al.'s point:
+    a task's requests need only the task's experts. On the extracted sub-network (2 experts) that is what a
+    decoding step's MoE layer costs. It applies where this rank holds every expert whole (no expert or
+    expert-tensor parallelism) and nothing is being counted; otherwise the layer routes as in training.
 
 Routing statistics: `set_routing_stats(model, True)` makes every router count, per task, the real tokens
 assigned to each expert (after capacity dropping), and every dynamic/static adapter block the tokens sent to each
@@ -44,7 +52,8 @@ DispatcherBuilder = Callable[..., object]
 
 
 class TaskMoEMLP(MoELayer):
-    """megatron's MoELayer, then the task adapters on its output (Pham et al.: adapters on top of the MoE layer).
+    """megatron's MoELayer, then the task adapters on its output (Pham et al.: adapters on top of the MoE layer);
+    a fixed route (task routing, one task row in the micro-batch) runs its experts directly at inference.
 
     `token_dispatcher_builder(num_local_experts, local_expert_indices, config=..., pg_collection=...)` optionally
     replaces megatron's dispatcher (the `ops/` dispatchers)."""
@@ -73,6 +82,8 @@ class TaskMoEMLP(MoELayer):
                 config=self.config,
                 pg_collection=pg_collection if pg_collection is not None else self._pg_collection_fallback(),
             )
+        self.use_fixed_route = moe_config.side(side).mode == "task"
+        """Task routing: a micro-batch of one task row takes one route, which `forward` runs directly at inference."""
         self.adapters = None
         if moe_config.adapters.enabled:
             shared = None
@@ -87,10 +98,40 @@ class TaskMoEMLP(MoELayer):
     def _pg_collection_fallback():
         return get_default_pg_collection()
 
+    def _holds_every_expert(self) -> bool:
+        """Whether this rank holds every expert whole (no expert or expert-tensor parallelism, megatron's
+        per-expert MLPs, no shared experts), so that a fixed route needs no communication."""
+        if (self.num_local_experts != self.config.num_moe_experts or self.use_shared_expert
+                or not isinstance(self.experts, SequentialMLP)):
+            return False
+        width = self.config.moe_ffn_hidden_size * (2 if self.config.gated_linear_unit else 1)
+        return all(expert.linear_fc1.weight.shape[0] == width for expert in self.experts.local_experts)
+
+    def _fixed_route_forward(self, hidden_states_LBD: torch.Tensor, experts: list[int], probs_K: torch.Tensor):
+        """Every token through the same experts: what route -> permute -> experts -> unpermute compute when all
+        tokens take one route, with the same operations (each expert on all T tokens with its weight as the
+        per-token scale, the K outputs summed in expert order with fp32 accumulation, as our unpermute), without
+        the per-token routing, the permutation and megatron's dispatch."""
+        x_TD = hidden_states_LBD.reshape(-1, hidden_states_LBD.shape[-1])
+        num_tokens = x_TD.shape[0]
+        out_TD = None
+        for k, e in enumerate(experts):
+            y_TD, bias = self.experts.local_experts[e](x_TD, probs_K[k].expand(num_tokens))
+            assert bias is None, "experts fold their bias into the output when given a per-token scale"
+            y_TD = y_TD.float()
+            out_TD = y_TD if out_TD is None else out_TD + y_TD
+        return out_TD.to(hidden_states_LBD.dtype).view_as(hidden_states_LBD), None
+
     def forward(self, hidden_states: torch.Tensor, intermediate_tensors=None, padding_mask=None):
         if intermediate_tensors is not None:
             raise ValueError("TaskMoEMLP: partial (CUDA-graph) execution of the MoE layer is not supported")
-        output, bias = super().forward(hidden_states, padding_mask=padding_mask)
+        route = None
+        if not self.training and self.use_fixed_route and self._holds_every_expert():
+            route = self.router.fixed_route()
+        if route is not None:
+            output, bias = self._fixed_route_forward(hidden_states, *route)
+        else:
+            output, bias = super().forward(hidden_states, padding_mask=padding_mask)
         if self.adapters is not None:
             local_len, batch = output.shape[:2]
             mask = None if padding_mask is None else padding_mask.transpose(0, 1)
@@ -108,9 +149,9 @@ def get_moe_mlp_spec(
 ) -> ModuleSpec:
     """The complete spec for an MoE layer's `mlp` slot on `side` ("encoder" or "decoder").
 
-    Plain megatron `MoELayer` when no adapters and no custom dispatcher are configured (so `TransformerLayer` hands
-    it its `pg_collection`); `TaskMoEMLP` otherwise (it falls back to megatron's default process groups, i.e. the
-    ones `initialize_model_parallel` set up)."""
+    Plain megatron `MoELayer` when no adapters and no custom dispatcher are configured and the side does not route
+    by task (so `TransformerLayer` hands it its `pg_collection`); `TaskMoEMLP` otherwise (it falls back to
+    megatron's default process groups, i.e. the ones `initialize_model_parallel` set up)."""
     routing = moe_config.side(side)
     if routing.layer_freq == 0:
         raise ValueError(f"get_moe_mlp_spec: MoEConfig.{side}.layer_freq=0 means the {side} has no MoE layers")
@@ -121,7 +162,7 @@ def get_moe_mlp_spec(
         module=SequentialMLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
     )
     submodules = MoESubmodules(experts=experts, router=router)
-    if not moe_config.adapters.enabled and token_dispatcher_builder is None:
+    if not moe_config.adapters.enabled and token_dispatcher_builder is None and routing.mode != "task":
         return ModuleSpec(module=MoELayer, submodules=submodules, metainfo={"fuse_pre_mlp_layernorm": False})
     return ModuleSpec(
         module=TaskMoEMLP,

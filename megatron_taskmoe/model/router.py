@@ -174,6 +174,21 @@ class TaskTopKRouter(TopKRouter):
             return R.task_token_logits(x_LBD.reshape(-1, hidden), task_emb_TC, self.weight, self.bias, dtype)
         raise ValueError(f"TaskTopKRouter: unknown routing mode {self.mode!r}")
 
+    def fixed_route(self) -> tuple[list[int], torch.Tensor] | None:
+        """(experts, probs_K) when every token of the current micro-batch takes the same route, as `forward` would
+        give it: an inference forward (no capacity at inference, no statistics being counted) of a task-routed
+        layer over a micro-batch of one task row. None otherwise. `TaskMoEMLP` then runs those experts on all
+        tokens instead of routing and permuting them."""
+        if (self.mode != "task" or self.training or self.collect_stats
+                or self.moe_config.inference_capacity_factor() is not None):
+            return None
+        row = self.task_context.single_id(self.routing_config.task_source)
+        if row is None:
+            return None
+        table_GE = R.task_logit_table(self.task_embedding, self.weight, self.bias, self._router_dtype)
+        experts_K, probs_K = R.task_route(table_GE, row, self.topk, renormalize=not self.config.moe_router_pre_softmax)
+        return experts_K.tolist(), probs_K
+
     def _log(self, name: str, value: torch.Tensor) -> None:
         """Megatron's aux-loss tracker, one name per side (encoder and decoder layer numbers both start at 1).
         Under sequence parallelism `value` is this rank's share: the tracker sums it over the TP group."""

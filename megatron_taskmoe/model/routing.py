@@ -135,6 +135,18 @@ def topk_routing(logits_TE: torch.Tensor, topk: int, renormalize: bool = True) -
     return probs_TE, routing_map_TE
 
 
+def task_route(table_GE: torch.Tensor, row: int, topk: int, renormalize: bool = True
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The route every token of task-table row `row` takes under task routing: (experts_K, probs_K), the chosen
+    experts in ascending order and each one's weight, exactly the nonzeros of `topk_routing(task_logits(...))`'s row
+    for such a token (the same top-k and softmax on the same logits)."""
+    if not 0 <= row < table_GE.shape[0]:
+        raise ValueError(f"task row {row} outside the task table's {table_GE.shape[0]} rows")
+    probs_1E, map_1E = topk_routing(table_GE[row : row + 1], topk, renormalize=renormalize)
+    experts_K = map_1E[0].nonzero().squeeze(-1)
+    return experts_K, probs_1E[0].index_select(0, experts_K)
+
+
 def expert_capacity(num_tokens: int, num_experts: int, topk: int, capacity_factor: float) -> int:
     """Tokens one expert accepts: ceil(num_tokens * topk / num_experts * capacity_factor) (megatron's rule)."""
     return math.ceil(num_tokens * topk / num_experts * capacity_factor)

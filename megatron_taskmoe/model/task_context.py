@@ -29,7 +29,7 @@ Legend: B batch, S source length, T target length (or tokens when flattened), L 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -52,6 +52,8 @@ class _MicroBatchIds:
     source_mean_BD: torch.Tensor | None = None
     """Each source sentence's mean encoder output over its real tokens (the decoder's sentence routing input), or None.
     """
+    single: dict = field(default_factory=dict)
+    """source -> the id every sequence shares (or None), once `single_id` has looked."""
 
 
 def _check_ids(name: str, ids, batch_size: int | None, limit: int | None = None) -> torch.Tensor | None:
@@ -181,6 +183,20 @@ class TaskContext:
         if ids_B is None:
             raise RuntimeError(f"TaskContext: the current micro-batch was set without {source} ids")
         return ids_B
+
+    def single_id(self, source: str) -> int | None:
+        """The id of `source` that every sequence of the current micro-batch has, or None when they differ (or the
+        batch is empty). Looked up once per micro-batch (on a GPU, one host synchronisation): a batch of one
+        direction lets task-routed layers skip per-token routing (`TaskMoEMLP`'s fixed route)."""
+        ids = self._require(f"{source} ids")
+        if source not in ids.single:
+            ids_B = self.ids(source)
+            value = None
+            if ids_B.numel():
+                low, high = torch.stack([ids_B.min(), ids_B.max()]).tolist()
+                value = low if low == high else None
+            ids.single[source] = value
+        return ids.single[source]
 
     def token_ids(self, source: str, num_tokens: int, device: torch.device | None = None) -> torch.Tensor:
         """Ids of `num_tokens` local tokens in megatron's s-major order (t = s*B + b): [num_tokens]."""

@@ -193,3 +193,41 @@ def test_kernels_vector_path_matches_the_full_recompute(megatron_world1, head_di
                                    max_lengths=max_lengths),
                             batch_size=B, bos=BOS, eos=EOS, max_lengths=max_lengths, beam_size=beam)
     assert got == want
+
+
+@pytest.mark.parametrize("system", ["kudugunta_target", "kudugunta_pair", "token_enc_task_dec"])
+def test_one_direction_batches_take_the_fixed_route_with_the_same_results(megatron_world1, system):
+    """A batch of one direction (as the translator forms them): task-routed layers run the direction's experts on
+    every token without routing them (`TaskMoEMLP`'s fixed route) in the encoder and at every decoding step, and
+    the log-probabilities and beam outputs are bit for bit those of per-token routing."""
+    from megatron_taskmoe.model.moe import TaskMoEMLP
+
+    model = build(tiny(system))
+    b = sources()
+    for key in KEYS:
+        b[key] = torch.full_like(b[key], 1)
+    layers = [m for m in model.modules() if isinstance(m, TaskMoEMLP) and m.use_fixed_route]
+    assert layers
+    routed_calls = []
+    for layer in layers:
+        forward = layer.router.forward
+        layer.router.forward = lambda *a, _f=forward, **k: routed_calls.append(1) or _f(*a, **k)
+
+    def search(fixed: bool):
+        for layer in layers:
+            layer.use_fixed_route = fixed
+        state = encode(model, b)
+        rec = Recorder(ModelDecoder(model, state, beam_size=3, max_length=13), PrefixDecoder(model.step_fn(state),
+                       batch_size=5, beam_size=3))
+        out = beam_search(rec, batch_size=5, bos=BOS, eos=EOS, max_lengths=[1, 5, 9, 12, 12], beam_size=3,
+                          banned=BANNED, min_length=3)
+        return out, rec
+
+    routed_out, routed = search(False)
+    calls_routed = len(routed_calls)
+    fixed_out, fixed = search(True)
+    assert calls_routed > 0 and len(routed_calls) == calls_routed, "the fixed route must not route tokens"
+    assert fixed_out == routed_out
+    assert fixed.rows == routed.rows and fixed.diffs == routed.diffs
+    for layer in layers:
+        del layer.router.forward

@@ -35,12 +35,14 @@ def process_groups():
     groups.destroy()
 
 
-def build(pgs, routing_mode="token", adapter_mode="none", topk=2, capacity_factor=None, dispatcher="alltoall"):
+def build(pgs, routing_mode="token", adapter_mode="none", topk=2, capacity_factor=None, dispatcher="alltoall",
+          builder=None, eval_capacity_factor=None):
     routing = RoutingConfig(mode=routing_mode, task_embed_dim=8)
     moe = MoEConfig(
         num_experts=E,
         topk=topk,
         capacity_factor=capacity_factor,
+        eval_capacity_factor=eval_capacity_factor,
         z_loss_coeff=1e-3,
         token_dispatcher=dispatcher,
         num_tasks=G,
@@ -61,7 +63,7 @@ def build(pgs, routing_mode="token", adapter_mode="none", topk=2, capacity_facto
         **moe.megatron_kwargs(),
     )
     ctx = TaskContext()
-    spec = get_moe_mlp_spec(moe, "encoder", ctx)
+    spec = get_moe_mlp_spec(moe, "encoder", ctx, token_dispatcher_builder=builder)
     torch.manual_seed(0)
     layer = build_module(spec, config=config, pg_collection=pgs)
     layer.set_layer_number(1)
@@ -92,7 +94,7 @@ MODES = [
 def test_forward_backward_every_mode(process_groups, routing_mode, adapter_mode):
     layer, ctx = build(process_groups, routing_mode, adapter_mode)
     assert isinstance(layer, MoELayer)
-    assert isinstance(layer, TaskMoEMLP) == (adapter_mode != "none")
+    assert isinstance(layer, TaskMoEMLP) == (adapter_mode != "none" or routing_mode == "task")
     x_SBD, pad_BS = batch()
     x_SBD.requires_grad_(True)
     with ctx.micro_batch(task_ids_B=TASKS, src_padding_mask_BS=pad_BS):
@@ -156,3 +158,77 @@ def test_capacity_factor_drops_tokens(process_groups):
     assert map_TE.sum() == S * B // E
     dropped_T = ~map_TE.any(-1)
     assert (out_SBD.reshape(-1, D)[dropped_T] == 0).all()  # dropped tokens contribute nothing
+
+
+# ------------------------------------------------------------------------------------------ fixed route
+
+
+class RouterCalls:
+    """Counts the router's per-token forwards (the routed path); the fixed route does not call it."""
+
+    def __init__(self, layer):
+        self.count, forward = 0, layer.router.forward
+
+        def counted(*args, **kwargs):
+            self.count += 1
+            return forward(*args, **kwargs)
+
+        layer.router.forward = counted
+
+
+def routed_and_fixed(layer, ctx, x_SBD, pad_BS, task_ids_B):
+    """The layer's output with the fixed route allowed and forced off, and the router calls of the first."""
+    outs, calls = [], None
+    for allowed in (True, False):
+        layer.use_fixed_route = allowed
+        spy = RouterCalls(layer)
+        with torch.no_grad(), ctx.micro_batch(task_ids_B=task_ids_B, src_padding_mask_BS=pad_BS):
+            outs.append(layer(x_SBD, padding_mask=pad_BS)[0])
+        calls = spy.count if allowed else calls
+        del layer.router.forward
+    return outs[0], outs[1], calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("topk", [1, 2])
+@pytest.mark.parametrize("dispatcher", ["ours", "megatron"])
+def test_fixed_route_equals_the_routed_path(process_groups, dispatcher, topk, dtype):
+    """A micro-batch of one task at inference: the task-routed layer runs the task's experts on every token
+    without routing them, and gives the routed path's output bit for bit (the same operations in the same order:
+    probabilities as the experts' per-token scale, fp32 sum in expert order). Through megatron's own dispatcher,
+    whose unpermute sums bf16 in bf16, bf16 agrees to rounding."""
+    from megatron_taskmoe.ops.dispatcher import token_dispatcher_builder
+
+    builder = token_dispatcher_builder("auto", fast_path=True) if dispatcher == "ours" else None
+    layer, ctx = build(process_groups, "task", topk=topk, builder=builder)
+    layer = layer.to(dtype).eval()
+    x_SBD, pad_BS = batch()
+    for task in range(G):
+        fixed, routed, calls = routed_and_fixed(layer, ctx, x_SBD.to(dtype), pad_BS, torch.full((B,), task))
+        assert calls == 0, "the fixed route must not route tokens"
+        if dispatcher == "ours" or dtype == torch.float32:
+            assert torch.equal(fixed, routed), (task, (fixed.float() - routed.float()).abs().max())
+        else:
+            torch.testing.assert_close(fixed, routed, rtol=1.6e-2, atol=1e-2)
+
+
+def test_fixed_route_only_where_every_token_takes_one_route(process_groups):
+    """The layer routes per token in training, with a mixed-task batch, while counting statistics, with a capacity
+    at inference, and on sides not routed by task."""
+    x_SBD, pad_BS = batch()
+    one_task = torch.zeros(B, dtype=torch.long)
+    layer, ctx = build(process_groups, "task")
+    layer.eval()
+    assert routed_and_fixed(layer, ctx, x_SBD, pad_BS, one_task)[2] == 0
+    fixed, routed, calls = routed_and_fixed(layer, ctx, x_SBD, pad_BS, TASKS)
+    assert calls == 1 and torch.equal(fixed, routed)
+    layer.train()
+    assert routed_and_fixed(layer, ctx, x_SBD, pad_BS, one_task)[2] == 1
+    layer.eval()
+    set_routing_stats(layer, True)
+    assert routed_and_fixed(layer, ctx, x_SBD, pad_BS, one_task)[2] == 1
+    set_routing_stats(layer, False)
+    layer, ctx = build(process_groups, "task", capacity_factor=1.0, eval_capacity_factor=1.0)
+    assert routed_and_fixed(layer.eval(), ctx, x_SBD, pad_BS, one_task)[2] == 1
+    layer, ctx = build(process_groups, "task_token", "shared_dynamic")
+    assert not layer.use_fixed_route

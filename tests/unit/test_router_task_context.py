@@ -85,6 +85,21 @@ def test_ids_are_range_checked_once_per_micro_batch():
         TaskContext(id_limits={"domain": 2})
 
 
+def test_single_id_of_a_micro_batch():
+    ctx = TaskContext()
+    with ctx.micro_batch(task_ids_B=torch.tensor([2, 2, 2]), tgt_lang_ids_B=torch.tensor([1, 0, 1])):
+        assert ctx.single_id("task") == 2
+        assert ctx.single_id("target_language") is None
+        with pytest.raises(RuntimeError, match="without source_language ids"):
+            ctx.single_id("source_language")
+    with ctx.micro_batch(task_ids_B=torch.tensor([0, 1])):
+        assert ctx.single_id("task") is None  # looked up again: nothing kept from the last micro-batch
+    with ctx.micro_batch(task_ids_B=torch.zeros(0, dtype=torch.long)):
+        assert ctx.single_id("task") is None
+    with pytest.raises(RuntimeError, match="outside a micro-batch"):
+        ctx.single_id("task")
+
+
 def test_padding_mask_per_side_and_sequence_parallel_slices():
     ctx = TaskContext()
     src_BS = torch.tensor([[False, False, False, True], [False, True, True, True]])

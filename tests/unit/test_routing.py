@@ -132,6 +132,23 @@ def test_task_logits_same_row_per_task():
         R.task_logits(table_GE, torch.tensor([4]))
 
 
+@pytest.mark.parametrize("topk", [1, 2, 3])
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_task_route_is_every_token_of_the_task_routed(topk, renormalize):
+    """The fixed route of a task row (what a one-task micro-batch's tokens all take) equals, bit for bit, the
+    nonzeros of the per-token routing of that task's tokens: the same experts in ascending order, the same weights."""
+    table_GE = torch.randn(4, 8, generator=_gen(7))
+    table_GE[3, 5] = table_GE[3, 2]  # a tie: broken as topk breaks it
+    ids_T = torch.tensor([0, 1, 2, 3, 3, 1])
+    probs_TE, map_TE = R.topk_routing(R.task_logits(table_GE, ids_T), topk, renormalize=renormalize)
+    for t, row in enumerate(ids_T.tolist()):
+        experts_K, probs_K = R.task_route(table_GE, row, topk, renormalize=renormalize)
+        assert experts_K.tolist() == map_TE[t].nonzero().squeeze(-1).tolist()
+        assert torch.equal(probs_K, probs_TE[t, experts_K])
+    with pytest.raises(ValueError, match="task row 4 outside the task table's 4 rows"):
+        R.task_route(table_GE, 4, topk)
+
+
 def test_task_token_logits_see_token_and_task():
     x_TD = torch.randn(5, 4, generator=_gen(9))
     emb_TC = torch.randn(5, 2, generator=_gen(10))
