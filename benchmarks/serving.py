@@ -5,6 +5,7 @@
     python benchmarks/serving.py --out runs/serving_small --size small --experts 16 --steps 600
     python benchmarks/serving.py --out runs/serving_untrained --untrained                 # throughput only
     python benchmarks/serving.py --out runs/serving_untrained --untrained --dtype bf16    # our decoder in bf16
+    python benchmarks/serving.py --out runs/serving_gpu --untrained --device cuda --dtype bf16   # on a GPU
 
 Their claim: a task-level MoE's sub-network for one task (here: one target language) is a small dense model that
 serves at 1.9x (32 experts) to 2.6x (128 experts) the throughput of a token-level MoE of the same quality, which must
@@ -35,9 +36,12 @@ be served whole. In order (each step is skipped when its output exists, so an in
 `reference` (`reference.ReferenceTranslator` on tools/checkpoint/export.py directories); whichever decoding those
 classes implement when the benchmark runs is what is measured (the report names the class). `--dtype bf16` runs our
 decoder's three systems in bf16 (`load_checkpoint(dtype=)`, as tools/translate.py --dtype); CTranslate2 has no bf16
-on CPU, so its rows stay float32 / int8.
+on CPU, so its rows stay float32 / int8. `--device cuda` serves every system on the GPU (our decoders and
+CTranslate2; `--ct2-device cpu` keeps CTranslate2 on the CPU); the models are initialised, extracted and exported as
+on the CPU, so one `--out` serves both devices.
 Written into OUT: `results.md` and `results.json` (figures, parameter counts, timings, the exact configs);
-`results_bf16.md` / `.json` with --dtype bf16, so both precisions can be measured on the same models.
+`results_bf16.md` / `.json` with --dtype bf16, `results_cuda*.md` / `.json` with --device cuda, so every precision
+and device can be measured on the same models.
 """
 
 from __future__ import annotations
@@ -252,7 +256,7 @@ def translators(args, paths: dict, out: Path) -> tuple[dict[str, Callable], dict
         for name, path in (("token-MoE (whole)", model_path(args, out, "token")),
                            ("task-MoE (whole)", model_path(args, out, "task")),
                            ("task-MoE (extracted)", paths["extracted"])):
-            loaded = load_checkpoint(path, device="cpu", dtype=args.dtype)
+            loaded = load_checkpoint(path, device=args.device, dtype=args.dtype)
             fns[name], params[name] = Translator(loaded, config).translate_ids, _count(loaded.model)
         decoder = f"{Translator.__module__}.{Translator.__name__}"
     else:
@@ -267,7 +271,8 @@ def translators(args, paths: dict, out: Path) -> tuple[dict[str, Callable], dict
     for quantization, label in (("float32", "fp32"), ("int8", "int8")):
         name = f"task-MoE -> CTranslate2 {label}"
         fns[name] = Ct2Translator(paths[f"ct2_{quantization}"], beam_size=args.beam, batch_size=args.batch,
-                                  intra_threads=args.threads, compute_type=quantization).translate_ids
+                                  device=args.ct2_device, intra_threads=args.threads,
+                                  compute_type=quantization).translate_ids
         params[name] = json.loads((paths[f"ct2_{quantization}"] / "taskmoe_serving.json").read_text())["parameters"]
     return fns, params, decoder
 
@@ -345,7 +350,7 @@ def markdown(args, results: dict, params: dict, decoder: str, load: str, directi
              *([f"**{UNTRAINED_NOTE}.**", ""] if args.untrained else []),
              f"{SIZES[args.size]}, {args.experts} experts top-2 every {args.layer_freq} layer(s); {training}; "
              f"test sources: the first {args.sentences} of "
-             f"{', '.join(directions)}; beam {args.beam}, batches of {args.batch}, {args.threads} thread(s); "
+             f"{', '.join(directions)}; beam {args.beam}, batches of {args.batch}, {where(args)}; "
              f"{args.repeats} interleaved repeats. Our decoder: `{decoder}` in {args.dtype}. Load at start: {load}.",
              "", "Rates and ratios from the best time (each direction's fastest repeat, summed); the median of the "
              "per-repeat ratios beside them.", "",
@@ -365,6 +370,24 @@ def markdown(args, results: dict, params: dict, decoder: str, load: str, directi
         lines.append(f"- {name}: {results[name]['ratio_to_extracted_ours']:.2f}x the extracted sub-network through "
                      "our decoder")
     return "\n".join(lines) + "\n"
+
+
+def where(args) -> str:
+    """The devices the systems ran on, for the report."""
+    if args.device == "cpu" and args.ct2_device == "cpu":
+        return f"{args.threads} thread(s)"
+    import torch
+
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cuda"
+    ours = gpu if args.device == "cuda" else f"CPU, {args.threads} thread(s)"
+    ct2 = gpu if args.ct2_device == "cuda" else f"CPU, {args.threads} thread(s)"
+    return f"our decoder on {ours}, CTranslate2 on {ct2}"
+
+
+def results_stem(args) -> str:
+    """results[_cuda][_bf16]: one report per device and precision in one --out."""
+    return "_".join(["results"] + (["cuda"] if "cuda" in (args.device, args.ct2_device) else [])
+                    + ([args.dtype] if args.dtype != "fp32" else []))
 
 
 def parse_args(argv=None):
@@ -393,7 +416,25 @@ def parse_args(argv=None):
                    help="our decoder: inference.Translator on checkpoints or ReferenceTranslator on exports")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
                    help="precision of our decoder (--decoder trainer); CTranslate2 stays float32 / int8")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where our decoder serves (and CTranslate2, unless --ct2-device)")
+    p.add_argument("--ct2-device", choices=("cpu", "cuda"), default=None,
+                   help="where CTranslate2 serves (default: --device)")
     args = p.parse_args(argv)
+    args.ct2_device = args.ct2_device or args.device
+    if args.device != "cpu" and args.decoder != "trainer":
+        p.error(f"--device {args.device} needs --decoder trainer (the reference decoder serves on the CPU)")
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            p.error("--device cuda: torch sees no CUDA device here (use --device cpu)")
+    if args.ct2_device == "cuda":
+        import ctranslate2
+
+        if ctranslate2.get_cuda_device_count() < 1:
+            p.error("--ct2-device cuda: CTranslate2 sees no CUDA device (its CUDA 12 libraries missing?); "
+                    "use --ct2-device cpu")
     if args.dtype != "fp32" and args.decoder != "trainer":
         p.error(f"--dtype {args.dtype} needs --decoder trainer (the reference decoder runs its export's dtype)")
     for name in ("experts", "steps", "sentences", "beam", "batch", "threads", "repeats", "layer_freq", "jobs"):
@@ -452,7 +493,7 @@ def main(argv=None) -> int:
            "untrained": args.untrained, **({"note": UNTRAINED_NOTE} if args.untrained else {}), "data": data,
            "trained": trained, "parameters": params, "decoder": decoder, "load_at_start": load,
            "load_at_end": os.getloadavg()[0], "results": results}
-    stem = "results" if args.dtype == "fp32" else f"results_{args.dtype}"
+    stem = results_stem(args)
     write_text_atomic(out / f"{stem}.json", json.dumps(doc, indent=2))
     write_text_atomic(out / f"{stem}.md", md)
     print(md)

@@ -108,3 +108,28 @@ def test_untrained_runs_say_so_and_keep_their_own_out(bench, tmp_path):
     bench.parse_args(["--out", str(tmp_path), "--untrained"])
     with pytest.raises(SystemExit):
         bench.parse_args(["--out", str(tmp_path)])
+
+
+def test_devices_are_checked_before_any_work_and_name_their_reports(bench, capsys):
+    cpu = bench.parse_args(["--out", "x"])
+    assert (cpu.device, cpu.ct2_device) == ("cpu", "cpu")
+    assert bench.results_stem(cpu) == "results" and bench.where(cpu) == "2 thread(s)"
+    assert bench.results_stem(bench.parse_args(["--out", "x", "--dtype", "bf16"])) == "results_bf16"
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--out", "x", "--device", "cuda", "--decoder", "reference"])
+    assert "--device cuda needs --decoder trainer" in capsys.readouterr().err
+    if torch_has_no_cuda():
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--out", "x", "--device", "cuda"])
+        assert "--device cuda: torch sees no CUDA device" in capsys.readouterr().err
+    else:
+        gpu = bench.parse_args(["--out", "x", "--device", "cuda", "--ct2-device", "cpu", "--dtype", "bf16"])
+        assert bench.results_stem(gpu) == "results_cuda_bf16"
+        assert bench.where(gpu).startswith("our decoder on ") and bench.where(gpu).endswith("CTranslate2 on CPU, "
+                                                                                              "2 thread(s)")
+
+
+def torch_has_no_cuda() -> bool:
+    import torch
+
+    return not torch.cuda.is_available()
