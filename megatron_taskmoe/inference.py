@@ -37,7 +37,7 @@ import torch
 from megatron_taskmoe.checkpoint.format import CHECKPOINTS_DIR, MARKER, TOKENIZER_FILE
 from megatron_taskmoe.checkpoint.manager import CheckpointInfo, resolve_checkpoint
 from megatron_taskmoe.checkpoint_tools.full import CheckpointToolError
-from megatron_taskmoe.checkpoint_tools.single_file import is_single_file, read_meta, read_single_file
+from megatron_taskmoe.checkpoint_tools.single_file import is_single_file, read_meta, read_tokenizer
 from megatron_taskmoe.config_io import ConfigError
 from megatron_taskmoe.data.bitext import DataError
 from megatron_taskmoe.data.batching import collate
@@ -245,26 +245,25 @@ def load_single_file(path: str | Path, *, device: str | torch.device | None = No
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # megatron warns about missing Apex/TE on import
         from megatron_taskmoe.checkpoint.process_groups import MultiProcessError, one_process_groups
-        from megatron_taskmoe.checkpoint_tools.models import model_from_full
+        from megatron_taskmoe.checkpoint_tools.models import model_from_single_file
 
         try:
-            one_process_groups(device)  # the groups `model_from_full` then uses (NCCL on a CUDA device)
+            one_process_groups(device)  # the groups `model_from_single_file` then uses (NCCL on a CUDA device)
         except MultiProcessError as e:
             raise CheckpointError(f"load_single_file: {e}") from None
         try:
-            ckpt = read_single_file(path)
-            if tokenizer is None and ckpt.tokenizer is None:
+            carried = None if tokenizer else read_tokenizer(path)
+            if tokenizer is None and carried is None:
                 raise CheckpointError(f"{path}: the file carries no tokenizer; pass tokenizer= (the sentencepiece "
                                       "model the run trained with)")
             tok = _check_tokenizer(Path(tokenizer) if tokenizer else path, meta.get("tokenizer_sha256"), str(path),
-                                   proto=None if tokenizer else ckpt.tokenizer)
+                                   proto=carried)
             if tok.vocab_size != model_cfg.vocab_size:
                 raise CheckpointError(f"{tok.path}: {tok.vocab_size} pieces but the model has "
                                       f"{model_cfg.vocab_size}")
-            model = model_from_full(ckpt)
+            model = model_from_single_file(path)  # one copy of the weights in memory, then cast in place
         except CheckpointToolError as e:
             raise CheckpointError(str(e)) from None
-    del ckpt
     model.to(device=device, dtype=torch_dtype).eval()
     dtype = dtype or model_cfg.params_dtype
     step = int(meta.get("step") or 0)

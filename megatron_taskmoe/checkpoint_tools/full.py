@@ -76,10 +76,14 @@ def quiet_megatron() -> None:
 
 def check_state_matches(state: dict, shapes: dict[str, tuple], where: str) -> None:
     """CheckpointToolError naming `where` unless `state` has exactly the tensors and shapes of `shapes`."""
-    missing = sorted(set(shapes) - set(state))
-    unexpected = sorted(set(state) - set(shapes))
-    wrong = [f"{k}: {tuple(state[k].shape)} vs {shapes[k]}" for k in sorted(set(state) & set(shapes))
-             if tuple(state[k].shape) != shapes[k]]
+    check_shapes_match({k: tuple(v.shape) for k, v in state.items()}, shapes, where)
+
+
+def check_shapes_match(found: dict[str, tuple], shapes: dict[str, tuple], where: str) -> None:
+    """CheckpointToolError naming `where` unless the tensor shapes `found` are exactly `shapes`."""
+    missing = sorted(set(shapes) - set(found))
+    unexpected = sorted(set(found) - set(shapes))
+    wrong = [f"{k}: {found[k]} vs {shapes[k]}" for k in sorted(set(found) & set(shapes)) if found[k] != shapes[k]]
     if missing or unexpected or wrong:
         parts = []
         if missing:

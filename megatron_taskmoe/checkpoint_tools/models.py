@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 
 from megatron_taskmoe.checkpoint.process_groups import MultiProcessError, one_process_groups
-from megatron_taskmoe.checkpoint_tools.full import (CheckpointToolError, FullCheckpoint, check_state_matches,
-                                                   quiet_megatron)
+from megatron_taskmoe.checkpoint_tools.full import (CheckpointToolError, FullCheckpoint, check_shapes_match,
+                                                   check_state_matches, model_config_from_meta, quiet_megatron)
+from megatron_taskmoe.checkpoint_tools.single_file import TOKENIZER_KEY, open_tensors, read_meta
 from megatron_taskmoe.model.config import ModelConfig, ParallelConfig, to_transformer_config
 from megatron_taskmoe.model.encdec import EncoderDecoderModel
 
@@ -33,4 +34,25 @@ def model_from_full(ckpt: FullCheckpoint):
     expected = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
     check_state_matches(ckpt.state, {k: tuple(v.shape) for k, v in expected.items()}, ckpt.source)
     model.load_state_dict({**model.state_dict(), **ckpt.state}, strict=True)
+    return model
+
+
+def model_from_single_file(path, chunk_bytes: int = 1 << 28):
+    """`model_from_full(read_single_file(path))` holding one copy of the weights: after the names and shapes are
+    checked against the built model (strict, as `model_from_full`), the file's tensors are read about `chunk_bytes`
+    at a time into it, so memory peaks at the model plus one chunk, not twice the model."""
+    model = build_model(model_config_from_meta(read_meta(path), str(path)))
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    with open_tensors(path) as f:
+        names = [k for k in f.keys() if k != TOKENIZER_KEY]
+        check_shapes_match({k: tuple(f.get_slice(k).get_shape()) for k in names}, expected, str(path))
+        chunk, size = {}, 0
+        for i, name in enumerate(names):
+            chunk[name] = f.get_tensor(name)
+            size += chunk[name].numel() * chunk[name].element_size()
+            if size >= chunk_bytes or i == len(names) - 1:
+                unexpected = model.load_state_dict(chunk, strict=False).unexpected_keys
+                if unexpected:  # every name was checked above: the model would have refused its own names
+                    raise CheckpointToolError(f"{path}: the model did not take {unexpected[:3]}")
+                chunk, size = {}, 0
     return model

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -57,10 +58,49 @@ def read_single_file(path: str | os.PathLike) -> FullCheckpoint:
     return FullCheckpoint(state=tensors, meta=meta, tokenizer=tokenizer, source=str(path))
 
 
+def read_tokenizer(path: str | os.PathLike) -> bytes | None:
+    """The tokenizer a file written by `write_single_file` carries (None if none), without reading its weights."""
+    with open_tensors(path) as f:
+        return bytes(f.get_tensor(TOKENIZER_KEY).numpy().tobytes()) if TOKENIZER_KEY in f.keys() else None
+
+
+class open_tensors:
+    """`safe_open` on a single file, its errors as CheckpointToolError naming the file: `with open_tensors(p) as
+    f: f.keys(), f.get_slice(k).get_shape(), f.get_tensor(k)` read one tensor at a time."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def __enter__(self):
+        try:
+            self._cm = safe_open(str(self.path), framework="pt")
+            return self._cm.__enter__()
+        except Exception as e:  # safetensors raises its own error types for truncated or foreign files
+            raise CheckpointToolError(f"{self.path}: not a readable safetensors file ({type(e).__name__}: {e})") \
+                from None
+
+    def __exit__(self, *exc):
+        return self._cm.__exit__(*exc)
+
+
+def _writable(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors as safetensors can write them: each one that alone holds its whole storage as is (no copy: a
+    model's own parameters), the others (views, tied or shared storage) copied into storage of their own."""
+    users = Counter(v.untyped_storage().data_ptr() for v in tensors.values())
+    out = {}
+    for k, v in tensors.items():
+        v = v.detach()
+        whole = (v.is_contiguous() and v.storage_offset() == 0 and v.numel() > 0
+                 and v.untyped_storage().nbytes() == v.numel() * v.element_size())
+        out[k] = v if whole and users[v.untyped_storage().data_ptr()] == 1 else v.contiguous().clone()
+    return out
+
+
 def write_single_file(ckpt: FullCheckpoint, path: str | os.PathLike, overwrite: bool = False) -> Path:
-    """One safetensors file: the tensors, the record as JSON in the header, the tokenizer as a byte tensor."""
+    """One safetensors file: the tensors, the record as JSON in the header, the tokenizer as a byte tensor. The
+    tensors are written from where they are (`_writable`), so writing a model needs no second copy of it."""
     path = check_output(path, overwrite)
-    tensors = {k: v.detach().contiguous().clone() for k, v in ckpt.state.items()}
+    tensors = _writable(ckpt.state)
     if ckpt.tokenizer is not None:
         tensors[TOKENIZER_KEY] = torch.frombuffer(bytearray(ckpt.tokenizer), dtype=torch.uint8).clone()
     metadata = {"format": FORMAT, "meta": json.dumps(ckpt.meta, sort_keys=True)}

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from megatron_taskmoe.checkpoint.record import CheckpointRecord
-from megatron_taskmoe.checkpoint_tools.models import model_from_full
+from megatron_taskmoe.checkpoint_tools.full import CheckpointToolError, FullCheckpoint
+from megatron_taskmoe.checkpoint_tools.models import model_from_full, model_from_single_file
 from megatron_taskmoe.checkpoint_tools.single_file import read_single_file, write_single_file
 from megatron_taskmoe.config_io import from_dict, to_dict
 from megatron_taskmoe.inference import CheckpointError, Translator, TranslatorConfig, load_checkpoint
@@ -33,10 +34,11 @@ def one_process():
     groups.destroy()
 
 
-def run_config(data_dir, seed=7) -> RunConfig:
+def run_config(data_dir, seed=7, system="kudugunta_target") -> RunConfig:
     """A task-MoE (routed by target language) with 4 experts, as benchmarks/serving.py configures its runs."""
+    overrides = {"moe": {"num_experts": 4}} if system != "dense" else {}
     return from_dict(RunConfig, {
-        "model": {"system": "kudugunta_target", "size": "tiny", "overrides": {"moe": {"num_experts": 4}}},
+        "model": {"system": system, "size": "tiny", "overrides": overrides},
         "data": {"data_dir": str(data_dir)}, "train": {"seed": seed, "run_dir": "unused"}})
 
 
@@ -99,3 +101,24 @@ def test_load_checkpoint_serves_a_single_file(data_dir, tmp_path, one_process):
     (tmp_path / "broken.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(CheckpointError, match="broken.safetensors: not a readable safetensors file"):
         load_checkpoint(tmp_path / "broken.safetensors", device="cpu")
+
+
+@pytest.mark.parametrize("system", ["kudugunta_target", "moe_task_shared_dynamic", "dense"])
+def test_a_single_file_streams_into_the_model(data_dir, tmp_path, one_process, system):
+    """model_from_single_file = model_from_full(read_single_file(...)), a chunk at a time (chunks of one tensor and
+    of the default size); write_single_file writes a model's own tensors without copying them."""
+    ckpt = initial_checkpoint(run_config(data_dir, system=system))
+    path = write_single_file(ckpt, tmp_path / "model.safetensors")
+    whole = weights(model_from_full(read_single_file(path)))
+    for chunk_bytes in (1, 1 << 28):
+        streamed = weights(model_from_single_file(path, chunk_bytes=chunk_bytes))
+        assert streamed.keys() == whole.keys() == ckpt.state.keys()
+        assert all(torch.equal(streamed[k], whole[k]) and torch.equal(whole[k], ckpt.state[k]) for k in whole)
+
+    # a file whose weights do not fit its record: refused naming the file before any weight is read
+    state = dict(ckpt.state)
+    state.pop(next(k for k in state if "linear_fc1" in k))
+    bad = write_single_file(FullCheckpoint(state=state, meta=ckpt.meta, tokenizer=ckpt.tokenizer),
+                            tmp_path / "b.safetensors")
+    with pytest.raises(CheckpointToolError, match="b.safetensors: the weights do not fit the model config: missing 1"):
+        model_from_single_file(bad)
