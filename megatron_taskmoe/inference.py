@@ -261,7 +261,7 @@ def load_single_file(path: str | Path, *, device: str | torch.device | None = No
             if tok.vocab_size != model_cfg.vocab_size:
                 raise CheckpointError(f"{tok.path}: {tok.vocab_size} pieces but the model has "
                                       f"{model_cfg.vocab_size}")
-            model = model_from_single_file(path)  # one copy of the weights in memory, then cast in place
+            model = model_from_single_file(path)  # one copy of the weights in memory
         except CheckpointToolError as e:
             raise CheckpointError(str(e)) from None
     model.to(device=device, dtype=torch_dtype).eval()

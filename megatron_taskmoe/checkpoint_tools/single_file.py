@@ -6,11 +6,12 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from megatron_taskmoe.checkpoint_tools.full import CheckpointToolError, FullCheckpoint
 from megatron_taskmoe.checkpoint_tools.outputs import check_output
@@ -34,11 +35,8 @@ def read_meta(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointToolError(f"{path}: no such file")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            header = f.metadata() or {}
-    except Exception as e:  # safetensors raises its own error types for truncated or foreign files
-        raise CheckpointToolError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+    with open_tensors(path) as f:
+        header = f.metadata() or {}
     if header.get("format") != FORMAT:
         raise CheckpointToolError(f"{path}: format {header.get('format')!r}, expected {FORMAT!r} "
                                   "(written by tools/checkpoint/convert.py --single-file)")
@@ -49,10 +47,8 @@ def read_single_file(path: str | os.PathLike) -> FullCheckpoint:
     """A file written by `write_single_file`; CheckpointToolError naming the file otherwise."""
     path = Path(path)
     meta = read_meta(path)
-    try:
-        tensors = load_file(str(path))
-    except Exception as e:  # safetensors raises its own error types for truncated or foreign files
-        raise CheckpointToolError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+    with open_tensors(path) as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
     token = tensors.pop(TOKENIZER_KEY, None)
     tokenizer = bytes(token.numpy().tobytes()) if token is not None else None
     return FullCheckpoint(state=tensors, meta=meta, tokenizer=tokenizer, source=str(path))
@@ -64,23 +60,16 @@ def read_tokenizer(path: str | os.PathLike) -> bytes | None:
         return bytes(f.get_tensor(TOKENIZER_KEY).numpy().tobytes()) if TOKENIZER_KEY in f.keys() else None
 
 
-class open_tensors:
-    """`safe_open` on a single file, its errors as CheckpointToolError naming the file: `with open_tensors(p) as
-    f: f.keys(), f.get_slice(k).get_shape(), f.get_tensor(k)` read one tensor at a time."""
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-
-    def __enter__(self):
-        try:
-            self._cm = safe_open(str(self.path), framework="pt")
-            return self._cm.__enter__()
-        except Exception as e:  # safetensors raises its own error types for truncated or foreign files
-            raise CheckpointToolError(f"{self.path}: not a readable safetensors file ({type(e).__name__}: {e})") \
-                from None
-
-    def __exit__(self, *exc):
-        return self._cm.__exit__(*exc)
+@contextmanager
+def open_tensors(path: str | os.PathLike):
+    """`safe_open` on a file, its errors as CheckpointToolError naming the file: `with open_tensors(p) as f:`
+    `f.metadata()`, `f.keys()`, `f.get_slice(k).get_shape()`, `f.get_tensor(k)` (one tensor at a time)."""
+    try:
+        f = safe_open(str(path), framework="pt")
+    except Exception as e:  # safetensors raises its own error types for truncated or foreign files
+        raise CheckpointToolError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+    with f:
+        yield f
 
 
 def _writable(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

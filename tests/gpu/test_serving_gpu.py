@@ -15,10 +15,7 @@ pytestmark = pytest.mark.gpu
 
 
 def test_serving_benchmark_on_a_gpu(tmp_path):
-    raw, binary = tiny_run.prepare_data(tmp_path)
-    (tmp_path / "bible").symlink_to(raw)
-    (tmp_path / "data").symlink_to(binary)
-    (tmp_path / "data_info.json").write_text(json.dumps({"seconds": {}, "languages": ["de", "fr"]}))
+    tiny_run.prepare_serving_out(tmp_path)
     r = run_tool("benchmarks/serving.py", "--out", str(tmp_path), "--untrained", "--size", "tiny", "--experts", "2",
                  "--sentences", "3", "--repeats", "1", "--threads", "1", "--device", "cuda", "--ct2-device", "cpu",
                  "--dtype", "bf16", timeout=900)

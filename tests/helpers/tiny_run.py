@@ -75,6 +75,15 @@ def prepare_data(root: Path) -> tuple[Path, Path]:
     return raw, binary
 
 
+def prepare_serving_out(out: Path) -> None:
+    """`out` as benchmarks/serving.py's data step leaves it (bible/, data/, data_info.json, spm.model), from the
+    tiny generated corpus in place of the Bible."""
+    raw, binary = prepare_data(out)
+    (out / "bible").symlink_to(raw)
+    (out / "data").symlink_to(binary)
+    (out / "data_info.json").write_text(json.dumps({"seconds": {}, "languages": ["de", "fr"]}))
+
+
 def train(root: Path, run_dir: Path, *, steps: int = 30, nproc: int = 1, overrides: tuple[str, ...] = (),
           python: str = PYTHON) -> Path:
     """Train `steps` steps into `run_dir` (torchrun with `nproc` gloo processes when nproc > 1) with the

@@ -21,10 +21,7 @@ SYSTEMS = ("token-MoE (whole)", "task-MoE (whole)", "task-MoE (extracted)", "tas
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     out = tmp_path_factory.mktemp("serving")
-    raw, binary = tiny_run.prepare_data(out)  # OUT/spm.model, as serving.py's data step writes it
-    (out / "bible").symlink_to(raw)
-    (out / "data").symlink_to(binary)
-    (out / "data_info.json").write_text(json.dumps({"seconds": {}, "languages": ["de", "fr"]}))
+    tiny_run.prepare_serving_out(out)
     r = run_tool("benchmarks/serving.py", "--out", str(out), "--untrained", "--size", "tiny", "--experts", "2",
                  "--sentences", "3", "--repeats", "1", "--threads", "1", timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

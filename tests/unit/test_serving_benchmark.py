@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -118,7 +119,7 @@ def test_devices_are_checked_before_any_work_and_name_their_reports(bench, capsy
     with pytest.raises(SystemExit):
         bench.parse_args(["--out", "x", "--device", "cuda", "--decoder", "reference"])
     assert "--device cuda needs --decoder trainer" in capsys.readouterr().err
-    if torch_has_no_cuda():
+    if not torch.cuda.is_available():
         with pytest.raises(SystemExit):
             bench.parse_args(["--out", "x", "--device", "cuda"])
         assert "--device cuda: torch sees no CUDA device" in capsys.readouterr().err
@@ -127,9 +128,3 @@ def test_devices_are_checked_before_any_work_and_name_their_reports(bench, capsy
         assert bench.results_stem(gpu) == "results_cuda_bf16"
         assert bench.where(gpu).startswith("our decoder on ") and bench.where(gpu).endswith("CTranslate2 on CPU, "
                                                                                               "2 thread(s)")
-
-
-def torch_has_no_cuda() -> bool:
-    import torch
-
-    return not torch.cuda.is_available()
